@@ -1,0 +1,135 @@
+"""The `mnist` command: run the pipeline, open the dashboards, classify images, describe models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+EXPORT_ROOT = Path("data/export")
+TENSORBOARD_LOGDIR = Path("data/tensorboard")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`dvc repro` with every stage reporting to one Prefect server (started here if none answers)."""
+    from pipeline import servers
+    from pipeline.stage import RUN_ID_ENV, check_prefect_api
+
+    env = {**os.environ, RUN_ID_ENV: time.strftime("run-%Y%m%d-%H%M%S")}
+    if os.environ.get("PREFECT_API_URL"):
+        check_prefect_api()
+        return subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+    print(f"Prefect: using or starting a server on 127.0.0.1:{servers.PREFECT_PORT} for this run ...", flush=True)
+    with servers.prefect_server() as api:
+        print(f"Prefect dashboard: {api.removesuffix('/api')}  (pipeline run {env[RUN_ID_ENV]})", flush=True)
+        code = subprocess.call(["dvc", "repro", *args.dvc_args], env={**env, "PREFECT_API_URL": api})
+    if code == 0:
+        print("\nDone. Results: dvc metrics show | data/report.md | `make dashboards` for Prefect and TensorBoard.")
+    return code
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    """The Prefect UI and TensorBoard together, until Ctrl-C."""
+    from pipeline import servers
+
+    with servers.prefect_server(args.host, args.prefect_port) as api, servers.tensorboard_server(
+        TENSORBOARD_LOGDIR, args.host, args.tensorboard_port
+    ) as tb:
+        print(f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\nCtrl-C stops both.", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops both servers too
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping ...")
+    return 0
+
+
+def latest_version(model: str, root: Path = EXPORT_ROOT) -> Path:
+    """The newest exported version folder of `model`."""
+    folder = root / model
+    versions = sorted((p for p in folder.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise PipelineError(
+            f"No exported SavedModel in {folder}/: run the pipeline first (make run), and check in "
+            f"{folder}/export.json whether {model} passed its quality gate."
+        )
+    return versions[-1]
+
+
+def read_images(path: Path, invert: bool) -> "np.ndarray":
+    """A PNG (any size, resized to 28x28) or an IDX image file, as uint8 [n, 28, 28]."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.data import parse_idx
+
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist.")
+    data = path.read_bytes()
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        image = tf.io.decode_png(data, channels=1)
+        if image.shape[:2] != (28, 28):
+            image = tf.cast(tf.image.resize(image, (28, 28), antialias=True), tf.uint8)
+        images = image.numpy()[None, :, :, 0]
+    elif data[:3] == b"\x00\x00\x08":
+        images = parse_idx(data, path.name, ndim=3)
+    else:
+        raise PipelineError(f"{path} is neither a PNG nor an IDX image file.")
+    return (255 - images).astype(np.uint8) if invert else images
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify PNG or IDX images with an exported SavedModel alone (no Keras model, no params)."""
+    import tensorflow as tf
+
+    from pipeline.export import predict
+
+    version = Path(args.saved_model) if args.saved_model else latest_version(args.model)
+    loaded = tf.saved_model.load(str(version))
+    for path in args.images:
+        images = read_images(Path(path), args.invert)
+        out = predict(loaded, images)
+        for i, (cls, probs) in enumerate(zip(out["class"], out["probabilities"])):
+            label = path if len(images) == 1 else f"{path}[{i}]"
+            print(f"{label}: {int(cls)} (probability {float(probs[cls]):.4f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mnist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="dvc repro, with every stage on a Prefect server")
+    run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (e.g. train@cnn, --force)")
+    run.set_defaults(fn=cmd_run)
+
+    dash = sub.add_parser("dashboards", help="Prefect UI on :4200 and TensorBoard on :6006, until Ctrl-C")
+    dash.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    dash.add_argument("--prefect-port", type=int, default=4200)
+    dash.add_argument("--tensorboard-port", type=int, default=6006)
+    dash.set_defaults(fn=cmd_dashboards)
+
+    pred = sub.add_parser("predict", help="classify PNG or IDX images with an exported SavedModel")
+    pred.add_argument("images", nargs="+", help="PNG files (white digit on black, any size) or IDX image files")
+    pred.add_argument("--model", default="cnn", help="model whose newest export to use (default cnn)")
+    pred.add_argument("--saved-model", help="a SavedModel folder to use instead of the newest export")
+    pred.add_argument("--invert", action="store_true", help="for dark digits on a light background")
+    pred.set_defaults(fn=cmd_predict)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""params.yaml -> a typed, frozen config.
+
+Every knob lives in params.yaml and nowhere else: the classes below declare types and
+bounds but no defaults, so a key missing from params.yaml is an error, not a silent
+fallback. Unknown keys (typos), wrong types and impossible values raise ConfigError with
+one message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+MNIST_TRAIN_IMAGES = 60_000
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    """Base of every params.yaml section: frozen, strict types, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def check_mirror(mirror: str) -> str:
+    """Return `mirror` if it is an http(s):// or file:// URL or a local path, else raise ValueError."""
+    if not mirror.strip():
+        raise ValueError("a mirror is an http(s):// URL prefix or a local directory, not an empty string")
+    if "://" in mirror:
+        url = urlparse(mirror)
+        if url.scheme not in ("http", "https", "file"):
+            raise ValueError(f"'{mirror}' has the scheme '{url.scheme}'; use http://, https://, file:// or a local path")
+        if url.scheme != "file" and not url.netloc:
+            raise ValueError(f"'{mirror}' names no host; write it as https://host/path/")
+    return mirror
+
+
+class FetchParams(Section):
+    mirrors: list[str] = Field(min_length=1)
+    timeout_s: float = Field(gt=0, le=600)
+    retries: int = Field(ge=0, le=10)
+    backoff_s: float = Field(ge=0, le=60)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors_are_urls_or_paths(cls, mirrors: list[str]) -> list[str]:
+        return [check_mirror(m) for m in mirrors]
+
+
+class DataParams(Section):
+    val_size: PositiveInt
+    limit: PositiveInt | None
+
+    @model_validator(mode="after")
+    def _validation_fits_in_training_set(self) -> DataParams:
+        available = self.limit or MNIST_TRAIN_IMAGES
+        if self.val_size >= available:
+            source = f"data.limit = {self.limit}" if self.limit else f"the {MNIST_TRAIN_IMAGES} MNIST training images"
+            raise ValueError(
+                f"val_size = {self.val_size} leaves no training images: it must be smaller than {source}"
+            )
+        return self
+
+
+class TrainParams(Section):
+    strategy: Literal["default", "mirrored"]
+    deterministic: bool
+    steps_per_execution: PositiveInt
+
+
+class EvaluateParams(Section):
+    batch_size: PositiveInt
+    misclassified_grid: PositiveInt
+    embedding_sample: PositiveInt
+
+
+class ExportParams(Section):
+    latency_repeats: PositiveInt
+
+
+class ModelParams(Section):
+    """Hyper-parameters every model has; a model's own class adds its architecture knobs."""
+
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    optimizer: Literal["sgd", "momentum", "rmsprop", "adam"]
+    learning_rate: float = Field(gt=0, le=10)
+    momentum: Rate  # SGD momentum, or RMSprop's decay rho
+    lr_schedule: Literal["constant", "exponential", "cosine"]
+    lr_decay: float = Field(gt=0, le=1)  # per-epoch factor of the exponential schedule
+    init: Literal["normal", "glorot", "he"]
+    l2: float = Field(ge=0, le=1)
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    seed: int = Field(ge=0, lt=2**31)
+    fetch: FetchParams
+    data: DataParams
+    train: TrainParams
+    models: dict[str, dict[str, Any]] = Field(min_length=1)
+    gates: dict[str, float]
+    evaluate: EvaluateParams
+    export: ExportParams
+
+    def model(self, name: str) -> ModelParams:
+        """The validated params block of model `name`."""
+        from pipeline.models import REGISTRY
+
+        if name not in self.models:
+            raise ConfigError(
+                f"There is no model '{name}' in params.yaml; models: {', '.join(self.models)}."
+            )
+        return REGISTRY[name].params.model_validate(self.models[name])
+
+
+def params_hash(block: BaseModel | dict) -> str:
+    """A short, stable digest of a params block, recorded beside what it produced."""
+    data = block.model_dump() if isinstance(block, BaseModel) else block
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ConfigError naming every bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run the stage from the project root, where params.yaml is.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}. Fix the line it points at.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (seed, fetch, data, ...), not {type(raw).__name__}.")
+
+    problems: list[str] = []
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(err, Params, path) for err in exc.errors()]
+        params = None
+    problems += _check_models(raw, path)
+    if problems:
+        raise ConfigError(f"{path} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    assert params is not None
+    return params
+
+
+def _check_models(raw: dict, path: Path) -> list[str]:
+    """Validate each models.<name> block against its registry entry, and the gates against the models."""
+    from pipeline.models import REGISTRY
+
+    models = raw.get("models")
+    gates = raw.get("gates")
+    if not isinstance(models, dict):
+        return []
+    problems = []
+    for name, block in models.items():
+        spec = REGISTRY.get(name)
+        if spec is None:
+            hint = _did_you_mean(name, REGISTRY)
+            problems.append(
+                f"models.{name} is not a known model.{hint} Known models: {', '.join(REGISTRY)} "
+                "(pipeline/models.py); remove the block or add the model to the registry."
+            )
+            continue
+        try:
+            spec.params.model_validate(block)
+        except ValidationError as exc:
+            problems += [_describe(err, spec.params, path, prefix=("models", name)) for err in exc.errors()]
+    if isinstance(gates, dict):
+        for name in models:
+            if name in REGISTRY and name not in gates:
+                problems.append(f"gates.{name} is missing: give model '{name}' a minimum test accuracy (0 to 1).")
+        for name, gate in gates.items():
+            if name not in models:
+                problems.append(f"gates.{name} names no model in models:; remove it or add models.{name}.")
+            elif not isinstance(gate, (int, float)) or isinstance(gate, bool) or not 0 <= gate <= 1:
+                problems.append(f"gates.{name} = {gate!r} is not allowed: a gate is a test accuracy from 0 to 1.")
+    return problems
+
+
+def _describe(err: dict, root: type[BaseModel], path: Path, prefix: tuple = ()) -> str:
+    """One line for one pydantic error: the key, the bad value and what is allowed."""
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(prefix + loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        hint = _did_you_mean(loc[-1], allowed)
+        return f"unknown key '{key}'.{hint} Allowed keys there: {', '.join(allowed)}."
+    if err["type"] == "missing":
+        return f"missing key '{key}': every knob is set in {path}; add it."
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key} = {err['input']!r} is not allowed: {message}."
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    cls: Any = root
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,98 @@
+"""Start and stop the local services: a Prefect server and TensorBoard, on loopback by default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from pipeline.errors import PipelineError
+
+PREFECT_PORT = 4200
+TENSORBOARD_PORT = 6006
+
+
+def answers(url: str, timeout_s: float = 2.0) -> bool:
+    """True if an HTTP GET of `url` succeeds."""
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_until(url: str, process: subprocess.Popen, what: str, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if answers(url, 1.0):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    process.terminate()
+    tail = log.read_text()[-1500:] if log.exists() else ""
+    raise PipelineError(f"{what} did not start within {timeout_s:.0f} s (see {log}):\n{tail}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def prefect_server(host: str = "127.0.0.1", port: int = PREFECT_PORT, log: Path | None = None) -> Iterator[str]:
+    """Yield the API URL of a Prefect server on host:port, starting one unless one already answers.
+
+    A server started here is stopped on exit; one that was already running is left alone.
+    Its database is Prefect's default SQLite file under PREFECT_HOME, or the PostgreSQL URL
+    in PREFECT_SERVER_DATABASE_CONNECTION_URL when that is set.
+    """
+    api = f"http://{host}:{port}/api"
+    if answers(f"{api}/health"):
+        yield api
+        return
+    log = log or Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / f"server-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # The UI calls the API at PREFECT_SERVER_API_HOST/PORT; --port alone leaves it calling 4200.
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    env.pop("PREFECT_API_URL", None)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log)
+        yield api
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def tensorboard_server(logdir: Path, host: str = "127.0.0.1", port: int = TENSORBOARD_PORT, log: Path | None = None) -> Iterator[str]:
+    """Yield the URL of a TensorBoard serving `logdir` on host:port; stopped on exit."""
+    url = f"http://{host}:{port}"
+    log = log or Path(logdir).parent / f".tensorboard-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(port),
+             "--reload_interval", "5"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log)
+        yield url
+    finally:
+        _stop(process)
