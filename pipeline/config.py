@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -43,6 +43,8 @@ def check_mirror(mirror: str) -> str:
             raise ValueError(f"'{mirror}' has the scheme '{url.scheme}'; use http://, https://, file:// or a local path")
         if url.scheme != "file" and not url.netloc:
             raise ValueError(f"'{mirror}' names no host; write it as https://host/path/")
+        if url.scheme == "file" and url.netloc not in ("", "localhost"):
+            raise ValueError(f"'{mirror}' is not an absolute file:// URL; write file:///absolute/path or a plain path")
     return mirror
 
 
@@ -59,18 +61,17 @@ class FetchParams(Section):
 
 
 class DataParams(Section):
-    val_size: PositiveInt
     limit: PositiveInt | None
+    val_size: PositiveInt
 
-    @model_validator(mode="after")
-    def _validation_fits_in_training_set(self) -> DataParams:
-        available = self.limit or MNIST_TRAIN_IMAGES
-        if self.val_size >= available:
-            source = f"data.limit = {self.limit}" if self.limit else f"the {MNIST_TRAIN_IMAGES} MNIST training images"
-            raise ValueError(
-                f"val_size = {self.val_size} leaves no training images: it must be smaller than {source}"
-            )
-        return self
+    @field_validator("val_size")
+    @classmethod
+    def _validation_fits_in_training_set(cls, val_size: int, info: ValidationInfo) -> int:
+        limit = info.data.get("limit")
+        if val_size >= (limit or MNIST_TRAIN_IMAGES):
+            source = f"data.limit = {limit}" if limit else f"the {MNIST_TRAIN_IMAGES} MNIST training images"
+            raise ValueError(f"it leaves no training images: it must be smaller than {source}")
+        return val_size
 
 
 class TrainParams(Section):

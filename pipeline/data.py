@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import zipfile
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -80,7 +82,7 @@ def parse_idx(data: bytes, name: str, ndim: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{name} is truncated inside its header ({len(data)} bytes). Fetch it again.")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
         raise DataError(
@@ -147,6 +149,8 @@ def load_prepared(folder: Path) -> dict[str, Split]:
             return {name: Split(npz[f"x_{name}"], npz[f"y_{name}"]) for name in SPLITS}
     except FileNotFoundError:
         raise DataError(f"{path} does not exist: run the preprocess stage first (dvc repro preprocess).") from None
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a valid prepared file ({exc}); run the preprocess stage again (dvc repro preprocess).") from None
 
 
 def scratch_dir(near: Path) -> Path:

@@ -54,9 +54,10 @@ def mirrors_to_try(params: FetchParams, environ: dict[str, str] = os.environ) ->
 
 
 def http_pool(params: FetchParams) -> urllib3.PoolManager:
-    """A connection pool with a timeout and bounded retries with exponential backoff."""
+    """A connection pool with timeouts and bounded retries (connection errors, 429/5xx) with exponential backoff."""
     retry = urllib3.Retry(
         total=params.retries,
+        read=0,  # a mirror that stalls mid-download goes straight to the next mirror
         backoff_factor=params.backoff_s,
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=("GET",),
