@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.errors import PipelineError
 
@@ -16,22 +18,48 @@ EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """`dvc repro` with every stage reporting to one Prefect server (started here if none answers)."""
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """The Prefect API for one pipeline run: $PREFECT_API_URL if set (it must answer), else a local
+    server on 127.0.0.1:4200 — the one already running, or one started now and stopped afterwards.
+    One server for the whole run: no stage pays Prefect's temporary-server start (~8 s)."""
     from pipeline import servers
-    from pipeline.stage import RUN_ID_ENV, check_prefect_api
+    from pipeline.stage import check_prefect_api
 
-    env = {**os.environ, RUN_ID_ENV: time.strftime("run-%Y%m%d-%H%M%S")}
-    if os.environ.get("PREFECT_API_URL"):
-        check_prefect_api()
-        return subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
-    print(f"Prefect: using or starting a server on 127.0.0.1:{servers.PREFECT_PORT} for this run ...", flush=True)
+    url = check_prefect_api()
+    if url:
+        yield url
+        return
+    print(f"Prefect: using or starting a server on 127.0.0.1:{servers.PREFECT_PORT} ...", flush=True)
     with servers.prefect_server() as api:
-        print(f"Prefect dashboard: {api.removesuffix('/api')}  (pipeline run {env[RUN_ID_ENV]})", flush=True)
-        code = subprocess.call(["dvc", "repro", *args.dvc_args], env={**env, "PREFECT_API_URL": api})
+        yield api
+
+
+def _run_with_prefect(cmd: list[str]) -> int:
+    from pipeline.stage import RUN_ID_ENV
+
+    run_id = time.strftime("run-%Y%m%d-%H%M%S")
+    with prefect_api() as api:
+        print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged pipeline-run:{run_id})", flush=True)
+        return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`dvc repro`, every stage reporting to one Prefect server."""
+    code = _run_with_prefect(["dvc", "repro", *args.dvc_args])
     if code == 0:
-        print("\nDone. Results: dvc metrics show | data/report.md | `make dashboards` for Prefect and TensorBoard.")
+        print("\nDone. Results: `dvc metrics show`, data/report.md, and `make dashboards` for Prefect and TensorBoard.")
     return code
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    """The end-to-end Prefect flow: every DVC stage as a task, run through DVC."""
+    return _run_with_prefect([sys.executable, "-m", "pipeline.dag"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the end-to-end flow as a Prefect deployment with a schedule, until Ctrl-C."""
+    return _run_with_prefect([sys.executable, "-m", "pipeline.dag", "--serve", "--name", args.name, "--cron", args.cron])
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
@@ -109,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="dvc repro, with every stage on a Prefect server")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (e.g. train@cnn, --force)")
     run.set_defaults(fn=cmd_run)
+
+    fl = sub.add_parser("flow", help="the end-to-end Prefect flow (each DVC stage a task)")
+    fl.set_defaults(fn=cmd_flow)
+
+    serve = sub.add_parser("serve", help="serve the end-to-end flow as a scheduled Prefect deployment")
+    serve.add_argument("--name", default="scheduled", help="deployment name")
+    serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default 03:00 daily); '' for none")
+    serve.set_defaults(fn=cmd_serve)
 
     dash = sub.add_parser("dashboards", help="Prefect UI on :4200 and TensorBoard on :6006, until Ctrl-C")
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

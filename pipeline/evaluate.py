@@ -212,7 +212,7 @@ def write_conv_views(model: keras.Model, test: Split, name: str) -> None:
     from pipeline.summaries import digit_grid
 
     tf.summary.image(f"filters/{first.name}", digit_grid((filters * 255).astype(np.uint8), columns=8), step=0)
-    probe = keras.Model(model.input, first.output)
+    probe = keras.Model(model.inputs[0], first.output)
     maps = probe(test.x[:4].astype(np.float32)).numpy()  # [4, H, W, K]
     for i, fmap in enumerate(maps):
         m = np.moveaxis(fmap, -1, 0)
@@ -234,7 +234,7 @@ def write_embedding(model: keras.Model, test: Split, logdir: Path, sample: int) 
 
     n = min(sample, len(test.y))
     layer = embedding_layer(model)
-    vectors = keras.Model(model.input, layer.output)(test.x[:n].astype(np.float32)).numpy().reshape(n, -1)
+    vectors = keras.Model(model.inputs[0], layer.output)(test.x[:n].astype(np.float32)).numpy().reshape(n, -1)
     logdir.mkdir(parents=True, exist_ok=True)
     np.savetxt(logdir / "embedding.tsv", vectors, delimiter="\t", fmt="%.5g")
     (logdir / "labels.tsv").write_text("\n".join(str(int(v)) for v in test.y[:n]) + "\n")

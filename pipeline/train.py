@@ -183,7 +183,7 @@ class DeadReLU(keras.callbacks.Callback):
         relu_layers = relu_outputs(self.model)
         if relu_layers:
             self.names = [layer.name for layer in relu_layers]
-            self.probe_model = keras.Model(self.model.input, [layer.output for layer in relu_layers])
+            self.probe_model = keras.Model(self.model.inputs[0], [layer.output for layer in relu_layers])
             self.writer = tf.summary.create_file_writer(str(self.logdir))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -1,0 +1,119 @@
+"""Shared helpers for the evaluate, export, report and CLI tests (not a conftest: import it).
+
+Synthetic MNIST-shaped data that a linear model can partly learn, tiny trained models
+saved as the train stage saves them, and the Prefect settings under which the tests run
+flows in-process (an isolated PREFECT_HOME, or TEST_PREFECT_API_URL's server when set).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from helpers_data import PARAMS_YAML, REPO, random_images
+from pipeline.data import Split
+
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def synthetic_split(rng: np.random.Generator, n: int, templates: np.ndarray) -> Split:
+    """`n` non-blank uint8 images with labels 0..9 (every digit present): noise plus a faint class template."""
+    y = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(y)
+    noise = random_images(rng, n).astype(np.int32) // 2  # 0..127
+    x = np.clip(noise + templates[y], 0, 255).astype(np.uint8)
+    return Split(x, y)
+
+
+def synthetic_splits(seed: int = 0, n_train: int = 300, n_val: int = 60, n_test: int = 200) -> dict[str, Split]:
+    """train/val/test splits; the class signal is strong enough to learn in a few epochs, not perfectly."""
+    rng = np.random.default_rng(seed)
+    templates = np.zeros((10, 28, 28), dtype=np.int32)
+    for d in range(10):
+        mask = rng.random((28, 28)) < 0.12
+        templates[d][mask] = 40  # a sparse faint pattern per digit, buried in noise: ~90% learnable
+    return {
+        "train": synthetic_split(rng, n_train, templates),
+        "val": synthetic_split(rng, n_val, templates),
+        "test": synthetic_split(rng, n_test, templates),
+    }
+
+
+def load_test_params():
+    from pipeline.config import load_params
+
+    return load_params(PARAMS_YAML)
+
+
+TINY = {
+    "logreg": {"epochs": 3, "batch_size": 64, "learning_rate": 0.01},
+    "cnn": {"epochs": 1, "batch_size": 64, "filters": [4, 8], "dense_units": 16},
+}
+
+
+def train_tiny(name: str, splits: dict[str, Split], out: Path, seed: int = 1) -> Path:
+    """Train registry model `name` briefly (TINY overrides) and save it with train.save_outputs into `out`."""
+    import keras
+
+    from pipeline import train
+
+    params = load_test_params()
+    p = params.model(name).model_copy(update=TINY[name])
+    keras.utils.set_random_seed(seed)
+    tr, val = splits["train"], splits["val"]
+    steps = -(-len(tr.y) // p.batch_size)
+    model = train.compile_model(name, p, steps, params.train)
+    start = time.perf_counter()
+    history = model.fit(
+        tr.x.astype(np.float32), tr.y.astype(np.int32), batch_size=p.batch_size, epochs=p.epochs,
+        validation_data=(val.x.astype(np.float32), val.y.astype(np.int32)), verbose=0, shuffle=True,
+    )
+    seconds = time.perf_counter() - start
+    hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    hist["seconds"] = [seconds / p.epochs] * p.epochs
+    train.save_outputs(train.TrainResult(model, hist, 0, seconds), name, p, params, out)
+    return out
+
+
+# --- Prefect --------------------------------------------------------------------------
+
+_PREFECT_HOME: Path | None = None
+
+
+def prefect_home() -> Path:
+    """One PREFECT_HOME for this test process, so no test touches the user's ~/.prefect database."""
+    global _PREFECT_HOME
+    if _PREFECT_HOME is None:
+        _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="mnist-tests-prefect-"))
+        atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+    return _PREFECT_HOME
+
+
+@contextlib.contextmanager
+def prefect_settings() -> Iterator[None]:
+    """Run flows in-process against TEST_PREFECT_API_URL when set, else Prefect's temporary server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    updates = {PREFECT_HOME: str(prefect_home()), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    if os.environ.get("TEST_PREFECT_API_URL"):
+        updates[PREFECT_API_URL] = os.environ["TEST_PREFECT_API_URL"]
+    with temporary_settings(updates=updates):
+        yield
+
+
+def stage_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a stage subprocess: no inherited PREFECT_* settings, its own PREFECT_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect_home")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if os.environ.get("TEST_PREFECT_API_URL"):
+        env["PREFECT_API_URL"] = os.environ["TEST_PREFECT_API_URL"]
+    return env

@@ -1,0 +1,182 @@
+"""pipeline.models: every registry model with its params.yaml block builds, has the architecture
+params.yaml describes (counted here independently), trains, and honours init, l2 and dropout."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from helpers_train import params_with, raw_params
+from pipeline import models
+from pipeline.models import REGISTRY
+from pipeline.train import compile_model
+
+MODELS = list(REGISTRY)
+PIXELS = 28 * 28
+
+
+def dense_count(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+def expected_parameters(name: str, block: dict) -> int:
+    """The parameter count of model `name` from its params.yaml block, counted by hand."""
+    if name in ("linear", "logreg"):
+        return dense_count(PIXELS, 10)
+    if name == "mlp":
+        return dense_count(PIXELS, block["hidden_units"]) + dense_count(block["hidden_units"], 10)
+    if name == "deep_mlp":
+        sizes = [PIXELS, *block["hidden_units"], 10]
+        return sum(dense_count(a, b) for a, b in zip(sizes, sizes[1:]))
+    if name == "cnn":
+        k, side, channels, total = block["kernel_size"], 28, 1, 0
+        for filters in block["filters"]:
+            total += k * k * channels * filters + filters  # 'same' padding keeps the side...
+            side, channels = math.ceil(side / 2), filters  # ...and a 2x2 'same' max pool halves it, rounding up
+        return total + dense_count(side * side * channels, block["dense_units"]) + dense_count(block["dense_units"], 10)
+    raise AssertionError(f"no hand count for model '{name}': add one to tests/test_models.py")
+
+
+def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+
+
+def pixels(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(batch, 28, 28)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return params_with()
+
+
+def test_hand_counts_of_the_seed_architectures():
+    """The hand count itself, on the seed course's architectures."""
+    assert expected_parameters("logreg", {}) == 7850
+    assert expected_parameters("linear", {}) == 7850
+    assert expected_parameters("mlp", {"hidden_units": 625}) == 784 * 625 + 625 + 625 * 10 + 10 == 496_885
+    assert expected_parameters("deep_mlp", {"hidden_units": [625, 625]}) == 490_625 + 391_250 + 6_260
+    # conv 3x3: 1->32, 32->64, 64->128; 28 -> 14 -> 7 -> 4; flatten 4*4*128 = 2048; 2048 -> 625 -> 10
+    cnn = {"filters": [32, 64, 128], "kernel_size": 3, "dense_units": 625}
+    assert expected_parameters("cnn", cnn) == 320 + 18_496 + 73_856 + (2048 * 625 + 625) + 6_260 == 1_379_557
+
+
+def test_every_registry_model_has_a_params_block():
+    assert set(raw_params()["models"]) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_builds_with_params_yaml_and_maps_raw_pixels_to_10_logits(name, params):
+    model = models.build(name, params.model(name))
+    out = np.asarray(model(pixels(5), training=False))
+    assert out.shape == (5, 10)
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+    assert model.inputs[0].shape == (None, 28, 28)
+    rescale = model.get_layer("rescale")  # the model rescales raw 0..255 pixels itself
+    assert isinstance(rescale, keras.layers.Rescaling) and rescale.scale == pytest.approx(1 / 255)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_count_matches_the_architecture_in_params_yaml(name, params):
+    model = models.build(name, params.model(name))
+    expected = expected_parameters(name, raw_params()["models"][name])
+    assert model.count_params() == expected
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == expected
+
+
+def test_cnn_feature_map_sides_follow_same_padding_and_pooling(params):
+    model = models.build("cnn", params.model("cnn"))
+    filters = raw_params()["models"]["cnn"]["filters"]
+    sides = [model.get_layer(f"pool{i}").output.shape[1] for i in range(1, len(filters) + 1)]
+    assert sides[:3] == [14, 7, 4]
+    assert model.get_layer("dense").kernel.shape[0] == sides[-1] ** 2 * filters[-1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_training_step_changes_every_weight(name, params):
+    keras.utils.set_random_seed(3)
+    model = compile_model(name, params.model(name), steps_per_epoch=1, train=params.train)
+    before = [w.copy() for w in model.get_weights()]
+    x, y = pixels(16, seed=1), np.arange(16) % 10
+    loss = model.train_on_batch(x, y, return_dict=True)["loss"]
+    after = model.get_weights()
+    assert np.isfinite(loss)
+    assert len(after) == len(before) > 0
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert np.isfinite(a).all()
+        assert not np.array_equal(a, b), f"{name}: weight {model.weights[i].path} did not change"
+
+
+INITIALIZERS = {"normal": keras.initializers.RandomNormal, "glorot": keras.initializers.GlorotUniform, "he": keras.initializers.HeNormal}
+
+
+@pytest.mark.parametrize("init", list(INITIALIZERS))
+@pytest.mark.parametrize("name", MODELS)
+def test_init_chooses_the_keras_initializer(name, init):
+    model = models.build(name, params_with(name, init=init).model(name))
+    layers = kernel_layers(model)
+    assert layers, f"{name} has no dense or conv layer"
+    for layer in layers:
+        assert type(layer.kernel_initializer) is INITIALIZERS[init], (layer.name, layer.kernel_initializer)
+        if init == "normal":
+            assert layer.kernel_initializer.stddev == 0.01  # the seed's N(0, 0.01)
+
+
+@pytest.mark.parametrize(
+    "init, check",
+    [
+        ("normal", lambda w, fan_in, fan_out: abs(w.std() - 0.01) < 0.001),
+        ("he", lambda w, fan_in, fan_out: abs(w.std() - math.sqrt(2 / fan_in)) < 0.1 * math.sqrt(2 / fan_in)),
+        ("glorot", lambda w, fan_in, fan_out: 0.95 * math.sqrt(6 / (fan_in + fan_out)) < abs(w).max() <= math.sqrt(6 / (fan_in + fan_out))),
+    ],
+)
+def test_initial_weights_have_the_initializers_scale(init, check):
+    model = models.build("mlp", params_with("mlp", init=init).model("mlp"))
+    kernel = np.asarray(model.get_layer("hidden").kernel)
+    fan_in, fan_out = kernel.shape
+    assert check(kernel, fan_in, fan_out), (init, kernel.std(), abs(kernel).max())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_l2_adds_a_regularization_loss_per_kernel(name):
+    plain = models.build(name, params_with(name, l2=0.0).model(name))
+    assert plain.losses == []
+    model = models.build(name, params_with(name, l2=0.01).model(name))
+    layers = kernel_layers(model)
+    assert len(model.losses) == len(layers) > 0
+    expected = sum(0.01 * float(np.sum(np.square(np.asarray(layer.kernel)))) for layer in layers)
+    assert float(sum(np.asarray(loss) for loss in model.losses)) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+
+def test_deep_mlp_dropout_layers_carry_the_drop_rates():
+    block = raw_params()["models"]["deep_mlp"]
+    for input_drop, hidden_drop in ((block["input_drop"], block["hidden_drop"]), (0.15, 0.35)):
+        p = params_with("deep_mlp", input_drop=input_drop, hidden_drop=hidden_drop).model("deep_mlp")
+        model = models.build("deep_mlp", p)
+        drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+        assert [layer.rate for layer in drops] == [input_drop] + [hidden_drop] * len(p.hidden_units)
+        assert model.get_layer("input_dropout").rate == input_drop
+        # the input dropout comes before the first hidden layer, each hidden dropout after its layer
+        names = [layer.name for layer in model.layers]
+        assert names.index("input_dropout") < names.index("hidden1") < names.index("dropout1")
+
+
+def test_cnn_dropout_layers_carry_the_drop_rates():
+    block = raw_params()["models"]["cnn"]
+    for conv_drop, dense_drop in ((block["conv_drop"], block["dense_drop"]), (0.15, 0.35)):
+        p = params_with("cnn", conv_drop=conv_drop, dense_drop=dense_drop).model("cnn")
+        model = models.build("cnn", p)
+        drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+        assert [layer.rate for layer in drops] == [conv_drop] * len(p.filters) + [dense_drop]
+        assert model.get_layer("dense_dropout").rate == dense_drop
+
+
+@pytest.mark.parametrize("name", ["linear", "logreg", "mlp"])
+def test_models_without_dropout_have_no_dropout_layer(name, params):
+    model = models.build(name, params.model(name))
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]

@@ -1,0 +1,182 @@
+"""Prefect against a real `prefect server start`: stage flow runs, artifacts, the end-to-end flow, a deployment."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterTags,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+)
+from prefect.client.schemas.objects import StateType
+
+from conftest import MIRROR, SmallRun, copy_project, dvc, edit_params, project_env
+
+
+def flow_runs(tag: str) -> list:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+        return [(run, client.read_flow(run.flow_id).name) for run in runs]
+
+
+def task_runs(flow_run_id) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def logs_of(flow_run_id) -> str:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def run_dag(project: Path, run_id: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.dag"], cwd=project, env=project_env(PIPELINE_RUN_ID=run_id, **env),
+        capture_output=True, text=True, timeout=900,
+    )
+
+
+def test_every_stage_is_a_completed_flow_run_with_names_and_tags(small_run: SmallRun) -> None:
+    runs = flow_runs(f"pipeline-run:{small_run.run_id}")
+    by_name = {run.name: (run, flow) for run, flow in runs}
+    expected = {"fetch", "preprocess", "report"}
+    for model in small_run.models():
+        expected |= {f"train-{model}", f"evaluate-{model}", f"export-{model}"}
+    assert set(by_name) == expected
+    for name, (run, flow) in by_name.items():
+        assert run.state.type == StateType.COMPLETED, (name, run.state)
+        stage, _, model = name.partition("-")
+        assert flow == stage
+        assert f"stage:{stage}" in run.tags
+        if model:
+            assert f"model:{model}" in run.tags
+    tasks = task_runs(by_name["train-cnn"][0].id)
+    assert {"load data", "fit cnn", "save model"} <= set(tasks)
+    tasks = task_runs(by_name["fetch"][0].id)
+    assert "fetch train-images-idx3-ubyte" in tasks
+
+
+def test_artifacts_leaderboard_metrics_progress_and_links(small_run: SmallRun) -> None:
+    with get_client(sync_client=True) as client:
+        def latest(key: str):
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            assert found, f"no artifact {key}"
+            return found[-1]
+
+        board = latest("leaderboard")
+        assert board.type == "table"
+        for model in small_run.models():
+            assert model in str(board.data)
+        assert latest("metrics-cnn").type == "markdown"
+        progress = latest("train-progress-deep-mlp")
+        assert progress.type == "progress" and float(progress.data) == 100.0
+        link = latest("tensorboard-cnn")
+        assert link.type == "link" and "train/cnn" in str(link.data)
+
+
+def test_end_to_end_flow_reports_ran_and_up_to_date(small_run: SmallRun) -> None:
+    project = small_run.project
+    before = (project / "params.yaml").read_text()
+    edit_params(project, lambda raw: raw["gates"].update(linear=0.998) or raw)  # evaluate@linear is now stale
+    try:
+        run_id = f"flow-{int(time.time())}"
+        done = run_dag(project, run_id)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        [(flow_run, flow)] = [(r, f) for r, f in flow_runs(f"pipeline-run:{run_id}") if f == "pipeline"]
+        assert flow_run.state.type == StateType.COMPLETED
+        tasks = task_runs(flow_run.id)
+        ran = {"evaluate@linear", "export@linear", "report"}
+        assert set(tasks) >= ran | {"fetch", "train@cnn"}
+        for name, task in tasks.items():
+            assert task.state.type == StateType.COMPLETED, (name, task.state)
+            assert task.state.message == ("ran" if name in ran else "up to date"), (name, task.state.message)
+        assert dvc(project, "status", "--json").stdout.strip() == "{}"
+    finally:
+        (project / "params.yaml").write_text(before)
+        dvc(project, "repro")
+
+
+class _CorruptHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_failing_stage_fails_its_flow_run_and_the_rest_is_not_run(tmp_path: Path) -> None:
+    """A mirror that serves a corrupted file: fetch fails with the reason in its logs; nothing after it runs."""
+    served = tmp_path / "mirror"
+    served.mkdir()
+    for gz in MIRROR.glob("*.gz"):
+        data = bytearray(gzip.decompress(gz.read_bytes()))
+        data[-1] ^= 0xFF  # one byte changed
+        (served / gz.name).write_bytes(gzip.compress(bytes(data)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_CorruptHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        project = copy_project(tmp_path / "project")
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+
+        def bad_mirror(raw: dict) -> dict:
+            raw["fetch"].update(mirrors=[url], retries=0, backoff_s=0.0)
+            return raw
+
+        edit_params(project, bad_mirror)
+        run_id = f"fail-{int(time.time())}"
+        env = {k: v for k, v in project_env(PIPELINE_RUN_ID=run_id).items() if k != "MNIST_MIRROR"}
+        done = subprocess.run([sys.executable, "-m", "pipeline.dag"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1
+    finally:
+        server.shutdown()
+    runs = {flow: run for run, flow in flow_runs(f"pipeline-run:{run_id}")}
+    assert runs["pipeline"].state.type == StateType.FAILED
+    assert runs["fetch"].state.type == StateType.FAILED
+    assert "failed verification" in logs_of(runs["fetch"].id)
+    assert set(runs) == {"pipeline", "fetch"}  # no other stage started
+    tasks = task_runs(runs["pipeline"].id)
+    assert tasks["fetch"].state.type == StateType.FAILED
+    others = [t for name, t in tasks.items() if name != "fetch"]
+    assert others and all(t.state.name == "Not run" for t in others)
+    assert not (project / "data" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> None:
+    from prefect.deployments import run_deployment
+
+    env = project_env(PREFECT_RUNNER_POLL_FREQUENCY="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.dag", "--serve", "--name", "test", "--cron", ""],
+        cwd=small_run.project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while True:
+                try:
+                    client.read_deployment_by_name("pipeline/test")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        pytest.fail("the deployment never appeared")
+                    time.sleep(1)
+        flow_run = run_deployment("pipeline/test", timeout=600)
+        assert flow_run.state.type == StateType.COMPLETED, flow_run.state
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
