@@ -130,6 +130,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_describe(args: argparse.Namespace) -> int:
+    """The layer table of registry models, computed from the seed's conv-net formulas."""
+    from pipeline.config import load_params
+    from pipeline.layer_table import format_table, layer_table
+    from pipeline.models import REGISTRY, build
+
+    params = load_params(args.params)
+    for name in args.models or list(params.models):
+        model = build(name, params.model(name))
+        print(f"{name}: {REGISTRY[name].description}\n{format_table(layer_table(model))}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--saved-model", help="a SavedModel folder to use instead of the newest export")
     pred.add_argument("--invert", action="store_true", help="for dark digits on a light background")
     pred.set_defaults(fn=cmd_predict)
+
+    desc = sub.add_parser("describe", help="layer table (output volumes, parameters) of registry models")
+    desc.add_argument("models", nargs="*", help="model names (default: every model in params.yaml)")
+    desc.add_argument("--params", default="params.yaml")
+    desc.set_defaults(fn=cmd_describe)
 
     args = parser.parse_args(argv)
     try:

@@ -203,6 +203,8 @@ def _describe(err: dict, root: type[BaseModel], path: Path, prefix: tuple = ()) 
     if err["type"] == "missing":
         return f"missing key '{key}': every knob is set in {path}; add it."
     message = err["msg"].removeprefix("Value error, ")
+    if isinstance(err["input"], dict):  # a check across a whole block: its message names the keys
+        return f"{key}: {message}."
     return f"{key} = {err['input']!r} is not allowed: {message}."
 
 

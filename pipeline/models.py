@@ -15,6 +15,8 @@ from keras import layers
 from pydantic import Field
 
 from pipeline.config import ModelParams, PositiveInt, Rate
+from pipeline.lenet import LeNetParams, build_lenet
+from pipeline.patterns import PatternParams, build_pattern
 
 NUM_CLASSES = 10
 
@@ -81,29 +83,29 @@ def pixels_in() -> list[layers.Layer]:
 
 
 def build_linear(p: LinearParams) -> keras.Model:
-    return keras.Sequential([*pixels_in(), layers.Flatten(), dense(NUM_CLASSES, p, name="logits")], name="linear")
+    return keras.Sequential([*pixels_in(), layers.Flatten(name="flatten"), dense(NUM_CLASSES, p, name="logits")], name="linear")
 
 
 def build_logreg(p: LogregParams) -> keras.Model:
-    return keras.Sequential([*pixels_in(), layers.Flatten(), dense(NUM_CLASSES, p, name="logits")], name="logreg")
+    return keras.Sequential([*pixels_in(), layers.Flatten(name="flatten"), dense(NUM_CLASSES, p, name="logits")], name="logreg")
 
 
 def build_mlp(p: MLPParams) -> keras.Model:
     return keras.Sequential(
-        [*pixels_in(), layers.Flatten(), dense(p.hidden_units, p, p.activation, "hidden"), dense(NUM_CLASSES, p, name="logits")],
+        [*pixels_in(), layers.Flatten(name="flatten"), dense(p.hidden_units, p, p.activation, "hidden"), dense(NUM_CLASSES, p, name="logits")],
         name="mlp",
     )
 
 
 def build_deep_mlp(p: DeepMLPParams) -> keras.Model:
-    stack = [*pixels_in(), layers.Flatten(), layers.Dropout(p.input_drop, name="input_dropout")]
+    stack = [*pixels_in(), layers.Flatten(name="flatten"), layers.Dropout(p.input_drop, name="input_dropout")]
     for i, units in enumerate(p.hidden_units, 1):
         stack += [dense(units, p, "relu", f"hidden{i}"), layers.Dropout(p.hidden_drop, name=f"dropout{i}")]
     return keras.Sequential([*stack, dense(NUM_CLASSES, p, name="logits")], name="deep_mlp")
 
 
 def build_cnn(p: CNNParams) -> keras.Model:
-    stack = [*pixels_in(), layers.Reshape((28, 28, 1))]
+    stack = [*pixels_in(), layers.Reshape((28, 28, 1), name="to_image")]
     for i, filters in enumerate(p.filters, 1):
         stack += [
             layers.Conv2D(
@@ -119,7 +121,7 @@ def build_cnn(p: CNNParams) -> keras.Model:
             layers.Dropout(p.conv_drop, name=f"conv_dropout{i}"),
         ]
     stack += [
-        layers.Flatten(),
+        layers.Flatten(name="flatten"),
         dense(p.dense_units, p, "relu", "dense"),
         layers.Dropout(p.dense_drop, name="dense_dropout"),
         dense(NUM_CLASSES, p, name="logits"),
@@ -146,6 +148,12 @@ REGISTRY: dict[str, ModelSpec] = {
     "mlp": ModelSpec(MLPParams, build_mlp, "crossentropy", "784-625(sigmoid)-10 (tutorial 3)"),
     "deep_mlp": ModelSpec(DeepMLPParams, build_deep_mlp, "crossentropy", "784-625-625-10 ReLU + dropout (tutorial 4)"),
     "cnn": ModelSpec(CNNParams, build_cnn, "crossentropy", "3 conv blocks -> 625 -> 10 (tutorial 5)"),
+    # The seed's conv-net notes: its layer-pattern grammar (two presets) and its LeNet-style flow.
+    "pattern_small": ModelSpec(PatternParams, build_pattern, "crossentropy", "INPUT -> [CONV -> RELU -> POOL]*2 -> FC -> RELU -> FC"),
+    "pattern_deep": ModelSpec(
+        PatternParams, build_pattern, "crossentropy", "INPUT -> [CONV -> RELU -> CONV -> RELU -> POOL]*3 -> [FC -> RELU]*2 -> FC"
+    ),
+    "lenet": ModelSpec(LeNetParams, build_lenet, "crossentropy", "LeNet-style: conv, tanh, trainable sub-sampling, sparse map, linear classifier"),
 }
 
 

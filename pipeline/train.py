@@ -348,13 +348,12 @@ def train_model(
 
 
 def write_model_text(model: keras.Model, name: str, p: ModelParams, logdir: Path) -> None:
-    """TensorBoard text: the layer table (output shape, parameters) and the params used."""
+    """TensorBoard text: the layer table (output volume and parameters, from the seed's formulas) and the params used."""
+    from pipeline.layer_table import format_table, layer_table
     from pipeline.summaries import markdown_table
 
-    rows = [[layer.name, type(layer).__name__, str(tuple(layer.output.shape)), f"{layer.count_params():,}"] for layer in model.layers]
-    rows.append(["total", "", "", f"{model.count_params():,}"])
     with tf.summary.create_file_writer(str(logdir)).as_default():
-        tf.summary.text("model/layers", markdown_table(["layer", "type", "output shape", "parameters"], rows), step=0)
+        tf.summary.text("model/layers", format_table(layer_table(model), markdown=True), step=0)
         tf.summary.text("model/params", markdown_table(["key", "value"], [[k, v] for k, v in p.model_dump().items()]), step=0)
 
 

@@ -1,0 +1,157 @@
+"""The seed's LeNet-style convolution flow, as two Keras layers and a builder.
+
+The flow: convolution -> tanh (or |tanh|) -> sub-sampling (2x2 average, times a trainable
+coefficient, plus a trainable bias, per feature map) -> a convolution whose maps each see a
+seeded random strict subset of the previous maps (the seed's symmetry breaking) -> ... ->
+a linear classifier y = Ax + b.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import keras
+import numpy as np
+import tensorflow as tf
+from pydantic import Field, model_validator
+
+from pipeline.config import ModelParams, PositiveInt
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class SubSampling(keras.layers.Layer):
+    """Average over FxF windows, times a trainable coefficient, plus a trainable bias, per feature map."""
+
+    def __init__(self, pool_size: int = 2, strides: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = (pool_size, pool_size)
+        self.strides = (strides or pool_size, strides or pool_size)
+        self.padding = "valid"
+
+    def build(self, input_shape):
+        maps = input_shape[-1]
+        self.coefficient = self.add_weight(shape=(maps,), initializer="ones", name="coefficient")
+        self.bias = self.add_weight(shape=(maps,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        avg = tf.nn.avg_pool2d(x, self.pool_size, self.strides, "VALID")
+        return avg * self.coefficient + self.bias
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, d = input_shape
+        f, s = self.pool_size[0], self.strides[0]
+        return (b, None if h is None else (h - f) // s + 1, None if w is None else (w - f) // s + 1, d)
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size[0], "strides": self.strides[0]}
+
+
+def connection_map(inputs: int, outputs: int, fewest: int, most: int, seed: int) -> np.ndarray:
+    """A bool [inputs, outputs] map: output map j sees a random strict subset of the input maps.
+
+    Each output map draws its subset size in [fewest, most] (most < inputs) and the maps
+    themselves from a generator seeded by `seed`, so the map is reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((inputs, outputs), dtype=bool)
+    for j in range(outputs):
+        mask[rng.choice(inputs, size=int(rng.integers(fewest, most + 1)), replace=False), j] = True
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class SparseConv2D(keras.layers.Layer):
+    """A 'valid' convolution in which output map j only sees the input maps that `connections[:, j]` marks.
+
+    Only the connected weights exist (F*F per connected pair), so the parameter count is
+    the seed's: F*F*(connected pairs) + K biases.
+    """
+
+    def __init__(self, filters: int, kernel_size: int, connections, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = (kernel_size, kernel_size)
+        self.strides = (1, 1)
+        self.padding = "valid"
+        self.connections = np.asarray(connections, dtype=bool)
+        self.activation = keras.activations.get(activation)
+
+    def build(self, input_shape):
+        f = self.kernel_size[0]
+        pairs = np.argwhere(self.connections)  # (input map, output map) per connected pair
+        self._pairs = tf.constant(pairs, dtype=tf.int32)
+        self.kernel = self.add_weight(shape=(len(pairs), f, f), initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        f = self.kernel_size[0]
+        shape = tf.constant([self.connections.shape[0], self.filters, f, f])
+        full = tf.scatter_nd(self._pairs, self.kernel, shape)  # [in, out, F, F], zero where unconnected
+        kernel = tf.transpose(full, [2, 3, 0, 1])  # [F, F, in, out]
+        return self.activation(tf.nn.conv2d(x, kernel, 1, "VALID") + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        f = self.kernel_size[0]
+        return (b, None if h is None else h - f + 1, None if w is None else w - f + 1, self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size[0],
+            "connections": self.connections.astype(int).tolist(),
+            "activation": keras.activations.serialize(self.activation),
+        }
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+def abs_tanh(x):
+    """The seed's "apply Tan & Abs": |tanh(x)|."""
+    return tf.abs(tf.tanh(x))
+
+
+class LeNetParams(ModelParams):
+    """The seed's LeNet-style flow: C1 -> S2 -> sparse C3 -> S4 -> C5 -> F6 -> linear classifier."""
+
+    activation: Literal["tanh", "abs_tanh"]
+    c1_maps: PositiveInt
+    c3_maps: PositiveInt
+    c3_inputs: list[PositiveInt] = Field(min_length=2, max_length=2)  # fewest, most input maps per C3 map
+    c5_units: PositiveInt
+    f6_units: PositiveInt
+    connection_seed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _strict_subsets(self) -> LeNetParams:
+        fewest, most = self.c3_inputs
+        if not fewest <= most < self.c1_maps:
+            raise ValueError(
+                f"c3_inputs = {self.c3_inputs}: each C3 map sees between `fewest` and `most` of the "
+                f"{self.c1_maps} C1 maps, a strict subset, so 1 <= fewest <= most < c1_maps"
+            )
+        return self
+
+
+def build_lenet(p: LeNetParams) -> keras.Model:
+    from pipeline.models import dense, initializer, pixels_in
+
+    act = abs_tanh if p.activation == "abs_tanh" else "tanh"
+    mask = connection_map(p.c1_maps, p.c3_maps, p.c3_inputs[0], p.c3_inputs[1], p.connection_seed)
+    return keras.Sequential(
+        [
+            *pixels_in(),
+            keras.layers.Reshape((28, 28, 1), name="to_image"),
+            keras.layers.Conv2D(p.c1_maps, 5, padding="same", activation=act, kernel_initializer=initializer(p), name="c1"),
+            SubSampling(2, name="s2"),
+            keras.layers.Activation(act, name="s2_act"),
+            SparseConv2D(p.c3_maps, 5, mask, activation=act, name="c3"),
+            SubSampling(2, name="s4"),
+            keras.layers.Activation(act, name="s4_act"),
+            keras.layers.Flatten(name="flatten"),
+            dense(p.c5_units, p, act, "c5"),
+            dense(p.f6_units, p, act, "f6"),
+            dense(10, p, name="logits"),  # the linear classifier y = Ax + b
+        ],
+        name="lenet",
+    )

@@ -1,0 +1,411 @@
+"""pipeline.train on small synthetic data: determinism, resume after SIGKILL, the NaN guard,
+dead-ReLU and TensorBoard summaries, and the seed's tutorials.
+
+Runs that compare weights bit for bit run in subprocesses (tests/helpers_train.py as a
+script): seed_everything switches on TF op determinism for the whole process, and the
+resume test SIGKILLs its trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers_data import PYTHON, REPO
+from helpers_train import (
+    SMALL_CNN,
+    edited_raw,
+    finish_worker,
+    load_arrays,
+    params_with,
+    start_worker,
+    write_data,
+)
+from pipeline import tutorials
+from pipeline.errors import TrainingDiverged
+from pipeline.models import LinearParams
+from pipeline.train import DEAD_RELU_PROBE, MODEL_FILE, META_FILE, STATE_FILE, dead_fraction, train_model
+
+EPOCHS = SMALL_CNN["epochs"]
+
+
+@pytest.fixture(autouse=True)
+def _no_op_determinism_left_behind():
+    """Training in this process switches TF op determinism on for good; switch it off after each test."""
+    yield
+    tf.config.experimental.disable_op_determinism()
+
+
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
+def assert_same_arrays(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b) > 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape and x.dtype == y.dtype, i
+        assert np.array_equal(x, y), f"array {i} differs: max |diff| {np.max(np.abs(x.astype(np.float64) - y)):.3g}"
+
+
+# --- subprocess runs: determinism and resume -----------------------------------------------
+
+
+class Run:
+    """One worker job (tests/helpers_train.py) and where it writes."""
+
+    def __init__(self, base: Path, tag: str, data: Path, resume: Path | None = None, tensorboard: Path | None = None, **job):
+        self.folder = base / tag
+        self.folder.mkdir(parents=True)
+        self.job_file = self.folder / "job.json"
+        self.job = {
+            "model": "cnn",
+            "overrides": dict(SMALL_CNN),
+            "data": str(data),
+            "resume": str(resume or self.folder / "resume"),
+            "tensorboard": str(tensorboard or self.folder / "tensorboard"),
+            "weights": str(self.folder / "weights.npz"),
+            "optimizer": str(self.folder / "optimizer.npz"),
+            "result": str(self.folder / "result.json"),
+            "out": str(self.folder / "out"),
+            **job,
+        }
+        self.rc: int | None = None
+        self.stderr = ""
+
+    @property
+    def resume(self) -> Path:
+        return Path(self.job["resume"])
+
+    @property
+    def out(self) -> Path:
+        return Path(self.job["out"])
+
+    def start(self) -> subprocess.Popen:
+        return start_worker(self.job, self.job_file)
+
+    def finish(self, proc: subprocess.Popen) -> "Run":
+        self.rc, self.stderr = finish_worker(proc, self.job_file)
+        return self
+
+    def weights(self) -> list[np.ndarray]:
+        return load_arrays(Path(self.job["weights"]))
+
+    def optimizer(self) -> list[np.ndarray]:
+        return load_arrays(Path(self.job["optimizer"]))
+
+    def result(self) -> dict:
+        return json.loads(Path(self.job["result"]).read_text())
+
+    def tail(self) -> str:
+        return f"exit {self.rc}; stderr:\n{self.stderr[-3000:]}"
+
+
+def run_all(*runs: Run) -> None:
+    """Run the workers side by side (each spends most of its time importing TensorFlow)."""
+    procs = [run.start() for run in runs]
+    for run, proc in zip(runs, procs):
+        run.finish(proc)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("prepared")
+    write_data(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_runs(tmp_path_factory, data_dir) -> dict[str, Run]:
+    """Two uninterrupted 3-epoch runs of a small cnn with dropout, and one SIGKILLed after epoch 1."""
+    base = tmp_path_factory.mktemp("runs")
+    runs = {
+        "a": Run(base, "a", data_dir),
+        "b": Run(base, "b", data_dir),
+        "killed": Run(base, "killed", data_dir, kill_after_epoch=0),
+    }
+    run_all(*runs.values())
+    return runs
+
+
+@pytest.fixture(scope="module")
+def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
+    """On copies of the killed run's folders: the same config again, and one with another learning rate."""
+    killed = first_runs["killed"]
+    assert killed.rc == -signal.SIGKILL, killed.tail()
+    base = tmp_path_factory.mktemp("again")
+    runs = {}
+    for tag, overrides in (("resumed", dict(SMALL_CNN)), ("other_lr", {**SMALL_CNN, "learning_rate": 0.002})):
+        resume, tensorboard = base / tag / "resume", base / tag / "tensorboard"
+        shutil.copytree(killed.resume, resume)
+        shutil.copytree(killed.job["tensorboard"], tensorboard)
+        runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, overrides=overrides)
+    run_all(*runs.values())
+    return runs
+
+
+def test_two_fresh_runs_give_identical_weights_and_history(first_runs):
+    a, b = first_runs["a"], first_runs["b"]
+    assert a.rc == 0, a.tail()
+    assert b.rc == 0, b.tail()
+    assert_same_arrays(a.weights(), b.weights())
+    assert_same_arrays(a.optimizer(), b.optimizer())
+    ha, hb = a.result()["history"], b.result()["history"]
+    assert len(ha["loss"]) == EPOCHS
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(ha)
+    assert without_seconds(ha) == without_seconds(hb)
+    assert a.result()["epochs_resumed"] == b.result()["epochs_resumed"] == 0
+
+
+def test_killed_run_leaves_the_epoch_1_checkpoint_and_no_final_outputs(first_runs):
+    killed = first_runs["killed"]
+    assert killed.rc == -signal.SIGKILL, killed.tail()
+    assert sorted(p.name for p in killed.resume.iterdir()) == ["epoch-0001"]
+    ckpt = killed.resume / "epoch-0001"
+    assert (ckpt / MODEL_FILE).is_file()
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    assert state["epochs_done"] == 1
+    assert len(state["history"]["loss"]) == 1
+    assert not killed.out.exists()
+    assert not Path(killed.job["weights"]).exists()
+
+
+def test_resumed_run_continues_after_epoch_1_and_ends_as_the_uninterrupted_run(first_runs, second_runs):
+    a, resumed = first_runs["a"], second_runs["resumed"]
+    assert resumed.rc == 0, resumed.tail()
+    assert resumed.result()["epochs_resumed"] == 1
+    assert "resuming after epoch 1" in resumed.stderr
+    assert_same_arrays(a.weights(), resumed.weights())
+    assert_same_arrays(a.optimizer(), resumed.optimizer())
+    assert without_seconds(resumed.result()["history"]) == without_seconds(a.result()["history"])
+    # the final outputs exist only now, and record the resume
+    meta = json.loads((resumed.out / META_FILE).read_text())
+    assert meta["epochs_resumed"] == 1 and meta["epochs"] == EPOCHS
+    assert (resumed.out / MODEL_FILE).is_file()
+    saved = keras.models.load_model(resumed.out / MODEL_FILE)
+    assert_same_arrays(a.weights(), [np.asarray(w) for w in saved.get_weights()])
+    assert (resumed.out / "history.csv").read_text().count("\n") == EPOCHS + 1
+
+
+def test_checkpoint_made_with_other_params_is_discarded(first_runs, second_runs):
+    a, other = first_runs["a"], second_runs["other_lr"]
+    assert other.rc == 0, other.tail()
+    assert other.result()["epochs_resumed"] == 0
+    assert "discarding checkpoint" in other.stderr
+    assert "resuming" not in other.stderr
+    assert len(other.result()["history"]["loss"]) == EPOCHS
+    assert sorted(p.name for p in other.resume.iterdir()) == [f"epoch-{EPOCHS:04d}"]
+    assert json.loads((other.resume / f"epoch-{EPOCHS:04d}" / STATE_FILE).read_text())["epochs_done"] == EPOCHS
+    # trained from scratch at the other rate: not the weights of the learning rate 0.001 run
+    assert not all(np.array_equal(x, y) for x, y in zip(a.weights(), other.weights()))
+
+
+# --- the NaN guard ----------------------------------------------------------------------------
+
+# The config caps learning_rate at 10; plain SGD at 10 on least squares over 784 inputs blows up in a few steps.
+DIVERGING = {"optimizer": "sgd", "learning_rate": 10.0, "momentum": 0.0, "lr_schedule": "constant", "batch_size": 16, "epochs": 2}
+
+
+def test_nan_guard_raises_training_diverged_naming_model_epoch_and_learning_rate(tmp_path):
+    splits = write_data(tmp_path / "data")
+    params = params_with("linear", **DIVERGING)
+    with pytest.raises(TrainingDiverged) as err:
+        train_model("linear", params, splits, tmp_path / "data", tmp_path / "resume", tmp_path / "tb")
+    message = str(err.value)
+    assert "model 'linear' diverged" in message
+    assert "in epoch 1" in message
+    assert "models.linear.learning_rate" in message and "10.0" in message
+    assert not list((tmp_path / "resume").glob("epoch-*"))  # no checkpoint of a diverged epoch
+
+
+def stage_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect_home")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    # a running server if the test run has one (given, or started by the session), else Prefect's temporary one
+    api = os.environ.get("TEST_PREFECT_API_URL") or os.environ.get("PREFECT_API_URL")
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def test_train_stage_exits_1_with_the_divergence_message_and_writes_no_model(tmp_path):
+    project = tmp_path / "project"
+    write_data(project / "data" / "prepared")
+    (project / "params.yaml").write_text(yaml.safe_dump(edited_raw("linear", **DIVERGING), sort_keys=False))
+    result = subprocess.run(
+        [
+            str(PYTHON), str(REPO / "stages" / "train.py"), "linear",
+            "--data", "data/prepared", "--out", "data/models/linear",
+            "--resume", "data/resume/linear", "--tensorboard", "data/tensorboard/train/linear",
+        ],
+        cwd=project, env=stage_env(tmp_path), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "error in stage train@linear" in result.stderr
+    assert "model 'linear' diverged" in result.stderr and "in epoch 1" in result.stderr
+    assert "models.linear.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert not (project / "data" / "models" / "linear" / MODEL_FILE).exists()
+    assert not (project / "data" / "models" / "linear").exists()
+
+
+# --- dead ReLU units ------------------------------------------------------------------------
+
+
+def test_dead_fraction_of_dense_activations():
+    acts = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0], [0.0, 2.0, 0.0, 0.0]])
+    assert dead_fraction(acts) == 0.5  # units 0 and 2 are 0 for every sample
+    assert dead_fraction(np.ones((4, 3))) == 0.0
+    assert dead_fraction(np.zeros((4, 3))) == 1.0
+
+
+def test_dead_fraction_of_conv_activations_counts_channels():
+    acts = np.zeros((2, 5, 5, 4), dtype=np.float32)  # [n, h, w, c]: the units are the 4 channels
+    acts[1, 4, 0, 1] = 0.5  # channel 1 fires once, at one position of one sample
+    acts[:, :, :, 3] = 1.0  # channel 3 fires everywhere
+    assert dead_fraction(acts) == 0.5
+    acts[0, 0, 0, 2] = 1e-6
+    assert dead_fraction(acts) == 0.25
+
+
+# --- TensorBoard from training (one short cnn run in this process) ----------------------------
+
+TB_EPOCHS = 2
+KILLED_UNITS = 4  # conv2 units whose bias the test drives to -1e4 at the very last batch: dead at the last summary
+
+
+class KillConv2Units(keras.callbacks.Callback):
+    """After the last batch (before pipeline.train's epoch-end callbacks) make some conv2 units dead."""
+
+    def __init__(self, last_batch: int):
+        super().__init__()
+        self.last_batch, self.epoch = last_batch, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == TB_EPOCHS - 1 and batch == self.last_batch:
+            bias = self.model.get_layer("conv2").bias
+            value = np.asarray(bias).copy()
+            value[:KILLED_UNITS] = -1e4
+            bias.assign(value)
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tb_run")
+    splits = write_data(tmp / "data")
+    overrides = {**SMALL_CNN, "epochs": TB_EPOCHS}
+    params = params_with("cnn", **overrides)
+    steps = -(-len(splits["train"].y) // overrides["batch_size"])
+    try:
+        result = train_model(
+            "cnn", params, splits, tmp / "data", tmp / "resume", tmp / "tb", callbacks=[KillConv2Units(steps - 1)]
+        )
+    finally:
+        tf.config.experimental.disable_op_determinism()
+    return tmp / "tb", result, splits, params
+
+
+def accumulator(folder: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def tags_of(acc: EventAccumulator, plugin: str) -> set[str]:
+    return {tag for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == plugin}
+
+
+def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+
+def test_tensorboard_has_epoch_loss_accuracy_and_learning_rate(tb_run):
+    tb, result, _, _ = tb_run
+    train, val = accumulator(tb / "train"), accumulator(tb / "validation")
+    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= tags_of(train, "scalars")
+    assert {"epoch_loss", "epoch_accuracy"} <= tags_of(val, "scalars")
+    history = result.history
+    for acc, prefix in ((train, ""), (val, "val_")):
+        for metric in ("loss", "accuracy"):
+            logged = scalars(acc, f"epoch_{metric}")
+            assert sorted(logged) == list(range(TB_EPOCHS))
+            assert [logged[s] for s in range(TB_EPOCHS)] == pytest.approx(history[prefix + metric], rel=1e-5)
+    rates = scalars(train, "epoch_learning_rate")
+    assert [rates[s] for s in range(TB_EPOCHS)] == pytest.approx(history["learning_rate"], rel=1e-5)
+    assert rates[1] < rates[0]  # the cnn's exponential schedule
+
+
+def test_tensorboard_has_weight_histograms_of_every_layer(tb_run):
+    tb, result, _, _ = tb_run
+    histograms = tags_of(accumulator(tb / "train"), "histograms")
+    for layer in ("conv1", "conv2", "conv3", "dense", "logits"):
+        assert any(tag.startswith(layer + "/") or f"/{layer}/" in tag for tag in histograms), (layer, histograms)
+    assert len(histograms) >= len(result.model.trainable_weights)
+
+
+def test_tensorboard_has_the_model_text(tb_run):
+    tb, result, _, params = tb_run
+    acc = accumulator(tb / "train")
+    assert {"model/layers", "model/params"} <= tags_of(acc, "text")
+    layers_md = tf.make_ndarray(acc.Tensors("model/layers")[0].tensor_proto).item().decode()
+    params_md = tf.make_ndarray(acc.Tensors("model/params")[0].tensor_proto).item().decode()
+    assert f"{result.model.count_params():,}" in layers_md
+    assert "conv1" in layers_md and "logits" in layers_md
+    assert "| learning_rate | 0.001 |" in params_md
+    assert f"| filters | {params.model('cnn').filters} |" in params_md
+
+
+def test_tensorboard_has_dead_relu_fractions_of_every_relu_layer(tb_run):
+    tb, result, splits, _ = tb_run
+    acc = accumulator(tb / "train")
+    relu_layers = ["conv1", "conv2", "conv3", "dense"]
+    assert {f"dead_relu/{name}" for name in relu_layers} <= tags_of(acc, "scalars")
+    # the last summary matches the final model, counted here on the same probe images
+    model = result.model
+    probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in relu_layers])
+    outputs = probe(splits["val"].x[:DEAD_RELU_PROBE].astype(np.float32), training=False)
+    for name, out in zip(relu_layers, outputs):
+        logged = scalars(acc, f"dead_relu/{name}")
+        assert sorted(logged) == list(range(TB_EPOCHS))
+        assert all(0.0 <= v <= 1.0 for v in logged.values())
+        out = np.asarray(out)
+        per_unit = out.reshape(-1, out.shape[-1]).max(axis=0)
+        assert logged[TB_EPOCHS - 1] == pytest.approx(float((per_unit <= 0).mean()))
+    conv2 = scalars(acc, "dead_relu/conv2")
+    filters = SMALL_CNN["filters"][1]
+    assert conv2[TB_EPOCHS - 1] >= KILLED_UNITS / filters  # the units killed before the last summary count
+    assert conv2[0] < KILLED_UNITS / filters
+
+
+# --- the seed's tutorials ----------------------------------------------------------------------
+
+
+def test_multiply():
+    assert float(tutorials.multiply(tf.constant(1.0), tf.constant(2.0))) == 2.0
+    assert float(tutorials.multiply(tf.constant(3.0), tf.constant(3.0))) == 9.0
+
+
+def test_fit_line_recovers_the_slope():
+    x, y = tutorials.noisy_line()
+    p = LinearParams(
+        optimizer="sgd", learning_rate=0.01, batch_size=1, epochs=20, lr_schedule="constant",
+        lr_decay=1.0, init="normal", l2=0.0, momentum=0.0,
+    )
+    w = tutorials.fit_line(x, y, p, seed=1337)
+    least_squares = float(np.dot(x, y) / np.dot(x, x))
+    assert abs(w - 2.0) < 0.1
+    assert abs(w - least_squares) < 0.05
