@@ -50,14 +50,22 @@ def check_prefect_api(timeout_s: float = 3.0) -> str | None:
     return url
 
 
-def run_stage(stage: str, flow_fn: Any, model: str | None = None, **kwargs: Any) -> None:
-    """Run `flow_fn` as the Prefect flow of DVC stage `stage` (for `model`, if per model)."""
+def run_stage(stage: str, flow_name: str, model: str | None = None, **kwargs: Any) -> None:
+    """Run pipeline.flows.<flow_name> as the Prefect flow of DVC stage `stage` (for `model`, if per model).
+
+    The checks come first and cheap: an unreachable Prefect server or a bad params.yaml
+    stops the stage before TensorFlow is even imported, and before anything is written.
+    """
     try:
+        check_prefect_api()
         params = load_params()
         if model is not None:
             params.model(model)  # an unknown model name stops here, before any work
-        check_prefect_api()
         from prefect import tags
+
+        from pipeline import flows
+
+        flow_fn = getattr(flows, flow_name)
 
         labels = [f"stage:{stage}", f"pipeline-run:{pipeline_run_id()}"] + ([f"model:{model}"] if model else [])
         run_name = f"{stage}-{model}" if model else stage

@@ -3,7 +3,6 @@
 import argparse
 from pathlib import Path
 
-from pipeline.flows import evaluate_flow
 from pipeline.stage import run_stage
 
 
@@ -16,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
     args = parser.parse_args(argv)
     run_stage(
-        "evaluate", evaluate_flow, model=args.model,
+        "evaluate", "evaluate_flow", model=args.model,
         model_dir=args.model_dir, data=args.data, out=args.out, tensorboard=args.tensorboard,
     )
 

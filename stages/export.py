@@ -3,7 +3,6 @@
 import argparse
 from pathlib import Path
 
-from pipeline.flows import export_flow
 from pipeline.stage import run_stage
 
 
@@ -17,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
     args = parser.parse_args(argv)
     run_stage(
-        "export", export_flow, model=args.model, model_dir=args.model_dir,
+        "export", "export_flow", model=args.model, model_dir=args.model_dir,
         evaluation=args.evaluation, data=args.data, out=args.out, tensorboard=args.tensorboard,
     )
 

@@ -3,7 +3,6 @@
 import argparse
 from pathlib import Path
 
-from pipeline.flows import fetch_flow
 from pipeline.stage import run_stage
 
 
@@ -12,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the decompressed IDX files")
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
     args = parser.parse_args(argv)
-    run_stage("fetch", fetch_flow, out=args.out, tensorboard=args.tensorboard)
+    run_stage("fetch", "fetch_flow", out=args.out, tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 import argparse
 from pathlib import Path
 
-from pipeline.flows import preprocess_flow
 from pipeline.stage import run_stage
 
 
@@ -14,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, required=True, help="the data report (JSON)")
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
     args = parser.parse_args(argv)
-    run_stage("preprocess", preprocess_flow, out=args.out, raw=args.raw, report=args.report, tensorboard=args.tensorboard)
+    run_stage("preprocess", "preprocess_flow", out=args.out, raw=args.raw, report=args.report, tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 import argparse
 from pathlib import Path
 
-from pipeline.flows import report_flow
 from pipeline.stage import run_stage
 
 
@@ -16,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard folder for the HParams view")
     args = parser.parse_args(argv)
     run_stage(
-        "report", report_flow, evaluations=args.evaluations, data_report=args.data_report,
+        "report", "report_flow", evaluations=args.evaluations, data_report=args.data_report,
         leaderboard=args.leaderboard, out=args.out, tensorboard=args.tensorboard,
     )
 

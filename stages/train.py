@@ -3,7 +3,6 @@
 import argparse
 from pathlib import Path
 
-from pipeline.flows import train_flow
 from pipeline.stage import run_stage
 
 
@@ -16,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
     args = parser.parse_args(argv)
     run_stage(
-        "train", train_flow, model=args.model,
+        "train", "train_flow", model=args.model,
         data=args.data, out=args.out, resume=args.resume, tensorboard=args.tensorboard,
     )
 

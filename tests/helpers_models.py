@@ -2,7 +2,7 @@
 
 Synthetic MNIST-shaped data that a linear model can partly learn, tiny trained models
 saved as the train stage saves them, and the Prefect settings under which the tests run
-flows in-process (an isolated PREFECT_HOME, or TEST_PREFECT_API_URL's server when set).
+flows in-process (see prefect_settings).
 """
 
 from __future__ import annotations
@@ -98,22 +98,82 @@ def prefect_home() -> Path:
 
 
 @contextlib.contextmanager
-def prefect_settings() -> Iterator[None]:
-    """Run flows in-process against TEST_PREFECT_API_URL when set, else Prefect's temporary server."""
+def prefect_settings() -> Iterator[str]:
+    """Run flows in-process against a Prefect server; yield its API URL (for stage subprocesses too).
+
+    The server is TEST_PREFECT_API_URL's when set, else PREFECT_API_URL's (conftest.py's session
+    server, or a developer's), else Prefect's temporary server, started once per test process
+    with its own PREFECT_HOME.
+    """
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
-    updates = {PREFECT_HOME: str(prefect_home()), PREFECT_SERVER_ANALYTICS_ENABLED: False}
-    if os.environ.get("TEST_PREFECT_API_URL"):
-        updates[PREFECT_API_URL] = os.environ["TEST_PREFECT_API_URL"]
+    api = os.environ.get("TEST_PREFECT_API_URL") or os.environ.get("PREFECT_API_URL")
+    updates = {PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    if api:
+        updates[PREFECT_API_URL] = api
+    else:
+        updates[PREFECT_HOME] = str(prefect_home())
     with temporary_settings(updates=updates):
-        yield
+        url = api or temporary_server_url()
+        try:
+            yield url
+        finally:
+            drain_prefect_workers()
 
 
-def stage_env(tmp_path: Path) -> dict[str, str]:
+def temporary_server_url() -> str:
+    """Start (once per process) the temporary server Prefect would start itself, with a patient timeout.
+
+    Prefect's own start gives up after 20 s of sleeps, too soon on a busy 2-core machine.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's client uses when no API URL is set
+    if not server.running:
+        server.start(timeout=300)
+        atexit.register(_stop_quietly, server)  # runs before the stop Prefect registered (atexit is LIFO)
+    return server.api_url
+
+
+def _stop_quietly(server) -> None:
+    """Stop the temporary server without its log line: at exit, pytest has closed the stream it would go to."""
+    import logging
+
+    logging.getLogger("prefect").disabled = True
+    server.stop()
+
+
+def stage_env(tmp_path: Path, api_url: str | None = None) -> dict[str, str]:
     """Environment for a stage subprocess: no inherited PREFECT_* settings, its own PREFECT_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect_home")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    if os.environ.get("TEST_PREFECT_API_URL"):
-        env["PREFECT_API_URL"] = os.environ["TEST_PREFECT_API_URL"]
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     return env
+
+
+def drain_prefect_workers() -> None:
+    """Send the flow runs' queued logs and events now, while the server still runs.
+
+    Left queued, they are sent at interpreter exit, after the temporary server stopped,
+    and the interpreter then hangs for minutes retrying (as prefect_test_harness notes).
+    """
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())

@@ -11,6 +11,7 @@ import pytest
 
 from helpers_train import params_with, raw_params
 from pipeline import models
+from pipeline.lenet import connection_map
 from pipeline.models import REGISTRY
 from pipeline.train import compile_model
 
@@ -37,11 +38,38 @@ def expected_parameters(name: str, block: dict) -> int:
             total += k * k * channels * filters + filters  # 'same' padding keeps the side...
             side, channels = math.ceil(side / 2), filters  # ...and a 2x2 'same' max pool halves it, rounding up
         return total + dense_count(side * side * channels, block["dense_units"]) + dense_count(block["dense_units"], 10)
+    if name.startswith("pattern"):
+        side, channels, total = 28, 1, 0
+        for b in block["blocks"]:
+            for _ in range(block["n"]):  # conv F, S, zero padding P: W2 = (W1 - F + 2P)/S + 1
+                total += b["f"] * b["f"] * channels * b["filters"] + b["filters"]
+                side, channels = (side - b["f"] + 2 * b["p"]) // b["s"] + 1, b["filters"]
+            if b["pool_f"] is not None:
+                side = (side - b["pool_f"]) // b["pool_s"] + 1
+        sizes = [side * side * channels, *block["fc_units"], 10]
+        return total + sum(dense_count(a, c) for a, c in zip(sizes, sizes[1:]))
+    if name == "lenet":
+        c1, c3 = block["c1_maps"], block["c3_maps"]
+        links = int(connection_map(c1, c3, *block["c3_inputs"], block["connection_seed"]).sum())
+        total = 5 * 5 * 1 * c1 + c1  # C1: 5x5 'same' conv, 28 -> 28
+        total += 2 * c1  # S2: a coefficient and a bias per map, 28 -> 14
+        total += 5 * 5 * links + c3  # C3: 5x5 'valid' conv over the connected map pairs only, 14 -> 10
+        total += 2 * c3  # S4: 10 -> 5
+        sizes = [5 * 5 * c3, block["c5_units"], block["f6_units"], 10]
+        return total + sum(dense_count(a, c) for a, c in zip(sizes, sizes[1:]))
     raise AssertionError(f"no hand count for model '{name}': add one to tests/test_models.py")
 
 
 def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+    """Every layer with a weight kernel (dense, conv, LeNet's sparse conv)."""
+    return [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
+
+
+# LeNet's C3 (SparseConv2D) always starts from glorot_uniform and takes no regularizer, and its
+# C1 conv takes no regularizer: params.yaml's init and l2 do not reach them (reported bug).
+LENET_INIT_L2_BUG = pytest.mark.xfail(
+    reason="lenet: SparseConv2D c3 ignores init and l2, Conv2D c1 ignores l2", strict=True
+)
 
 
 def pixels(batch: int, seed: int = 0) -> np.ndarray:
@@ -62,6 +90,28 @@ def test_hand_counts_of_the_seed_architectures():
     # conv 3x3: 1->32, 32->64, 64->128; 28 -> 14 -> 7 -> 4; flatten 4*4*128 = 2048; 2048 -> 625 -> 10
     cnn = {"filters": [32, 64, 128], "kernel_size": 3, "dense_units": 625}
     assert expected_parameters("cnn", cnn) == 320 + 18_496 + 73_856 + (2048 * 625 + 625) + 6_260 == 1_379_557
+    # the seed's pattern example INPUT -> [CONV -> RELU -> POOL]*2 -> FC -> RELU -> FC, 5x5 convs padded by 2
+    small = {
+        "n": 1,
+        "blocks": [
+            {"filters": 32, "f": 5, "s": 1, "p": 2, "pool_f": 2, "pool_s": 2},  # 28 -> 28 -> 14
+            {"filters": 64, "f": 5, "s": 1, "p": 2, "pool_f": 2, "pool_s": 2},  # 14 -> 14 -> 7
+        ],
+        "fc_units": [256],
+    }
+    assert expected_parameters("pattern_small", small) == 832 + 51_264 + (7 * 7 * 64 * 256 + 256) + 2_570 == 857_738
+    # LeNet-5's sizes, with 54 connected C1 -> C3 map pairs
+    lenet = {"c1_maps": 6, "c3_maps": 16, "c3_inputs": [3, 4], "c5_units": 120, "f6_units": 84, "connection_seed": 1337}
+    links = int(connection_map(6, 16, 3, 4, 1337).sum())
+    assert expected_parameters("lenet", lenet) == 156 + 12 + (25 * links + 16) + 32 + 48_120 + 10_164 + 850
+
+
+def test_lenet_connection_map_is_a_seeded_strict_subset_per_map():
+    mask = connection_map(6, 16, 3, 4, seed=1337)
+    assert mask.shape == (6, 16) and mask.dtype == bool
+    assert set(mask.sum(axis=0)) <= {3, 4}  # every C3 map sees 3 or 4 of the 6 C1 maps
+    assert np.array_equal(mask, connection_map(6, 16, 3, 4, seed=1337))
+    assert not np.array_equal(mask, connection_map(6, 16, 3, 4, seed=1338))
 
 
 def test_every_registry_model_has_a_params_block():
@@ -114,14 +164,19 @@ def test_one_training_step_changes_every_weight(name, params):
 INITIALIZERS = {"normal": keras.initializers.RandomNormal, "glorot": keras.initializers.GlorotUniform, "he": keras.initializers.HeNormal}
 
 
+def with_lenet_bug(names):
+    return [pytest.param(n, marks=LENET_INIT_L2_BUG) if n == "lenet" else n for n in names]
+
+
 @pytest.mark.parametrize("init", list(INITIALIZERS))
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", with_lenet_bug(MODELS))
 def test_init_chooses_the_keras_initializer(name, init):
     model = models.build(name, params_with(name, init=init).model(name))
     layers = kernel_layers(model)
-    assert layers, f"{name} has no dense or conv layer"
+    assert layers, f"{name} has no layer with a kernel"
     for layer in layers:
-        assert type(layer.kernel_initializer) is INITIALIZERS[init], (layer.name, layer.kernel_initializer)
+        initializer = getattr(layer, "kernel_initializer", None)
+        assert type(initializer) is INITIALIZERS[init], (layer.name, initializer)
         if init == "normal":
             assert layer.kernel_initializer.stddev == 0.01  # the seed's N(0, 0.01)
 
@@ -141,7 +196,7 @@ def test_initial_weights_have_the_initializers_scale(init, check):
     assert check(kernel, fan_in, fan_out), (init, kernel.std(), abs(kernel).max())
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", with_lenet_bug(MODELS))
 def test_l2_adds_a_regularization_loss_per_kernel(name):
     plain = models.build(name, params_with(name, l2=0.0).model(name))
     assert plain.losses == []
@@ -176,7 +231,18 @@ def test_cnn_dropout_layers_carry_the_drop_rates():
         assert model.get_layer("dense_dropout").rate == dense_drop
 
 
-@pytest.mark.parametrize("name", ["linear", "logreg", "mlp"])
+@pytest.mark.parametrize("name", [n for n in ("pattern_small", "pattern_deep") if n in REGISTRY])
+def test_pattern_dropout_layers_carry_the_drop_rate(name):
+    for dropout in (raw_params()["models"][name]["dropout"], 0.15):
+        p = params_with(name, dropout=dropout).model(name)
+        model = models.build(name, p)
+        drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+        assert [layer.rate for layer in drops] == [dropout] * (len(p.fc_units) + 1)  # before each FC layer
+        names = [layer.name for layer in model.layers]
+        assert names.index("out_dropout") == names.index("logits") - 1
+
+
+@pytest.mark.parametrize("name", [n for n in ("linear", "logreg", "mlp", "lenet") if n in REGISTRY])
 def test_models_without_dropout_have_no_dropout_layer(name, params):
     model = models.build(name, params.model(name))
     assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]

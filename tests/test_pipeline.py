@@ -73,10 +73,10 @@ def test_plots_show_renders_confusion_curves_and_per_class(small_run: SmallRun) 
     out = small_run.project.parent / "plots"
     dvc(small_run.project, "plots", "show", "--out", str(out))
     html = (out / "index.html").read_text()
-    for model in small_run.models():
-        assert f"data/evaluate/{model}/predictions.csv" in html
-        assert f"data/evaluate/{model}/per_class.csv" in html
-        assert f"data/models/{model}/history.csv" in html
+    for model in small_run.models():  # one vega-lite chart per plot file, its id the file's path
+        assert f"data_evaluate_{model}_predictions_csv" in html
+        assert f"data_evaluate_{model}_per_class_csv" in html
+        assert f"data_models_{model}_history_csv" in html
 
 
 def test_gate_blocks_export_and_the_rest_goes_on(small_run: SmallRun) -> None:

@@ -1,0 +1,229 @@
+"""Benchmark 3: what the orchestration costs.
+
+(a) a no-op `dvc repro` in the repo: only when dvc.lock exists, no other DVC process runs
+    here and `dvc status` says everything is up to date.
+(b) the fetch stage's process three ways, in a scratch folder (params.yaml copied, MNIST from
+    a local mirror): `stages/fetch.py` reporting to a Prefect server started for this run
+    (pipeline.servers.prefect_server), `stages/fetch.py` with no PREFECT_API_URL (Prefect's
+    temporary server), and `benchmarks/plain_fetch.py` doing the same work as plain function
+    calls. overhead = wall(stage process) - wall(plain process).
+(c) a full `dvc repro` against the sum of its stages' own work, from a record of one:
+    --repro-log (the output of `make run` / `mnist run` / `dvc repro` with stages reporting to
+    Prefect), else the Prefect server's database (runs tagged pipeline-run:<id>).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import psutil
+import yaml
+
+from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
+
+DVC = str(Path(PYTHON).parent / "dvc")
+REPEATS = {False: 2, True: 1}  # timed runs per way (full, quick); a full run also does one warm-up each
+
+
+# --- (a) no-op dvc repro -------------------------------------------------------------------------------
+
+
+def other_dvc_running() -> bool:
+    """True if another DVC process works in this repo (its lock would make ours fail, or ours theirs)."""
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if re.search(r"(^|/)dvc(\s|$)", cmd) and proc.info["cwd"] and Path(proc.info["cwd"]).resolve() == REPO:
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
+
+
+def stale_stages(status_json: str) -> str:
+    """The first stale stages named by `dvc status --json`."""
+    try:
+        names = list(json.loads(status_json))
+    except ValueError:
+        return status_json.strip()[:120]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def noop_repro(ctx: Context) -> list[Row]:
+    subject = "no-op dvc repro (repo)"
+    if not (REPO / "dvc.lock").exists():
+        return [Row("orchestration", subject, None, "s", "skipped: no dvc.lock")]
+    if other_dvc_running():
+        return [Row("orchestration", subject, None, "s", "skipped: another dvc process runs in the repo")]
+    env = child_env()
+    status = subprocess.run([DVC, "status", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if status.returncode != 0 or status.stdout.strip() not in ("{}", ""):
+        why = status.stderr.strip()[-200:] if status.returncode else "stale: " + stale_stages(status.stdout)
+        return [Row("orchestration", subject, None, "s", f"skipped: dvc status not clean ({why})")]
+    walls = []
+    for _ in range(REPEATS[ctx.quick]):
+        start = time.perf_counter()
+        done = subprocess.run([DVC, "repro"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        walls.append(time.perf_counter() - start)
+        if done.returncode != 0 or "Running stage" in done.stdout:
+            return [Row("orchestration", subject, None, "s", "skipped: dvc repro was not a no-op: " + done.stdout[-200:])]
+    ctx.details.setdefault("orchestration", {})["noop_repro_s"] = walls
+    return [Row("orchestration", subject, median(walls), "s", f"median of {len(walls)}; dvc status clean")]
+
+
+# --- (b) one stage, three ways -------------------------------------------------------------------------
+
+
+def fetch_ways(ctx: Context, mirror: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The three ways to do the fetch stage's work: python arguments and environment."""
+    args = ["--out", "raw", "--tensorboard", "tensorboard"]
+    stage = [str(REPO / "stages" / "fetch.py"), *args]
+    base = {"MNIST_MIRROR": str(mirror), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    temp_home = ctx.tmp / "prefect-temporary-home"
+    temp_home.mkdir(exist_ok=True)
+    return {
+        "stage, Prefect server": (stage, child_env(**base, PREFECT_API_URL=ctx.prefect_api())),
+        "stage, temporary server": (stage, child_env(**base, PREFECT_HOME=str(temp_home))),
+        "plain functions": (["-m", "benchmarks.plain_fetch", *args], child_env(**base)),
+    }
+
+
+def stage_overhead(ctx: Context) -> list[Row]:
+    mirror = mnist_mirror()
+    if mirror is None:
+        return [Row("orchestration", "stage overhead", None, "s", "skipped: no local MNIST mirror ($MNIST_MIRROR, ../shared/datasets/mnist, data/raw)")]
+    folder = ctx.tmp / "fetch-stage"
+    folder.mkdir()
+    shutil.copy2(REPO / "params.yaml", folder / "params.yaml")
+    ways = fetch_ways(ctx, mirror)
+    runs: dict[str, list[Measured]] = {way: [] for way in ways}
+    warmups = 0 if ctx.quick else 1
+    for i in range(warmups + REPEATS[ctx.quick]):
+        for way, (args, env) in ways.items():  # interleaved: A, B, C, A, B, C
+            for leftover in ("raw", "tensorboard"):
+                shutil.rmtree(folder / leftover, ignore_errors=True)
+            measured = run_measured(args, folder, env)
+            if measured.returncode != 0:
+                return [Row("orchestration", f"fetch: {way}", None, "s", f"failed ({measured.returncode}): {measured.output[-300:]}")]
+            if i >= warmups:
+                runs[way].append(measured)
+    wall = {way: median([m.wall_s for m in ms]) for way, ms in runs.items()}
+    ctx.shared["fetch_stage_run"] = runs["stage, Prefect server"][-1]  # the memory benchmark reuses it
+    ctx.details.setdefault("orchestration", {})["fetch"] = {
+        way: [{"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb} for m in ms] for way, ms in runs.items()
+    }
+    ctx.details["orchestration"]["prefect_server_start_s"] = ctx.shared.get("prefect_server_start_s")
+    n = len(runs["plain functions"])
+    note = f"median of {n}" + ("" if warmups else ", no warm-up run (--quick)")
+    plain = wall["plain functions"]
+    return [
+        Row("orchestration", "fetch: plain functions", plain, "s", f"process wall time, {note}"),
+        Row("orchestration", "fetch: stage, Prefect server", wall["stage, Prefect server"], "s", note),
+        Row("orchestration", "fetch: overhead with a Prefect server", wall["stage, Prefect server"] - plain, "s",
+            "stage - plain: imports (keras, prefect), flow and task runs, API calls"),
+        Row("orchestration", "fetch: stage, temporary server", wall["stage, temporary server"], "s", note),
+        Row("orchestration", "fetch: overhead with Prefect's temporary server", wall["stage, temporary server"] - plain, "s",
+            "stage - plain; what every stage pays in a bare `dvc repro` without PREFECT_API_URL"),
+        Row("orchestration", "Prefect server start (once per run)", ctx.shared.get("prefect_server_start_s"), "s",
+            "pipeline.servers.prefect_server, fresh PREFECT_HOME"),
+    ]
+
+
+# --- (c) a full dvc repro vs its stages' own work ---------------------------------------------------------
+
+FlowRun = tuple[str, datetime, datetime, str]  # name, start, end, state
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) \| \w+\s*\| Flow run '([^']+)' - (Beginning flow run|Finished in state (\w+))")
+
+
+def expected_stage_count() -> int:
+    """How many stages one full `dvc repro` runs: fetch, preprocess, 3 per model, report."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return 3 + 3 * len(params["models"])
+
+
+def flows_from_log(path: Path) -> list[FlowRun]:
+    """Flow runs (name, start, end, state) from Prefect's console lines in a `dvc repro` log."""
+    begins: dict[str, datetime] = {}
+    flows: list[FlowRun] = []
+    day = datetime(2000, 1, 1)
+    last = None
+    for line in path.read_text(errors="replace").splitlines():
+        m = LOG_LINE.match(ANSI.sub("", line).strip())
+        if not m:
+            continue
+        t = datetime.combine(day.date(), datetime.strptime(m.group(1), "%H:%M:%S.%f").time())
+        if last and t < last:  # past midnight
+            day += timedelta(days=1)
+            t += timedelta(days=1)
+        last = t
+        if m.group(3) == "Beginning flow run":
+            begins[m.group(2)] = t
+        elif m.group(2) in begins:
+            flows.append((m.group(2), begins.pop(m.group(2)), t, m.group(4).upper()))
+    return flows
+
+
+def flows_from_prefect_db() -> tuple[list[FlowRun], str]:
+    """The latest complete pipeline run in the Prefect database (SQLite under PREFECT_HOME or ~/.prefect)."""
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    db = home / "prefect.db"
+    if not db.exists():
+        return [], f"no Prefect database at {db}"
+    runs: dict[str, list[FlowRun]] = {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        query = "select name, tags, start_time, end_time, state_type from flow_run where start_time is not null and end_time is not null"
+        for name, tags, start, end, state in con.execute(query):
+            run_ids = [t.split(":", 1)[1] for t in json.loads(tags or "[]") if t.startswith("pipeline-run:")]
+            if run_ids:
+                runs.setdefault(run_ids[0], []).append((name, datetime.fromisoformat(start), datetime.fromisoformat(end), state))
+    complete = [(max(f[2] for f in fl), rid, fl) for rid, fl in runs.items() if is_complete(fl)]
+    if not complete:
+        return [], f"no complete pipeline run (all {expected_stage_count()} stages) in {db}"
+    _, rid, flows = max(complete)
+    return flows, f"Prefect database {db}, pipeline-run:{rid}"
+
+
+def is_complete(flows: list[FlowRun]) -> bool:
+    """All stages of a full run, each once, all completed."""
+    names = {f[0] for f in flows}
+    return len(names) == len(flows) == expected_stage_count() and all(f[3] == "COMPLETED" for f in flows)
+
+
+def full_repro(ctx: Context) -> list[Row]:
+    subject = "full dvc repro"
+    if ctx.repro_log:
+        flows = flows_from_log(ctx.repro_log)
+        source = f"log {ctx.repro_log}"
+        if not is_complete(flows):
+            return [Row("orchestration", subject, None, "s", f"skipped: {source} holds {len(flows)} flow runs, not a complete run of {expected_stage_count()} stages")]
+    else:
+        flows, source = flows_from_prefect_db()
+        if not flows:
+            return [Row("orchestration", subject, None, "s", f"skipped: {source}; pass --repro-log with the output of `make run`")]
+    span = (max(f[2] for f in flows) - min(f[1] for f in flows)).total_seconds()
+    work = sum((f[2] - f[1]).total_seconds() for f in flows)
+    gaps = span - work
+    ctx.details.setdefault("orchestration", {})["full_repro"] = {
+        "source": source, "span_s": span, "flows_s": work,
+        "flows": [{"name": f[0], "start": f[1].isoformat(), "seconds": (f[2] - f[1]).total_seconds()} for f in flows],
+    }
+    return [
+        Row("orchestration", f"{subject}: first flow start to last flow end", span, "s", source),
+        Row("orchestration", f"{subject}: sum of the stages' flow runs", work, "s", f"{len(flows)} stages' own work, inside Prefect"),
+        Row("orchestration", f"{subject}: between the flows", gaps, "s",
+            f"{gaps / max(len(flows) - 1, 1):.1f} s per stage: process start, imports, dvc hashing and lock updates"),
+    ]
+
+
+def run(ctx: Context) -> list[Row]:
+    return noop_repro(ctx) + stage_overhead(ctx) + full_repro(ctx)

@@ -1,0 +1,80 @@
+"""Benchmark 2: wall time until each model's validation accuracy first reaches its gate.
+
+Read from the pipeline's own record, never trained here: data/models/<model>/history.csv
+(one row per epoch: ..., val_accuracy, seconds), cumulative `seconds` up to the first epoch
+whose val_accuracy >= gates.<model>. `seconds` is what pipeline.train.EpochLog measured:
+an epoch's training and validation, not the process start, data loading or saving.
+The gate is on test accuracy; validation accuracy stands in for it epoch by epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import REPO, Context, Row
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def time_to_gate(history: list[dict[str, float]], gate: float) -> tuple[float | None, int | None]:
+    """(cumulative seconds, epoch) at the first epoch with val_accuracy >= gate; (None, None) if never."""
+    total = 0.0
+    for row in history:
+        total += row["seconds"]
+        if row["val_accuracy"] >= gate:
+            return total, int(row["epoch"])
+    return None, None
+
+
+def provenance(name: str, params) -> list[str]:
+    """Why a history might not be a full run with today's params: data.limit, changed params."""
+    from pipeline.config import params_hash
+
+    notes = []
+    lock = REPO / "dvc.lock"
+    if lock.exists():
+        stages = yaml.safe_load(lock.read_text()).get("stages", {})
+        data = stages.get("preprocess", {}).get("params", {}).get("params.yaml", {}).get("data", {})
+        if data.get("limit"):
+            notes.append(f"made with data.limit={data['limit']}")
+    meta_file = REPO / "data" / "models" / name / "meta.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("params_hash") != params_hash(params.model(name)):
+            notes.append("models params changed since")
+    return notes
+
+
+def run(ctx: Context) -> list[Row]:
+    from pipeline.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    rows, details = [], {}
+    for name in params.models:
+        gate = params.gates[name]
+        path = REPO / "data" / "models" / name / "history.csv"
+        subject = f"{name} to val_accuracy {gate}"
+        if not path.exists():
+            rows.append(Row("time_to_accuracy", subject, None, "s", "no full run (no data/models/%s/history.csv)" % name))
+            continue
+        history = read_history(path)
+        seconds, epoch = time_to_gate(history, gate)
+        total = sum(r["seconds"] for r in history)
+        best = max(history, key=lambda r: r["val_accuracy"])
+        extra = provenance(name, params)
+        if seconds is None:
+            note = f"not reached in {len(history)} epochs ({total:.0f} s); best {best['val_accuracy']:.4f} at epoch {int(best['epoch'])}"
+        else:
+            note = f"epoch {epoch} of {len(history)}; all epochs {total:.0f} s"
+        rows.append(Row("time_to_accuracy", subject, seconds, "s", "; ".join([note, *extra])))
+        details[name] = {"gate": gate, "seconds": seconds, "epoch": epoch, "epochs": len(history),
+                         "total_seconds": total, "best_val_accuracy": best["val_accuracy"], "notes": extra}
+    ctx.details["time_to_accuracy"] = details
+    return rows
