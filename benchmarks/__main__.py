@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import argparse
 import importlib
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         ctx = Context(quick=args.quick, tmp=tmp, stack=stack, repro_log=args.repro_log)
         info = machine()
+        import tensorflow as tf
+
+        tf.get_logger().setLevel(logging.ERROR)  # AutoGraph's notes on the pipeline's tf.data lambdas, once per dataset
         rows: list[Row] = []
         runs = {}
         for name in selected:

@@ -218,7 +218,8 @@ def full_repro(ctx: Context) -> list[Row]:
         "flows": [{"name": f[0], "start": f[1].isoformat(), "seconds": (f[2] - f[1]).total_seconds()} for f in flows],
     }
     return [
-        Row("orchestration", f"{subject}: first flow start to last flow end", span, "s", source),
+        Row("orchestration", f"{subject}: first flow start to last flow end", span, "s",
+            f"{source}; leaves out the first process's start and dvc's work before it"),
         Row("orchestration", f"{subject}: sum of the stages' flow runs", work, "s", f"{len(flows)} stages' own work, inside Prefect"),
         Row("orchestration", f"{subject}: between the flows", gaps, "s",
             f"{gaps / max(len(flows) - 1, 1):.1f} s per stage: process start, imports, dvc hashing and lock updates"),

@@ -3,8 +3,10 @@
     python -m benchmarks.peak_rss OUT.json stages/fetch.py --out ... --tensorboard ...
     python -m benchmarks.peak_rss OUT.json -m benchmarks.plain_fetch --out ...
 
-The peak is getrusage's ru_maxrss: the largest RSS this process reached, and the largest of
-the child processes it waited for (such as export's fresh-process check), whichever is higher.
+The peak is the larger of this process's VmHWM (/proc/self/status: the RSS high-water mark of
+its memory since exec) and getrusage's ru_maxrss of the children it waited for (such as
+export's fresh-process check). Not this process's own ru_maxrss: Linux carries the parent's
+RSS at fork time over into it, so a child of a big benchmark process would report that.
 The script runs as `__main__` with the given argv, so a stage behaves as under `dvc repro`.
 """
 
@@ -17,11 +19,21 @@ import sys
 from pathlib import Path
 
 
+def high_water_kib() -> int:
+    """VmHWM of this process in KiB: its peak RSS since exec (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_mb() -> float:
-    """Peak RSS in MB of this process or of any child it waited for (Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak RSS in MB of this process or of any child it waited for (both in KiB on Linux)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+    return max(high_water_kib(), children) / 1024
 
 
 def main(argv: list[str]) -> int:

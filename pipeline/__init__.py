@@ -6,3 +6,5 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Log records of the pipeline's own modules go to Prefect (dashboard) as well as to the terminal.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+# No telemetry from a temporary Prefect server (its heartbeat can also hit "database is locked").
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -67,7 +67,10 @@ class SparseConv2D(keras.layers.Layer):
     the seed's: F*F*(connected pairs) + K biases.
     """
 
-    def __init__(self, filters: int, kernel_size: int, connections, activation=None, **kwargs):
+    def __init__(
+        self, filters: int, kernel_size: int, connections, activation=None,
+        kernel_initializer="glorot_uniform", kernel_regularizer=None, **kwargs,
+    ):
         super().__init__(**kwargs)
         self.filters = filters
         self.kernel_size = (kernel_size, kernel_size)
@@ -75,12 +78,22 @@ class SparseConv2D(keras.layers.Layer):
         self.padding = "valid"
         self.connections = np.asarray(connections, dtype=bool)
         self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, input_shape):
         f = self.kernel_size[0]
         pairs = np.argwhere(self.connections)  # (input map, output map) per connected pair
         self._pairs = tf.constant(pairs, dtype=tf.int32)
-        self.kernel = self.add_weight(shape=(len(pairs), f, f), initializer="glorot_uniform", name="kernel")
+
+        def initial(shape, dtype=None):
+            # Draw a dense [F, F, in, out] kernel (so the initializer sees conv fans), keep the connected pairs.
+            full = self.kernel_initializer(shape=(f, f, *self.connections.shape), dtype=dtype)
+            return tf.gather_nd(tf.transpose(full, [2, 3, 0, 1]), self._pairs)
+
+        self.kernel = self.add_weight(
+            shape=(len(pairs), f, f), initializer=initial, regularizer=self.kernel_regularizer, name="kernel"
+        )
         self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
 
     def call(self, x):
@@ -102,6 +115,8 @@ class SparseConv2D(keras.layers.Layer):
             "kernel_size": self.kernel_size[0],
             "connections": self.connections.astype(int).tolist(),
             "activation": keras.activations.serialize(self.activation),
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer) if self.kernel_regularizer else None,
         }
 
 
@@ -137,15 +152,18 @@ def build_lenet(p: LeNetParams) -> keras.Model:
     from pipeline.models import dense, initializer, pixels_in
 
     act = abs_tanh if p.activation == "abs_tanh" else "tanh"
+    l2 = keras.regularizers.L2(p.l2) if p.l2 else None
     mask = connection_map(p.c1_maps, p.c3_maps, p.c3_inputs[0], p.c3_inputs[1], p.connection_seed)
     return keras.Sequential(
         [
             *pixels_in(),
             keras.layers.Reshape((28, 28, 1), name="to_image"),
-            keras.layers.Conv2D(p.c1_maps, 5, padding="same", activation=act, kernel_initializer=initializer(p), name="c1"),
+            keras.layers.Conv2D(
+                p.c1_maps, 5, padding="same", activation=act, kernel_initializer=initializer(p), kernel_regularizer=l2, name="c1"
+            ),
             SubSampling(2, name="s2"),
             keras.layers.Activation(act, name="s2_act"),
-            SparseConv2D(p.c3_maps, 5, mask, activation=act, name="c3"),
+            SparseConv2D(p.c3_maps, 5, mask, activation=act, kernel_initializer=initializer(p), kernel_regularizer=l2, name="c3"),
             SubSampling(2, name="s4"),
             keras.layers.Activation(act, name="s4_act"),
             keras.layers.Flatten(name="flatten"),

@@ -50,12 +50,23 @@ def check_prefect_api(timeout_s: float = 3.0) -> str | None:
     return url
 
 
+class HidePipelineTracebacks(logging.Filter):
+    """Prefect logs a failed task's or flow's exception with its traceback; a PipelineError's message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_stage(stage: str, flow_name: str, model: str | None = None, **kwargs: Any) -> None:
     """Run pipeline.flows.<flow_name> as the Prefect flow of DVC stage `stage` (for `model`, if per model).
 
     The checks come first and cheap: an unreachable Prefect server or a bad params.yaml
     stops the stage before TensorFlow is even imported, and before anything is written.
     """
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(HidePipelineTracebacks())
     try:
         check_prefect_api()
         params = load_params()

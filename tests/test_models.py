@@ -65,11 +65,6 @@ def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
 
 
-# LeNet's C3 (SparseConv2D) always starts from glorot_uniform and takes no regularizer, and its
-# C1 conv takes no regularizer: params.yaml's init and l2 do not reach them (reported bug).
-LENET_INIT_L2_BUG = pytest.mark.xfail(
-    reason="lenet: SparseConv2D c3 ignores init and l2, Conv2D c1 ignores l2", strict=True
-)
 
 
 def pixels(batch: int, seed: int = 0) -> np.ndarray:
@@ -164,12 +159,8 @@ def test_one_training_step_changes_every_weight(name, params):
 INITIALIZERS = {"normal": keras.initializers.RandomNormal, "glorot": keras.initializers.GlorotUniform, "he": keras.initializers.HeNormal}
 
 
-def with_lenet_bug(names):
-    return [pytest.param(n, marks=LENET_INIT_L2_BUG) if n == "lenet" else n for n in names]
-
-
 @pytest.mark.parametrize("init", list(INITIALIZERS))
-@pytest.mark.parametrize("name", with_lenet_bug(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_init_chooses_the_keras_initializer(name, init):
     model = models.build(name, params_with(name, init=init).model(name))
     layers = kernel_layers(model)
@@ -196,7 +187,7 @@ def test_initial_weights_have_the_initializers_scale(init, check):
     assert check(kernel, fan_in, fan_out), (init, kernel.std(), abs(kernel).max())
 
 
-@pytest.mark.parametrize("name", with_lenet_bug(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_l2_adds_a_regularization_loss_per_kernel(name):
     plain = models.build(name, params_with(name, l2=0.0).model(name))
     assert plain.losses == []

@@ -269,10 +269,6 @@ def test_train_stage_exits_1_with_the_divergence_message_and_writes_no_model(div
     assert not (project / "data" / "models" / "linear").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Prefect's task and flow loggers print the TrainingDiverged traceback to stderr (reported: pipeline/stage.py)",
-)
 def test_train_stage_prints_no_traceback_for_a_divergence(diverging_stage):
     _, result = diverging_stage
     assert result.returncode == 1

@@ -1,0 +1,224 @@
+"""`mnist predict` and latest_version: classify PNG and IDX files with an exported SavedModel."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from helpers_data import PYTHON, REPO
+from helpers_models import synthetic_splits, train_tiny
+from pipeline import cli, export
+from pipeline.data import write_idx
+from pipeline.errors import PipelineError
+
+LINE = re.compile(r"^(?P<label>.+): (?P<digit>\d) \(probability (?P<p>[01]\.\d{4})\)$")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A project folder whose data/export/logreg/7/ holds a SavedModel of a tiny logreg."""
+    import tensorflow as tf
+
+    root = tmp_path_factory.mktemp("cli")
+    splits = synthetic_splits(seed=0)
+    model_dir = train_tiny("logreg", splits, root / "models" / "logreg")
+    from pipeline.train import load_trained
+
+    version = root / "data" / "export" / "logreg" / "7"
+    export.save_servable(load_trained(model_dir), version)
+    return {"root": root, "version": version, "loaded": tf.saved_model.load(str(version)), "test": splits["test"]}
+
+
+def write_png(path, image: np.ndarray):
+    import tensorflow as tf
+
+    path.write_bytes(tf.io.encode_png(image[:, :, None]).numpy())
+    return path
+
+
+def expected_line(loaded, image: np.ndarray) -> tuple[int, float]:
+    """The SavedModel's own digit and probability for one image."""
+    out = export.predict(loaded, image)
+    digit = int(out["class"][0])
+    return digit, float(out["probabilities"][0, digit])
+
+
+def parse(stdout: str) -> list[tuple[str, int, float]]:
+    parsed = []
+    for line in stdout.strip().splitlines():
+        m = LINE.match(line)
+        assert m, f"not '<file>: <digit> (probability p)': {line!r}"
+        parsed.append((m["label"], int(m["digit"]), float(m["p"])))
+    return parsed
+
+
+def predict(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["predict", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def smooth_digit() -> np.ndarray:
+    """A ring, blurred: a 28x28 image that survives a 2x up- and down-scaling almost unchanged."""
+    yy, xx = np.mgrid[0:28, 0:28]
+    r = np.hypot(yy - 14, xx - 13)
+    return (255 * np.exp(-(((r - 7) / 2.5) ** 2))).astype(np.uint8)
+
+
+def test_predict_a_28x28_png(exported, capsys, tmp_path):
+    image = exported["test"].x[0]
+    png = write_png(tmp_path / "digit.png", image)
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["version"]))
+    assert code == 0, err
+    digit, p = expected_line(exported["loaded"], image)
+    assert out == f"{png}: {digit} (probability {p:.4f})\n"
+    assert parse(out) == [(str(png), digit, pytest.approx(p, abs=1e-4))]
+
+
+def test_predict_resizes_a_56x56_png(exported, capsys, tmp_path):
+    small = smooth_digit()
+    png = write_png(tmp_path / "big.png", np.kron(small, np.ones((2, 2), dtype=np.uint8)))
+    read = cli.read_images(png, invert=False)
+    assert read.shape == (1, 28, 28) and read.dtype == np.uint8
+    assert np.abs(read[0].astype(int) - small.astype(int)).mean() < 8  # the same picture, at 28x28
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["version"]))
+    assert code == 0, err
+    digit, p = expected_line(exported["loaded"], read[0])
+    assert out == f"{png}: {digit} (probability {p:.4f})\n"
+
+
+def test_predict_inverts_dark_on_light_digits(exported, capsys, tmp_path):
+    image = exported["test"].x[1]
+    png = write_png(tmp_path / "dark.png", 255 - image)
+    code, out, err = predict(capsys, str(png), "--invert", "--saved-model", str(exported["version"]))
+    assert code == 0, err
+    digit, p = expected_line(exported["loaded"], image)
+    assert out == f"{png}: {digit} (probability {p:.4f})\n"
+
+
+def test_predict_an_idx_file_prints_one_line_per_image(exported, capsys, tmp_path):
+    images = exported["test"].x[:3]
+    idx = tmp_path / "three-images-idx3-ubyte"
+    idx.write_bytes(write_idx(images))
+    code, out, err = predict(capsys, str(idx), "--saved-model", str(exported["version"]))
+    assert code == 0, err
+    expected = export.predict(exported["loaded"], images)
+    lines = parse(out)
+    assert len(lines) == 3
+    for i, (label, digit, p) in enumerate(lines):
+        assert label == f"{idx}[{i}]"
+        assert digit == expected["class"][i]
+        assert p == pytest.approx(expected["probabilities"][i, digit], abs=1e-4)
+
+
+def test_predict_several_files_in_order(exported, capsys, tmp_path):
+    a = write_png(tmp_path / "a.png", exported["test"].x[2])
+    b = write_png(tmp_path / "b.png", exported["test"].x[3])
+    code, out, err = predict(capsys, str(a), str(b), "--saved-model", str(exported["version"]))
+    assert code == 0, err
+    assert [label for label, _, _ in parse(out)] == [str(a), str(b)]
+
+
+def test_predict_uses_the_newest_export_of_the_model_by_default(exported, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(exported["root"])  # data/export/logreg/7 is relative to the project root
+    image = exported["test"].x[4]
+    png = write_png(tmp_path / "d.png", image)
+    code, out, err = predict(capsys, str(png), "--model", "logreg")
+    assert code == 0, err
+    digit, p = expected_line(exported["loaded"], image)
+    assert out == f"{png}: {digit} (probability {p:.4f})\n"
+
+    code, out, err = predict(capsys, str(png), "--model", "cnn")  # nothing exported for cnn here
+    assert code == 1 and out == ""
+    assert err.startswith("error: No exported SavedModel in data/export/cnn/")
+
+
+def test_predict_in_a_subprocess_prints_then_stops_at_a_missing_file(exported, tmp_path):
+    """As a user runs it: a line for the good PNG, then one error line and status 1 for the missing one."""
+    image = exported["test"].x[5]
+    png = write_png(tmp_path / "five.png", image)
+    missing = tmp_path / "nothing.png"
+    done = subprocess.run(
+        [str(PYTHON), "-m", "pipeline.cli", "predict", str(png), str(missing), "--saved-model", str(exported["version"])],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    digit, p = expected_line(exported["loaded"], image)
+    assert done.stdout == f"{png}: {digit} (probability {p:.4f})\n", done.stderr[-3000:]
+    assert done.returncode == 1
+    assert f"error: {missing} does not exist." in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- mistakes: one line, exit status 1, no traceback -------------------------------------------
+
+
+def bad_inputs(tmp_path) -> dict:
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "labels-idx1-ubyte").write_bytes(write_idx(np.arange(5, dtype=np.uint8)))
+    (tmp_path / "small-idx3-ubyte").write_bytes(write_idx(np.ones((2, 20, 20), dtype=np.uint8)))
+    return {
+        "missing": (tmp_path / "missing.png", "does not exist"),
+        "text": (tmp_path / "notes.txt", "is neither a PNG nor an IDX image file"),
+        "label IDX": (tmp_path / "labels-idx1-ubyte", "not an IDX file of 3-dimensional unsigned bytes"),
+        "20x20 IDX": (tmp_path / "small-idx3-ubyte", "shape [batch, 28, 28], not [2, 20, 20]"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "label IDX", "20x20 IDX"])
+def test_predict_reports_a_bad_file_in_one_line(exported, capsys, tmp_path, case):
+    path, message = bad_inputs(tmp_path)[case]
+    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["version"]))
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+    if case != "20x20 IDX":  # see the xfail below
+        assert path.name in err
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the 28x28 check (export.check_images) does not name the file it refuses")
+def test_predict_names_the_file_whose_images_are_not_28x28(exported, capsys, tmp_path):
+    path, _ = bad_inputs(tmp_path)["20x20 IDX"]
+    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["version"]))
+    assert code == 1 and path.name in err
+
+
+@pytest.mark.xfail(strict=True, reason="bug: cli.read_images lets tf.io.decode_png's InvalidArgumentError through")
+def test_predict_reports_a_corrupt_png_in_one_line(exported, capsys, tmp_path):
+    import tensorflow as tf
+
+    png = tmp_path / "cut.png"
+    png.write_bytes(tf.io.encode_png(exported["test"].x[0][:, :, None]).numpy()[:40])  # the PNG signature, then garbage
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["version"]))
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and "cut.png" in err
+
+
+# --- latest_version ----------------------------------------------------------------------------
+
+
+def test_latest_version_is_the_highest_integer_folder(tmp_path):
+    model = tmp_path / "cnn"
+    for name in ("9", "10", "100", "1700000000", ".tmp-1800000000", "latest", "99a"):
+        (model / name).mkdir(parents=True)
+    (model / "export.json").write_text("{}")
+    assert cli.latest_version("cnn", root=tmp_path) == model / "1700000000"
+    (model / "1700000000").rmdir()
+    assert cli.latest_version("cnn", root=tmp_path) == model / "100"  # numerically, not as text ("9" > "100")
+
+
+@pytest.mark.parametrize("setup", ["no folder", "empty folder", "only leftovers"])
+def test_latest_version_without_a_version_is_a_clear_error(tmp_path, setup):
+    if setup != "no folder":
+        (tmp_path / "mlp").mkdir()
+    if setup == "only leftovers":
+        (tmp_path / "mlp" / ".tmp-1700000000").mkdir()
+        (tmp_path / "mlp" / "export.json").write_text('{"blessed": false}')
+    with pytest.raises(PipelineError) as info:
+        cli.latest_version("mlp", root=tmp_path)
+    message = str(info.value)
+    assert f"No exported SavedModel in {tmp_path / 'mlp'}/" in message
+    assert "export.json" in message and "quality gate" in message
