@@ -41,6 +41,8 @@ def other_dvc_running() -> bool:
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
+            if "daemon" in cmd or proc.pid == os.getpid():  # DVC's analytics/updater daemons hold no lock
+                continue
             if re.search(r"(^|/)dvc(\s|$)", cmd) and proc.info["cwd"] and Path(proc.info["cwd"]).resolve() == REPO:
                 return True
         except (psutil.Error, OSError):

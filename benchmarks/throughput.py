@@ -337,6 +337,8 @@ def models_to_measure(params, quick: bool) -> list[str]:
 
 
 def run(ctx: Context) -> list[Row]:
+    import keras
+
     from pipeline.config import load_params
 
     params = load_params(REPO / "params.yaml")
@@ -370,7 +372,8 @@ def run(ctx: Context) -> list[Row]:
         ]
         for label in med:
             if label not in ("project", "plain", "train_model", f"project spe={spe}"):
-                rows.append(Row("throughput", f"{name}: {label} / project", med[label] / med["project"], "ratio",
+                base = "plain" if label.startswith("plain") else "project"
+                rows.append(Row("throughput", f"{name}: {label} / {base}", med[label] / med[base], "ratio",
                                 f"{med[label]:,.0f} samples/s (settings search)"))
         if name in SEARCH_MODELS and not ctx.quick:
             threads = thread_settings(name, spe, result, data)
@@ -382,6 +385,7 @@ def run(ctx: Context) -> list[Row]:
                                 f"project spe={spe}, {rate:,.0f} vs {base:,.0f} samples/s, separate processes"))
         result.update(median=med, best_project_variant=best, seconds=round(time.perf_counter() - started, 1))
         details["models"][name] = result
+        keras.backend.clear_session()  # the measured models go before the next model's are built
         print(f"[throughput] {name}: project {med['project']:,.0f}/s, plain {med['plain']:,.0f}/s, "
               f"best {best} {med[best]:,.0f}/s ({result['seconds']} s)", file=sys.stderr, flush=True)
     set_determinism(False)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, ExportError, PipelineError
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
@@ -102,12 +102,18 @@ def read_images(path: Path, invert: bool) -> "np.ndarray":
         raise PipelineError(f"{path} does not exist.")
     data = path.read_bytes()
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        image = tf.io.decode_png(data, channels=1)
+        try:
+            image = tf.io.decode_png(data, channels=1)
+        except tf.errors.InvalidArgumentError as exc:
+            raise PipelineError(f"{path} is not a readable PNG ({exc.message.strip()}).") from None
         if image.shape[:2] != (28, 28):
             image = tf.cast(tf.image.resize(image, (28, 28), antialias=True), tf.uint8)
         images = image.numpy()[None, :, :, 0]
     elif data[:3] == b"\x00\x00\x08":
-        images = parse_idx(data, path.name, ndim=3)
+        try:
+            images = parse_idx(data, path.name, ndim=3)
+        except DataError as exc:
+            raise PipelineError(f"{path} is not an IDX file of images: {str(exc).split('. ')[0]}.") from None
     else:
         raise PipelineError(f"{path} is neither a PNG nor an IDX image file.")
     return (255 - images).astype(np.uint8) if invert else images
@@ -123,7 +129,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     loaded = tf.saved_model.load(str(version))
     for path in args.images:
         images = read_images(Path(path), args.invert)
-        out = predict(loaded, images)
+        try:
+            out = predict(loaded, images)
+        except ExportError as exc:
+            raise PipelineError(f"{path}: {exc}") from None
         for i, (cls, probs) in enumerate(zip(out["class"], out["probabilities"])):
             label = path if len(images) == 1 else f"{path}[{i}]"
             print(f"{label}: {int(cls)} (probability {float(probs[cls]):.4f})")

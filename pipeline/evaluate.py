@@ -193,6 +193,7 @@ def write_summaries(model: keras.Model, ev: Evaluation, test: Split, name: str, 
                 true_negative_counts=c["tn"], false_negative_counts=c["fn"], precision=c["precision"],
                 recall=c["recall"], num_thresholds=len(c["tp"]),
             )
+            pb.value[0].tag = f"pr_curve/digit_{d}"  # raw_data_pb appends "/pr_curves" to the tag
             tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
         tf.summary.text("per_class", summaries.markdown_table(["digit", "precision", "recall", "f1"], rows), step=0)
         write_conv_views(model, test, name)

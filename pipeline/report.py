@@ -43,8 +43,8 @@ def _cell(key: str, value) -> str:
         return f"{100 * value:.2f}%"
     if key == "blessed":
         return "yes" if value else "**no**"
-    if key == "parameters":
-        return f"{value:,}"
+    if key in ("parameters", "eval_images_per_s"):
+        return f"{value:,.0f}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

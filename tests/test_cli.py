@@ -175,18 +175,15 @@ def test_predict_reports_a_bad_file_in_one_line(exported, capsys, tmp_path, case
     assert out == ""
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
-    if case != "20x20 IDX":  # see the xfail below
-        assert path.name in err
+    assert path.name in err
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the 28x28 check (export.check_images) does not name the file it refuses")
 def test_predict_names_the_file_whose_images_are_not_28x28(exported, capsys, tmp_path):
     path, _ = bad_inputs(tmp_path)["20x20 IDX"]
     code, out, err = predict(capsys, str(path), "--saved-model", str(exported["version"]))
     assert code == 1 and path.name in err
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli.read_images lets tf.io.decode_png's InvalidArgumentError through")
 def test_predict_reports_a_corrupt_png_in_one_line(exported, capsys, tmp_path):
     import tensorflow as tf
 
