@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import yaml
 
@@ -107,7 +108,7 @@ for model in sys.argv[2:]:
 """
     blessed = [m for m in small_run.models() if small_run.metrics(m)["blessed"]]
     done = subprocess.run(
-        ["python", "-c", script, str(small_run.project), *blessed], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, str(small_run.project), *blessed], capture_output=True, text=True, check=True
     )
     got = dict(line.split() for line in done.stdout.strip().splitlines())
     for model in blessed:
