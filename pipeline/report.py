@@ -91,7 +91,7 @@ def _cpu_name() -> str:
 
 def dropout(params: dict) -> float:
     """The model's largest drop rate (0 for models without dropout)."""
-    return max([float(v) for k, v in params.items() if k.endswith("_drop")] or [0.0])
+    return max([float(v) for k, v in params.items() if k.endswith("_drop") or k == "dropout"] or [0.0])
 
 
 def write_hparams(rows: list[dict], params: Params, logdir: Path) -> None:

@@ -33,7 +33,7 @@ import tensorflow as tf
 from pipeline import models
 from pipeline.config import ModelParams, Params, TrainParams, params_hash
 from pipeline.data import PREPARED_FILE, Split, atomic_path, atomic_write
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,12 @@ def train_model(
     seed_everything(params.seed, params.train.deterministic)
     train, val = splits["train"], splits["val"]
     steps = math.ceil(len(train.y) / p.batch_size)
+    if steps % params.train.steps_per_execution:
+        # Keras runs whole executions: a partial last one would eat into the next epoch's batches.
+        raise ConfigError(
+            f"train.steps_per_execution = {params.train.steps_per_execution} must divide the {steps} steps of an "
+            f"epoch of model '{name}' ({len(train.y)} images / batch_size {p.batch_size}); use 1 or a divisor of {steps}."
+        )
     strategy = tf.distribute.MirroredStrategy() if params.train.strategy == "mirrored" else tf.distribute.get_strategy()
 
     expected = fingerprint(name, p, params, data_dir)
@@ -347,7 +353,7 @@ def train_model(
                 NaNGuard(name, p.learning_rate),
                 EpochLog(name, p.epochs),
                 DeadReLU(val.x[:DEAD_RELU_PROBE], tensorboard / "train"),
-                keras.callbacks.TensorBoard(str(tensorboard), histogram_freq=1, write_graph=True),
+                keras.callbacks.TensorBoard(str(tensorboard), histogram_freq=1, write_graph=False),
                 Checkpoint(resume_dir, expected, history),
                 *(callbacks or []),
             ],
@@ -360,7 +366,11 @@ def write_model_text(model: keras.Model, name: str, p: ModelParams, logdir: Path
     from pipeline.layer_table import format_table, layer_table
     from pipeline.summaries import markdown_table
 
+    # Keras 3's TensorBoard callback no longer writes the graph: write the forward pass's graph here.
+    forward = tf.function(lambda pixels: model(pixels, training=False))
+    graph = forward.get_concrete_function(tf.TensorSpec([None, 28, 28], tf.float32, name="pixels")).graph
     with tf.summary.create_file_writer(str(logdir)).as_default():
+        tf.summary.graph(graph)
         tf.summary.text("model/layers", format_table(layer_table(model), markdown=True), step=0)
         tf.summary.text("model/params", markdown_table(["key", "value"], [[k, v] for k, v in p.model_dump().items()]), step=0)
 

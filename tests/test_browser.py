@@ -48,6 +48,10 @@ def test_tensorboard_shows_every_model_and_the_hparams_table(small_run: SmallRun
         page.get_by_text("epoch_accuracy").first.wait_for(timeout=60_000)  # a scalar chart card
 
         page.goto(f"{url}/#hparams", wait_until="domcontentloaded")
+        page.get_by_text("test accuracy").first.wait_for(timeout=60_000)  # a metric column of the table
         for model in small_run.models():
-            page.get_by_text(f"report/{model}", exact=True).first.wait_for(timeout=60_000)
+            cell = page.get_by_text(model, exact=True)
+            cell.first.wait_for(timeout=60_000)
+            # the model filter, and in the table the trial id and the `model` hparam of its row
+            assert cell.count() >= 3, (model, cell.count())
         page.close()
