@@ -6,7 +6,8 @@
     a local mirror): `stages/fetch.py` reporting to a Prefect server started for this run
     (pipeline.servers.prefect_server), `stages/fetch.py` with no PREFECT_API_URL (Prefect's
     temporary server), and `benchmarks/plain_fetch.py` doing the same work as plain function
-    calls. overhead = wall(stage process) - wall(plain process).
+    calls. overhead = wall(stage process) - wall(plain process), each the best of its runs
+    (interleaved A, B, C, A, B, C after one warm-up round).
 (c) a full `dvc repro` against the sum of its stages' own work, from a record of one:
     --repro-log (the output of `make run` / `mnist run` / `dvc repro` with stages reporting to
     Prefect), else the Prefect server's database (runs tagged pipeline-run:<id>).
@@ -27,7 +28,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
+from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, mnist_mirror, run_measured
 
 DVC = str(Path(PYTHON).parent / "dvc")
 REPEATS = {False: 2, True: 1}  # timed runs per way (full, quick); a full run also does one warm-up each
@@ -78,7 +79,7 @@ def noop_repro(ctx: Context) -> list[Row]:
         if done.returncode != 0 or "Running stage" in done.stdout:
             return [Row("orchestration", subject, None, "s", "skipped: dvc repro was not a no-op: " + done.stdout[-200:])]
     ctx.details.setdefault("orchestration", {})["noop_repro_s"] = walls
-    return [Row("orchestration", subject, median(walls), "s", f"median of {len(walls)}; dvc status clean")]
+    return [Row("orchestration", subject, min(walls), "s", f"best of {len(walls)}; dvc status clean")]
 
 
 # --- (b) one stage, three ways -------------------------------------------------------------------------
@@ -117,14 +118,14 @@ def stage_overhead(ctx: Context) -> list[Row]:
                 return [Row("orchestration", f"fetch: {way}", None, "s", f"failed ({measured.returncode}): {measured.output[-300:]}")]
             if i >= warmups:
                 runs[way].append(measured)
-    wall = {way: median([m.wall_s for m in ms]) for way, ms in runs.items()}
+    wall = {way: min(m.wall_s for m in ms) for way, ms in runs.items()}  # best run: other work only slows one down
     ctx.shared["fetch_stage_run"] = runs["stage, Prefect server"][-1]  # the memory benchmark reuses it
     ctx.details.setdefault("orchestration", {})["fetch"] = {
         way: [{"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb} for m in ms] for way, ms in runs.items()
     }
     ctx.details["orchestration"]["prefect_server_start_s"] = ctx.shared.get("prefect_server_start_s")
     n = len(runs["plain functions"])
-    note = f"median of {n}" + ("" if warmups else ", no warm-up run (--quick)")
+    note = f"best of {n}" + ("" if warmups else ", no warm-up run (--quick)")
     plain = wall["plain functions"]
     return [
         Row("orchestration", "fetch: plain functions", plain, "s", f"process wall time, {note}"),
