@@ -24,7 +24,7 @@ def main() -> None:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
             page = browser.new_page(viewport={"width": 1700, "height": 900})
             page.goto(f"{tb}/#hparams", wait_until="domcontentloaded")
-            page.get_by_text("report/cnn", exact=True).first.wait_for(timeout=60_000)
+            page.get_by_text("test accuracy").first.wait_for(timeout=60_000)
             page.wait_for_timeout(3000)
             page.screenshot(path=str(DOCS / "hparams.png"))
             page.goto(f"{tb}/?runFilter=train#timeseries", wait_until="domcontentloaded")
