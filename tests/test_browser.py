@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,11 @@ def test_tensorboard_shows_every_model_and_the_hparams_table(small_run: SmallRun
 
         page.goto(f"{url}/#hparams", wait_until="domcontentloaded")
         page.get_by_text("test accuracy").first.wait_for(timeout=60_000)  # a metric column of the table
+        deadline = time.monotonic() + 60  # the table fills in after the filters
         for model in small_run.models():
-            cell = page.get_by_text(model, exact=True)
-            cell.first.wait_for(timeout=60_000)
             # the model filter, and in the table the trial id and the `model` hparam of its row
+            cell = page.get_by_text(model, exact=True)
+            while cell.count() < 3 and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
             assert cell.count() >= 3, (model, cell.count())
         page.close()
