@@ -198,7 +198,7 @@ def project_runner(name: str, params, data: Data, v: Variant) -> Runner:
     p = params.model(name)
     spe = v.spe or params.train.steps_per_execution
     deterministic = params.train.deterministic if v.deterministic is None else v.deterministic
-    model = train.compile_model(name, p, 430, params.train.model_copy(update={"steps_per_execution": spe}))
+    model = train.compile_model(name, p, 430, spe)
 
     def run(steps: int, timed: int) -> Timing:
         set_determinism(deterministic)

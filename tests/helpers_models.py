@@ -70,7 +70,7 @@ def train_tiny(name: str, splits: dict[str, Split], out: Path, seed: int = 1) ->
     keras.utils.set_random_seed(seed)
     tr, val = splits["train"], splits["val"]
     steps = -(-len(tr.y) // p.batch_size)
-    model = train.compile_model(name, p, steps, params.train)
+    model = train.compile_model(name, p, steps)
     start = time.perf_counter()
     history = model.fit(
         tr.x.astype(np.float32), tr.y.astype(np.int32), batch_size=p.batch_size, epochs=p.epochs,

@@ -144,7 +144,7 @@ def test_cnn_feature_map_sides_follow_same_padding_and_pooling(params):
 @pytest.mark.parametrize("name", MODELS)
 def test_one_training_step_changes_every_weight(name, params):
     keras.utils.set_random_seed(3)
-    model = compile_model(name, params.model(name), steps_per_epoch=1, train=params.train)
+    model = compile_model(name, params.model(name), steps_per_epoch=1)
     before = [w.copy() for w in model.get_weights()]
     x, y = pixels(16, seed=1), np.arange(16) % 10
     loss = model.train_on_batch(x, y, return_dict=True)["loss"]
