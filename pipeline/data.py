@@ -7,7 +7,6 @@ import math
 import os
 import zipfile
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +151,3 @@ def load_prepared(folder: Path) -> dict[str, Split]:
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path} is not a valid prepared file ({exc}); run the preprocess stage again (dvc repro preprocess).") from None
 
-
-def scratch_dir(near: Path) -> Path:
-    """A fresh temporary folder on the same file system as `near` (so rename is atomic)."""
-    near.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".tmp-", dir=near))

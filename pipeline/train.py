@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from pipeline import models
 from pipeline.config import ModelParams, Params, params_hash
-from pipeline.data import PREPARED_FILE, Split, atomic_path, atomic_write
+from pipeline.data import PREPARED_FILE, Split, atomic_path
 from pipeline.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)

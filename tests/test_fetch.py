@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import http.server
 import logging
-import os
 import shutil
 import signal
 import subprocess

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import http.server
-import os
 import subprocess
 import sys
 import threading
@@ -22,7 +21,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
     LogFilter,
     LogFilterFlowRunId,
-    TaskRunFilter,
 )
 from prefect.client.schemas.objects import StateType
 
