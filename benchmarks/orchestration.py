@@ -2,12 +2,14 @@
 
 (a) a no-op `dvc repro` in the repo: only when dvc.lock exists, no other DVC process runs
     here and `dvc status` says everything is up to date.
-(b) the fetch stage's process three ways, in a scratch folder (params.yaml copied, MNIST from
-    a local mirror): `stages/fetch.py` reporting to a Prefect server started for this run
-    (pipeline.servers.prefect_server), `stages/fetch.py` with no PREFECT_API_URL (Prefect's
-    temporary server), and `benchmarks/plain_fetch.py` doing the same work as plain function
-    calls. overhead = wall(stage process) - wall(plain process), each the best of its runs
-    (interleaved A, B, C, A, B, C after one warm-up round).
+(b) a stage's process with and without Prefect, in a scratch folder (params.yaml copied):
+    `stages/<stage>.py` reporting to a Prefect server started for this run
+    (pipeline.servers.prefect_server), and `benchmarks/plain_<stage>.py` doing the same work
+    as plain function calls; for fetch (MNIST from a local mirror) also with no
+    PREFECT_API_URL (Prefect's temporary server). Two stages: fetch, whose work is short, and
+    train@linear (data/prepared of the repo, 10 epochs), which adds a progress artifact per
+    epoch. overhead = median wall(stage process) - median wall(plain process); the ways run
+    interleaved (A, B, C, A, B, C ...) after one warm-up round.
 (c) a full `dvc repro` against the sum of its stages' own work, from a record of one:
     --repro-log (the output of `make run` / `mnist run` / `dvc repro` with stages reporting to
     Prefect), else the Prefect server's database (runs tagged pipeline-run:<id>).
@@ -22,16 +24,20 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
 import yaml
 
-from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, mnist_mirror, run_measured
+from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
+from pipeline.data import PREPARED_FILE
 
 DVC = str(Path(PYTHON).parent / "dvc")
-REPEATS = {False: 2, True: 1}  # timed runs per way (full, quick); a full run also does one warm-up each
+REPEATS = {False: 4, True: 1}  # timed runs per way (full, quick); a full run also does one warm-up each
+TRAIN_MODEL = "linear"  # the quickest model: the stage's fixed costs stand out, plus one progress update per epoch
+SERVER, TEMPORARY, PLAIN = "a Prefect server", "Prefect's temporary server", "plain functions"
 
 
 # --- (a) no-op dvc repro -------------------------------------------------------------------------------
@@ -82,62 +88,104 @@ def noop_repro(ctx: Context) -> list[Row]:
     return [Row("orchestration", subject, min(walls), "s", f"best of {len(walls)}; dvc status clean")]
 
 
-# --- (b) one stage, three ways -------------------------------------------------------------------------
+# --- (b) one stage, with and without Prefect ---------------------------------------------------------
 
 
-def fetch_ways(ctx: Context, mirror: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """The three ways to do the fetch stage's work: python arguments and environment."""
-    args = ["--out", "raw", "--tensorboard", "tensorboard"]
-    stage = [str(REPO / "stages" / "fetch.py"), *args]
+@dataclass
+class Case:
+    """One stage measured as its stage process and as the same work in plain function calls."""
+
+    name: str
+    stage: list[str]  # python arguments of the DVC stage's command
+    plain: list[str]  # python arguments of the plain baseline
+    outputs: tuple[str, ...]  # folders cleared before every run
+    temporary_server: bool  # also measure it with Prefect's temporary server (no PREFECT_API_URL)
+
+
+def cases(ctx: Context, folder: Path) -> list[Case]:
+    """fetch (full MNIST from a local mirror) and train@linear (the committed params, 10 epochs)."""
+    fetch_args = ["--out", "raw", "--tensorboard", "tb-fetch"]
+    found = [Case("fetch", [str(REPO / "stages" / "fetch.py"), *fetch_args], ["-m", "benchmarks.plain_fetch", *fetch_args],
+                  ("raw", "tb-fetch"), True)]
+    prepared = REPO / "data" / "prepared"
+    if (prepared / PREPARED_FILE).exists() and not ctx.quick:
+        train_args = [TRAIN_MODEL, "--data", str(prepared), "--out", "model", "--resume", "resume", "--tensorboard", "tb-train"]
+        found.append(Case(f"train@{TRAIN_MODEL}", [str(REPO / "stages" / "train.py"), *train_args],
+                          ["-m", "benchmarks.plain_train", *train_args], ("model", "resume", "tb-train"), False))
+    return found
+
+
+def ways(ctx: Context, case: Case, mirror: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The ways to run one case: python arguments and environment."""
     base = {"MNIST_MIRROR": str(mirror), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    temp_home = ctx.tmp / "prefect-temporary-home"
-    temp_home.mkdir(exist_ok=True)
-    return {
-        "stage, Prefect server": (stage, child_env(**base, PREFECT_API_URL=ctx.prefect_api())),
-        "stage, temporary server": (stage, child_env(**base, PREFECT_HOME=str(temp_home))),
-        "plain functions": (["-m", "benchmarks.plain_fetch", *args], child_env(**base)),
+    found = {
+        SERVER: (case.stage, child_env(**base, PREFECT_API_URL=ctx.prefect_api())),
+        PLAIN: (case.plain, child_env(**base)),
     }
+    if case.temporary_server:
+        temp_home = ctx.tmp / "prefect-temporary-home"
+        temp_home.mkdir(exist_ok=True)
+        found[TEMPORARY] = (case.stage, child_env(**base, PREFECT_HOME=str(temp_home)))
+    return found
+
+
+def measure_case(ctx: Context, case: Case, folder: Path, mirror: Path) -> dict[str, list[Measured]] | Row:
+    """Every way of `case`, interleaved (A, B, C, A, B, C ...) after one warm-up round."""
+    runs: dict[str, list[Measured]] = {}
+    warmups = 0 if ctx.quick else 1
+    for i in range(warmups + REPEATS[ctx.quick]):
+        for way, (args, env) in ways(ctx, case, mirror).items():
+            for leftover in case.outputs:
+                shutil.rmtree(folder / leftover, ignore_errors=True)
+            measured = run_measured(args, folder, env)
+            if measured.returncode != 0:
+                return Row("orchestration", f"{case.name}: {way}", None, "s", f"failed ({measured.returncode}): {measured.output[-300:]}")
+            if i >= warmups:
+                runs.setdefault(way, []).append(measured)
+    return runs
+
+
+def case_rows(case: Case, runs: dict[str, list[Measured]], quick: bool) -> list[Row]:
+    """Median wall times, and each Prefect way's overhead over the plain baseline (median, and best run minus best run)."""
+    walls = {way: [m.wall_s for m in ms] for way, ms in runs.items()}
+    n = len(walls[PLAIN])
+    note = f"median of {n}" + (", no warm-up run (--quick)" if quick else " after a warm-up")
+    rows = [Row("orchestration", f"{case.name}: {PLAIN}", median(walls[PLAIN]), "s", f"process wall time, {note}")]
+    for way in (SERVER, TEMPORARY):
+        if way not in walls:
+            continue
+        over, best = median(walls[way]) - median(walls[PLAIN]), min(walls[way]) - min(walls[PLAIN])
+        rows += [
+            Row("orchestration", f"{case.name}: stage, {way}", median(walls[way]), "s", note),
+            Row("orchestration", f"{case.name}: overhead with {way}", over, "s",
+                f"stage - plain, medians; best - best {best:.2f} s; runs {', '.join(f'{w:.2f}' for w in walls[way])} s"),
+        ]
+    return rows
 
 
 def stage_overhead(ctx: Context) -> list[Row]:
     mirror = mnist_mirror()
     if mirror is None:
         return [Row("orchestration", "stage overhead", None, "s", "skipped: no local MNIST mirror ($MNIST_MIRROR, ../shared/datasets/mnist, data/raw)")]
-    folder = ctx.tmp / "fetch-stage"
+    folder = ctx.tmp / "stage-overhead"
     folder.mkdir()
     shutil.copy2(REPO / "params.yaml", folder / "params.yaml")
-    ways = fetch_ways(ctx, mirror)
-    runs: dict[str, list[Measured]] = {way: [] for way in ways}
-    warmups = 0 if ctx.quick else 1
-    for i in range(warmups + REPEATS[ctx.quick]):
-        for way, (args, env) in ways.items():  # interleaved: A, B, C, A, B, C
-            for leftover in ("raw", "tensorboard"):
-                shutil.rmtree(folder / leftover, ignore_errors=True)
-            measured = run_measured(args, folder, env)
-            if measured.returncode != 0:
-                return [Row("orchestration", f"fetch: {way}", None, "s", f"failed ({measured.returncode}): {measured.output[-300:]}")]
-            if i >= warmups:
-                runs[way].append(measured)
-    wall = {way: min(m.wall_s for m in ms) for way, ms in runs.items()}  # best run: other work only slows one down
-    ctx.shared["fetch_stage_run"] = runs["stage, Prefect server"][-1]  # the memory benchmark reuses it
-    ctx.details.setdefault("orchestration", {})["fetch"] = {
-        way: [{"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb} for m in ms] for way, ms in runs.items()
-    }
-    ctx.details["orchestration"]["prefect_server_start_s"] = ctx.shared.get("prefect_server_start_s")
-    n = len(runs["plain functions"])
-    note = f"best of {n}" + ("" if warmups else ", no warm-up run (--quick)")
-    plain = wall["plain functions"]
-    return [
-        Row("orchestration", "fetch: plain functions", plain, "s", f"process wall time, {note}"),
-        Row("orchestration", "fetch: stage, Prefect server", wall["stage, Prefect server"], "s", note),
-        Row("orchestration", "fetch: overhead with a Prefect server", wall["stage, Prefect server"] - plain, "s",
-            "stage - plain: imports (keras, prefect), flow and task runs, API calls"),
-        Row("orchestration", "fetch: stage, temporary server", wall["stage, temporary server"], "s", note),
-        Row("orchestration", "fetch: overhead with Prefect's temporary server", wall["stage, temporary server"] - plain, "s",
-            "stage - plain; what every stage pays in a bare `dvc repro` without PREFECT_API_URL"),
-        Row("orchestration", "Prefect server start (once per run)", ctx.shared.get("prefect_server_start_s"), "s",
-            "pipeline.servers.prefect_server, fresh PREFECT_HOME"),
-    ]
+    rows: list[Row] = []
+    details = ctx.details.setdefault("orchestration", {})
+    for case in cases(ctx, folder):
+        runs = measure_case(ctx, case, folder, mirror)
+        if isinstance(runs, Row):
+            rows.append(runs)
+            continue
+        if case.name == "fetch":
+            ctx.shared["fetch_stage_run"] = runs[SERVER][-1]  # the memory benchmark reuses it
+            ctx.shared["fetch_stage_raw"] = folder / "raw"
+        details[case.name] = {way: [{"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb} for m in ms] for way, ms in runs.items()}
+        rows += case_rows(case, runs, ctx.quick)
+    details["prefect_server_start_s"] = ctx.shared.get("prefect_server_start_s")
+    rows.append(Row("orchestration", "Prefect server start (once per run)", ctx.shared.get("prefect_server_start_s"), "s",
+                    "pipeline.servers.prefect_server, fresh PREFECT_HOME"))
+    return rows
 
 
 # --- (c) a full dvc repro vs its stages' own work ---------------------------------------------------------

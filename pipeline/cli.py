@@ -36,12 +36,30 @@ def prefect_api() -> Iterator[str]:
 
 
 def _run_with_prefect(cmd: list[str]) -> int:
-    from pipeline.stage import RUN_ID_ENV
+    from pipeline.stage import RUN_ID_ENV, run_tag
 
     run_id = time.strftime("run-%Y%m%d-%H%M%S")
     with prefect_api() as api:
-        print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged pipeline-run:{run_id})", flush=True)
-        return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
+        print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
+        code = subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
+        _mark_killed_runs(api, run_id)
+        return code
+
+
+def _mark_killed_runs(api: str, run_id: str) -> None:
+    """Show stage processes that were killed before they could report as crashed on the dashboard."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipeline.stage import mark_killed_runs
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            crashed = mark_killed_runs(run_id)
+    except Exception as exc:  # noqa: BLE001 - a dashboard detail must not hide dvc's own exit status
+        print(f"Prefect: could not check for killed stages ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return
+    if crashed:
+        print(f"Prefect: marked {', '.join(crashed)} as crashed: the stage process ended without reporting.", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 
-from pipeline.stage import RUN_ID_ENV
+from pipeline.stage import RUN_ID_ENV, run_tag
 
 RAN, UP_TO_DATE, FAILED, NOT_RUN = "ran", "up to date", "failed", "not run"
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         from prefect import tags
 
         run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("flow-%Y%m%d-%H%M%S"))
-        with tags(f"pipeline-run:{run_id}"):
+        with tags(run_tag(run_id)):
             state = pipeline_flow(root=".", return_state=True)
         raise SystemExit(0 if state.is_completed() else 1)
 

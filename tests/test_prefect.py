@@ -25,6 +25,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 
 from conftest import MIRROR, SmallRun, copy_project, dvc, edit_params, project_env
+from helpers_data import silent_server
+from pipeline.stage import HEARTBEAT_ENV, mark_killed_runs, prefect_settings
 
 
 def flow_runs(tag: str) -> list:
@@ -152,6 +154,44 @@ def test_failing_stage_fails_its_flow_run_and_the_rest_is_not_run(tmp_path: Path
     others = [t for name, t in tasks.items() if name != "fetch"]
     assert others and all(t.state.name == "Not run" for t in others)
     assert not (project / "data" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+def test_a_killed_stage_shows_as_crashed_after_the_run(tmp_path: Path) -> None:
+    """SIGKILL leaves a stage no chance to report; the run command's sweep marks its flow run Crashed."""
+    project = copy_project(tmp_path / "project")
+    run_id = f"killed-{time.time_ns()}"
+    env = {k: v for k, v in project_env(PIPELINE_RUN_ID=run_id).items() if k != "MNIST_MIRROR"}
+    with silent_server() as url:  # fetch waits on it, its flow run Running
+        edit_params(project, lambda raw: {**raw, "fetch": {**raw["fetch"], "mirrors": [url], "timeout_s": 120, "retries": 0}})
+        stage = subprocess.Popen(
+            [sys.executable, "stages/fetch.py", "--out", "data/raw", "--tensorboard", "tb"],
+            cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not [r for r, _ in flow_runs(f"pipeline-run:{run_id}") if r.state.type == StateType.RUNNING]:
+                assert stage.poll() is None and time.monotonic() < deadline, "the fetch flow run never started"
+                time.sleep(0.5)
+        finally:
+            stage.kill()
+            stage.wait()
+    [(run, _)] = flow_runs(f"pipeline-run:{run_id}")
+    assert run.state.type == StateType.RUNNING  # what the dashboard would show forever
+
+    assert mark_killed_runs(run_id) == ["fetch"]
+    [(run, _)] = flow_runs(f"pipeline-run:{run_id}")
+    assert run.state.type == StateType.CRASHED
+    assert "killed" in run.state.message
+    assert mark_killed_runs(run_id) == []  # finished runs are left alone
+
+
+def test_heartbeats_are_off_unless_the_user_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    monkeypatch.delenv(HEARTBEAT_ENV, raising=False)
+    assert prefect_settings() == {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    monkeypatch.setenv(HEARTBEAT_ENV, "60")
+    assert prefect_settings() == {}
 
 
 def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> None:
