@@ -204,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     desc.add_argument("--params", default="params.yaml")
     desc.set_defaults(fn=cmd_describe)
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.fn is cmd_run:  # argparse's REMAINDER misses a leading option: `mnist run --force`
+        args.dvc_args = unknown + args.dvc_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.fn(args)
     except PipelineError as exc:

@@ -219,3 +219,26 @@ def test_latest_version_without_a_version_is_a_clear_error(tmp_path, setup):
     message = str(info.value)
     assert f"No exported SavedModel in {tmp_path / 'mlp'}/" in message
     assert "export.json" in message and "quality gate" in message
+
+
+@pytest.mark.parametrize(
+    "argv, dvc_cmd",
+    [
+        (["run"], ["dvc", "repro"]),
+        (["run", "--force"], ["dvc", "repro", "--force"]),
+        (["run", "-f", "train@cnn"], ["dvc", "repro", "-f", "train@cnn"]),
+        (["run", "train@cnn", "--force"], ["dvc", "repro", "train@cnn", "--force"]),
+    ],
+)
+def test_run_passes_its_arguments_to_dvc_repro(monkeypatch: pytest.MonkeyPatch, argv: list[str], dvc_cmd: list[str]) -> None:
+    called = []
+    monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd: called.append(cmd) or 0)
+    assert cli.main(argv) == 0
+    assert called == [dvc_cmd]
+
+
+def test_unknown_options_of_other_commands_are_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["describe", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "--bogus" in capsys.readouterr().err
