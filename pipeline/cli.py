@@ -87,7 +87,11 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     with servers.prefect_server(args.host, args.prefect_port) as api, servers.tensorboard_server(
         TENSORBOARD_LOGDIR, args.host, args.tensorboard_port
     ) as tb:
-        print(f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\nCtrl-C stops both.", flush=True)
+        print(
+            f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
+            f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
+            flush=True,
+        )
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops both servers too
         try:
             while True:

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 
-from conftest import MIRROR, SmallRun, copy_project, dvc, edit_params, project_env
+from conftest import MIRROR, SmallRun, copy_project, dvc, edit_params, free_port, project_env
 from helpers_data import silent_server
 from pipeline.stage import HEARTBEAT_ENV, mark_killed_runs, prefect_settings
 
@@ -218,3 +218,38 @@ def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path) -> None:
+    """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both."""
+    import psutil
+
+    from pipeline.servers import answers
+
+    project = tmp_path / "project"
+    (project / "data" / "tensorboard").mkdir(parents=True)
+    prefect_port, tensorboard_port = free_port(), free_port()
+    env = project_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "dashboards", "--prefect-port", str(prefect_port), "--tensorboard-port", str(tensorboard_port)],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    urls = [f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{tensorboard_port}/data/logdir"]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(answers(url) for url in urls):
+            assert command.poll() is None and time.monotonic() < deadline, "the dashboards did not start"
+            time.sleep(0.5)
+        listening = {
+            conn.laddr for proc in psutil.Process(command.pid).children(recursive=True)
+            for conn in proc.net_connections(kind="tcp") if conn.status == psutil.CONN_LISTEN
+        }
+        assert {("127.0.0.1", prefect_port), ("127.0.0.1", tensorboard_port)} <= {(a.ip, a.port) for a in listening}
+        assert all(a.ip == "127.0.0.1" for a in listening), listening
+    finally:
+        command.terminate()
+        output, _ = command.communicate(timeout=60)
+    assert command.returncode == 0, output
+    assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in output
+    assert not any(answers(url, timeout_s=1.0) for url in urls)
