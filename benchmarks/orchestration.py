@@ -146,7 +146,7 @@ def measure_case(ctx: Context, case: Case, folder: Path, mirror: Path) -> dict[s
 
 
 def case_rows(case: Case, runs: dict[str, list[Measured]], quick: bool) -> list[Row]:
-    """Median wall times, and each Prefect way's overhead over the plain baseline (median, and best run minus best run)."""
+    """Median wall times, and each Prefect way's overhead over the plain baseline (medians, and round by round)."""
     walls = {way: [m.wall_s for m in ms] for way, ms in runs.items()}
     n = len(walls[PLAIN])
     note = f"median of {n}" + (", no warm-up run (--quick)" if quick else " after a warm-up")
@@ -154,11 +154,12 @@ def case_rows(case: Case, runs: dict[str, list[Measured]], quick: bool) -> list[
     for way in (SERVER, TEMPORARY):
         if way not in walls:
             continue
-        over, best = median(walls[way]) - median(walls[PLAIN]), min(walls[way]) - min(walls[PLAIN])
+        over = median(walls[way]) - median(walls[PLAIN])
+        paired = [w - p for w, p in zip(walls[way], walls[PLAIN])]  # with the plain run of the same round
         rows += [
             Row("orchestration", f"{case.name}: stage, {way}", median(walls[way]), "s", note),
             Row("orchestration", f"{case.name}: overhead with {way}", over, "s",
-                f"stage - plain, medians; best - best {best:.2f} s; runs {', '.join(f'{w:.2f}' for w in walls[way])} s"),
+                f"stage - plain, medians; round by round {', '.join(f'{d:.2f}' for d in paired)} s"),
         ]
     return rows
 
