@@ -102,7 +102,7 @@ class Case:
     temporary_server: bool  # also measure it with Prefect's temporary server (no PREFECT_API_URL)
 
 
-def cases(ctx: Context, folder: Path) -> list[Case]:
+def cases(ctx: Context) -> list[Case]:
     """fetch (full MNIST from a local mirror) and train@linear (the committed params, 10 epochs)."""
     fetch_args = ["--out", "raw", "--tensorboard", "tb-fetch"]
     found = [Case("fetch", [str(REPO / "stages" / "fetch.py"), *fetch_args], ["-m", "benchmarks.plain_fetch", *fetch_args],
@@ -133,8 +133,9 @@ def measure_case(ctx: Context, case: Case, folder: Path, mirror: Path) -> dict[s
     """Every way of `case`, interleaved (A, B, C, A, B, C ...) after one warm-up round."""
     runs: dict[str, list[Measured]] = {}
     warmups = 0 if ctx.quick else 1
+    case_ways = ways(ctx, case, mirror)
     for i in range(warmups + REPEATS[ctx.quick]):
-        for way, (args, env) in ways(ctx, case, mirror).items():
+        for way, (args, env) in case_ways.items():
             for leftover in case.outputs:
                 shutil.rmtree(folder / leftover, ignore_errors=True)
             measured = run_measured(args, folder, env)
@@ -173,7 +174,7 @@ def stage_overhead(ctx: Context) -> list[Row]:
     shutil.copy2(REPO / "params.yaml", folder / "params.yaml")
     rows: list[Row] = []
     details = ctx.details.setdefault("orchestration", {})
-    for case in cases(ctx, folder):
+    for case in cases(ctx):
         runs = measure_case(ctx, case, folder, mirror)
         if isinstance(runs, Row):
             rows.append(runs)
