@@ -74,11 +74,21 @@ def check_prefect_api(timeout_s: float = 3.0) -> str | None:
     """The configured Prefect API URL if it answers; None if none is configured.
 
     A configured server that does not answer stops the stage within `timeout_s`, before
-    any work, rather than letting Prefect hang or silently drop the run's records.
+    any work, rather than letting Prefect hang or silently drop the run's records. Prefect
+    settings it cannot read (a bad PREFECT_* variable) stop it too, with the setting named.
     """
-    from prefect.settings import PREFECT_API_URL
+    from pydantic import ValidationError
 
-    url = PREFECT_API_URL.value()
+    try:
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e['input']!r}: {e['msg']}" for e in exc.errors())
+        raise PipelineError(
+            f"Prefect cannot read its settings ({exc.title}: {problems}). Fix or unset the PREFECT_* "
+            "environment variable of that name (or the entry of your Prefect profile, `prefect config view`)."
+        ) from None
     if not url:
         return None
     try:

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 
-from conftest import MIRROR, SmallRun, copy_project, dvc, edit_params, free_port, project_env
+from conftest import MIRROR, REPO, SmallRun, copy_project, dvc, edit_params, free_port, project_env
 from helpers_data import silent_server
 from pipeline.stage import HEARTBEAT_ENV, mark_killed_runs, prefect_settings
 
@@ -192,6 +192,18 @@ def test_heartbeats_are_off_unless_the_user_sets_them(monkeypatch: pytest.Monkey
     assert prefect_settings() == {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     monkeypatch.setenv(HEARTBEAT_ENV, "60")
     assert prefect_settings() == {}
+
+
+def test_a_bad_prefect_setting_stops_the_stage_with_its_name(tmp_path: Path) -> None:
+    env = project_env(**{HEARTBEAT_ENV: "10"})  # Prefect wants at least 30
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw", "--tensorboard", "tb"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert "heartbeat_frequency = '10'" in done.stderr and "PREFECT_*" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> None:
