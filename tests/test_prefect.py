@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import subprocess
@@ -192,6 +193,26 @@ def test_heartbeats_are_off_unless_the_user_sets_them(monkeypatch: pytest.Monkey
     assert prefect_settings() == {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     monkeypatch.setenv(HEARTBEAT_ENV, "60")
     assert prefect_settings() == {}
+
+
+@pytest.mark.parametrize("server", ["closed port", "silent server"])
+def test_an_unreachable_prefect_server_stops_the_stage_before_any_work(tmp_path: Path, server: str) -> None:
+    """PREFECT_API_URL set, nothing answering there: a clear message within seconds, not a hang, nothing written."""
+    from helpers_data import closed_port_url
+
+    with contextlib.ExitStack() as stack:
+        url = closed_port_url() if server == "closed port" else stack.enter_context(silent_server())
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw", "--tensorboard", "tb"],
+            cwd=tmp_path, env=project_env(PREFECT_API_URL=url + "api"), capture_output=True, text=True,
+            timeout=60,  # a hang fails here
+        )
+        print(f"{server}: stopped after {time.monotonic() - start:.1f} s")
+    assert done.returncode == 1
+    assert "does not answer" in done.stderr and "make dashboards" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bad_prefect_setting_stops_the_stage_with_its_name(tmp_path: Path) -> None:
