@@ -1,6 +1,6 @@
 """Benchmark 6: how far the CNN's training is from the CPU's peak.
 
-FLOPs come from the layer table (pipeline.layer_table.layer_table on the built model):
+FLOPs come from the layer table (pipeline.models.arithmetic.layer_table on the built model):
 
     conv   forward FLOPs per image = 2 * F * F * D1 * K * H2 * W2   (a multiply and an add per weight use)
     dense  forward FLOPs per image = 2 * N1 * N2
@@ -24,7 +24,7 @@ def forward_flops(model) -> tuple[int, list[tuple[str, int]]]:
     """Forward FLOPs per image of a Sequential model's Conv2D and Dense layers, from its layer table."""
     import keras
 
-    from pipeline.layer_table import layer_table
+    from pipeline.models.arithmetic import layer_table
 
     rows = layer_table(model)
     per_layer = []
@@ -77,13 +77,13 @@ def cnn_throughput(ctx: Context, params) -> tuple[float, str]:
 
 
 def run(ctx: Context) -> list[Row]:
-    from pipeline import models
     from pipeline.config import load_params
+    from pipeline.models import registry
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", model_types=registry.PARAM_TYPES)
     if MODEL not in params.models:
         return [Row("flops", MODEL, None, "", "no cnn in params.yaml's models")]
-    model = models.build(MODEL, params.model(MODEL))
+    model = registry.build(MODEL, params.model(MODEL))
     forward, per_layer = forward_flops(model)
     step = 3 * forward
     rate, source = cnn_throughput(ctx, params)

@@ -27,7 +27,7 @@ BUDGET_S = {False: 6.0, True: 1.0}  # at most this long per model and batch
 
 def test_images(ctx: Context, n: int) -> np.ndarray:
     """n uint8 test images: MNIST's if data/prepared exists, else random pixels."""
-    from pipeline.data import PREPARED_FILE, load_prepared
+    from pipeline.artifacts import PREPARED_FILE, load_prepared
 
     folder = REPO / "data" / "prepared"
     if (folder / PREPARED_FILE).exists():
@@ -54,14 +54,15 @@ def timed_calls(ways: dict, calls: int, budget_s: float) -> dict[str, list[float
 def run(ctx: Context) -> list[Row]:
     import tensorflow as tf
 
-    from pipeline import export, models
+    from pipeline import export
     from pipeline.config import load_params
+    from pipeline.models import registry
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", model_types=registry.PARAM_TYPES)
     images = test_images(ctx, max(BATCHES))
     rows, details = [], {}
     for name in [m for m in MODELS if m in params.models]:
-        model = models.build(name, params.model(name))
+        model = registry.build(name, params.model(name))
         folder = ctx.tmp / "savedmodel" / name
         export.save_servable(model, folder)
         loaded = tf.saved_model.load(str(folder))

@@ -32,7 +32,6 @@ import psutil
 import yaml
 
 from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
-from pipeline.data import PREPARED_FILE
 
 DVC = str(Path(PYTHON).parent / "dvc")
 REPEATS = {False: 4, True: 1}  # timed runs per way (full, quick); a full run also does one warm-up each
@@ -104,6 +103,8 @@ class Case:
 
 def cases(ctx: Context) -> list[Case]:
     """fetch (full MNIST from a local mirror) and train@linear (the committed params, 10 epochs)."""
+    from pipeline.artifacts import PREPARED_FILE
+
     fetch_args = ["--out", "raw", "--tensorboard", "tb-fetch"]
     found = [Case("fetch", [str(REPO / "stages" / "fetch.py"), *fetch_args], ["-m", "benchmarks.plain_fetch", *fetch_args],
                   ("raw", "tb-fetch"), True)]

@@ -2,8 +2,9 @@
 
     python -m benchmarks.plain_fetch --out raw --tensorboard tb   (in a folder holding params.yaml)
 
-It does what pipeline.flows.fetch_flow does (read params, fetch and verify the four files,
-write the TensorBoard run) and nothing else: no flow, no tasks, no API calls.
+It does what the fetch stage's flow `fetch_flow` in stages/fetch.py does (read params, fetch
+and verify the four files, write the TensorBoard run) and nothing else: no flow, no tasks,
+no API calls.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from pipeline import fetch
 from pipeline.config import load_params
-from pipeline.data import MNIST_FILES, remove_leftovers
+from pipeline.data import remove_leftovers
+from pipeline.mnist import FILES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = fetch.http_pool(params.fetch)
     args.out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(args.out)
-    fetched = [fetch.fetch_file(name, mirrors, args.out, pool) for name in MNIST_FILES]
+    fetched = [fetch.fetch_file(name, mirrors, args.out, pool) for name in FILES]
     fetch.write_summaries(fetched, args.tensorboard)
     gc.freeze()  # as pipeline.stage.run_stage does, so the comparison measures orchestration alone
 

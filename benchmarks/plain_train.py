@@ -2,21 +2,22 @@
 
     python -m benchmarks.plain_train linear --data data/prepared --out m --resume r --tensorboard tb
 
-It does what pipeline.flows.train_flow does (load the arrays, train with the stage's
-callbacks, write the model folder, drop the resume state) without the flow, its tasks,
-the per-epoch progress artifact and the summary artifacts.
+It does what the train stage's flow `train_flow` in stages/train.py does (read params with
+the registry's model types, load the arrays, pipeline.train.loop.train_model with its own
+callbacks, save_trained: write the model folder and drop the resume state) without the flow,
+its tasks, the per-epoch progress artifact (PrefectProgress) and the summary artifacts.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import shutil
 from pathlib import Path
 
-from pipeline import train
+from pipeline import artifacts
 from pipeline.config import load_params
-from pipeline.data import load_prepared
+from pipeline.models.registry import PARAM_TYPES
+from pipeline.train.loop import save_trained, train_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,12 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--data", "--out", "--resume", "--tensorboard"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args(argv)
-    params = load_params()
+    params = load_params(model_types=PARAM_TYPES)
     p = params.model(args.model)
-    splits = load_prepared(args.data)
-    result = train.train_model(args.model, params, splits, args.data, args.resume, args.tensorboard)
-    train.save_outputs(result, args.model, p, params, args.out)
-    shutil.rmtree(args.resume, ignore_errors=True)
+    splits = artifacts.load_prepared(args.data)
+    result = train_model(args.model, p, params.seed, params.train, splits, args.data, args.resume, args.tensorboard)
+    save_trained(result, args.model, p, params.seed, args.out, args.resume)  # also deletes the resume folder
     gc.freeze()  # as pipeline.stage.run_stage does, so the comparison measures orchestration alone
 
 

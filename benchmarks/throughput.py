@@ -1,16 +1,17 @@
 """Benchmark 1: training throughput per model, the project's train code vs a plain Keras `fit`.
 
-Every variant trains the same architecture (pipeline.models.build with params.yaml's block),
-at the same batch size, on the same images (data/prepared/mnist.npz if present, else
+Every variant trains the same architecture (pipeline.models.registry.build with params.yaml's
+block), at the same batch size, on the same images (data/prepared/mnist.npz if present, else
 synthetic), in this one process, alternating A, B, C, A, B, C ... over the rounds.
 
-    project      pipeline.train.compile_model + fit(pipeline.train.training_batches(...),
-                 steps_per_epoch=...) with the project's cheap callbacks (EpochSeeds, NaNGuard,
-                 EpochLog), TF op determinism as params.yaml says, no validation: the training loop
+    project      pipeline.train.loop.compile_model + fit(pipeline.train.inputs.training_batches(...),
+                 steps_per_epoch=...) with the project's cheap callbacks (pipeline.train.callbacks'
+                 EpochSeeds, NaNGuard, EpochLog), TF op determinism as params.yaml says, no
+                 validation: the training loop
     plain        what a user writes: model.compile(<same optimizer>, <same loss>, metrics) and
                  model.fit(x_float32, y, batch_size=bs, epochs=..., shuffle=True, verbose=0),
                  no determinism
-    train_model  pipeline.train.train_model itself, validating on all 5,000 validation images:
+    train_model  pipeline.train.loop.train_model itself, validating on all 5,000 validation images:
                  TensorBoard (histograms), DeadReLU and a checkpoint after every epoch included
 
 One measurement is one `fit` call of 1 + k epochs. The first epoch (tracing, iterator start)
@@ -101,7 +102,8 @@ class Data:
 
 def load_data(ctx: Context) -> Data:
     """The prepared MNIST arrays if the pipeline made them, else synthetic ones of the same shapes."""
-    from pipeline.data import PREPARED_FILE, Split, load_prepared, save_prepared
+    from pipeline.artifacts import PREPARED_FILE, load_prepared, save_prepared
+    from pipeline.data import Split
 
     if "data" in ctx.shared:
         return ctx.shared["data"]
@@ -128,7 +130,7 @@ def subset(split, n: int):
 
 
 def autotuned_batches(split, batch_size: int, seed: int, epochs: int):
-    """pipeline.train.training_batches with tf.data's autotuner on (AUTOTUNE map and prefetch), as before commit 1ee6775."""
+    """pipeline.train.inputs.training_batches with tf.data's autotuner on (AUTOTUNE map and prefetch), as before commit 1ee6775."""
     import tensorflow as tf
 
     x, y, n = tf.constant(split.x), tf.constant(split.y.astype(np.int32)), len(split.y)
@@ -193,19 +195,21 @@ def set_determinism(on: bool) -> None:
 
 def project_runner(name: str, params, data: Data, v: Variant) -> Runner:
     """compile_model + fit(training_batches) with EpochSeeds, NaNGuard (unless switched off), EpochLog."""
-    from pipeline import train
+    from pipeline.train.callbacks import EpochLog, EpochSeeds, NaNGuard
+    from pipeline.train.inputs import training_batches
+    from pipeline.train.loop import compile_model
 
     p = params.model(name)
     spe = v.spe or params.train.steps_per_execution
     deterministic = params.train.deterministic if v.deterministic is None else v.deterministic
-    model = train.compile_model(name, p, 430, spe)
+    model = compile_model(name, p, 430, spe)
 
     def run(steps: int, timed: int) -> Timing:
         set_determinism(deterministic)
         timer = step_timer()
-        callbacks = [train.EpochSeeds(params.seed), train.EpochLog(name, 1 + timed)]
+        callbacks = [EpochSeeds(params.seed), EpochLog(name, 1 + timed)]
         if v.nan_guard:
-            callbacks.append(train.NaNGuard(name, p.learning_rate))
+            callbacks.append(NaNGuard(name, p.learning_rate))
         # Keras runs whole executions: where spe does not divide steps, an epoch takes batches of
         # the next, so the data holds enough epochs for all executions.
         data_epochs = math.ceil((1 + timed) * math.ceil(steps / spe) * spe / steps)
@@ -213,7 +217,7 @@ def project_runner(name: str, params, data: Data, v: Variant) -> Runner:
         if v.autotune:
             batches = autotuned_batches(split, p.batch_size, params.seed, data_epochs)
         else:
-            batches = train.training_batches(split, p.batch_size, params.seed, 0, data_epochs)
+            batches = training_batches(split, p.batch_size, params.seed, 0, data_epochs)
         model.fit(batches, epochs=1 + timed, steps_per_epoch=steps, shuffle=False, verbose=0, callbacks=[*callbacks, timer])
         return timing(timer, p.batch_size)
 
@@ -224,17 +228,17 @@ def plain_runner(name: str, params, data: Data, v: Variant) -> Runner:
     """The same architecture compiled and fitted the way the Keras guides do, on numpy arrays."""
     import keras
 
-    from pipeline import models
+    from pipeline.models import registry
 
     p = params.model(name)
     optimizer = {
         "sgd": lambda: keras.optimizers.SGD(p.learning_rate),
         "momentum": lambda: keras.optimizers.SGD(p.learning_rate, momentum=p.momentum),
-        "rmsprop": lambda: keras.optimizers.RMSprop(p.learning_rate, rho=p.momentum),
+        "rmsprop": lambda: keras.optimizers.RMSprop(p.learning_rate, rho=p.rho),
         "adam": lambda: keras.optimizers.Adam(p.learning_rate),
     }[p.optimizer]()
-    mse = models.REGISTRY[name].loss == "mse"
-    model = models.build(name, p)
+    mse = registry.REGISTRY[name].loss == "mse"
+    model = registry.build(name, p)
     model.compile(
         optimizer=optimizer,
         loss="mean_squared_error" if mse else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -257,8 +261,8 @@ def plain_runner(name: str, params, data: Data, v: Variant) -> Runner:
 
 
 def train_model_runner(name: str, params, data: Data, v: Variant, tmp: Path) -> Runner:
-    """pipeline.train.train_model itself, in a fresh scratch folder per call (it builds a new model each time)."""
-    from pipeline import train
+    """pipeline.train.loop.train_model itself, in a fresh scratch folder per call (it builds a new model each time)."""
+    from pipeline.train.loop import train_model
 
     p = params.model(name)
     spe = params.train.steps_per_execution
@@ -269,13 +273,13 @@ def train_model_runner(name: str, params, data: Data, v: Variant, tmp: Path) -> 
         calls[0] += 1
         steps = min(max(spe, round(steps / spe) * spe), available // spe * spe)  # train_model wants spe | steps
         splits = {"train": subset(data.splits["train"], steps * p.batch_size), "val": data.splits["val"]}
-        block = {**params.models[name], "epochs": 1 + timed}
-        run_params = params.model_copy(update={"models": {**params.models, name: block}})
+        run_p = p.model_copy(update={"epochs": 1 + timed})
         scratch = tmp / f"train_model-{name}-{calls[0]}"
         timer = step_timer()
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch progress lines
-                train.train_model(name, run_params, splits, data.folder, scratch / "resume", scratch / "tensorboard", callbacks=[timer])
+                train_model(name, run_p, params.seed, params.train, splits, data.folder, scratch / "resume", scratch / "tensorboard",
+                            callbacks=[timer])
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return timing(timer, p.batch_size)
@@ -360,10 +364,11 @@ def child_main(job: dict) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(job["intra"])
     tf.config.threading.set_inter_op_parallelism_threads(job["inter"])
     tf.get_logger().setLevel("ERROR")
+    from pipeline.artifacts import load_prepared
     from pipeline.config import load_params
-    from pipeline.data import load_prepared
+    from pipeline.models.registry import PARAM_TYPES
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", model_types=PARAM_TYPES)
     folder = Path(job["data"])
     data = Data(load_prepared(folder), folder, "")
     runner = project_runner(job["model"], params, data, Variant("project", "project", spe=job["spe"]))
@@ -447,8 +452,9 @@ def run(ctx: Context) -> list[Row]:
     import keras
 
     from pipeline.config import load_params
+    from pipeline.models.registry import PARAM_TYPES
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", model_types=PARAM_TYPES)
     data = load_data(ctx)
     rows: list[Row] = []
     results: dict[str, dict] = {}

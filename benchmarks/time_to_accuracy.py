@@ -1,16 +1,15 @@
 """Benchmark 2: wall time until each model's validation accuracy first reaches its gate.
 
 Read from the pipeline's own record, never trained here: data/models/<model>/history.csv
-(one row per epoch: ..., val_accuracy, seconds), cumulative `seconds` up to the first epoch
-whose val_accuracy >= gates.<model>. `seconds` is what pipeline.train.EpochLog measured:
-an epoch's training and validation, not the process start, data loading or saving.
-The gate is on test accuracy; validation accuracy stands in for it epoch by epoch.
+(one row per epoch: ..., val_accuracy, seconds; read with pipeline.artifacts.read_history),
+cumulative `seconds` up to the first epoch whose val_accuracy >= gates.<model>. `seconds` is
+what pipeline.train.callbacks.EpochLog measured: an epoch's training and validation, not the
+process start, data loading or saving. The gate is on test accuracy; validation accuracy
+stands in for it epoch by epoch.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import yaml
@@ -18,9 +17,12 @@ import yaml
 from benchmarks.common import REPO, Context, Row
 
 
-def read_history(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+def read_history(folder: Path) -> list[dict[str, float]]:
+    """A model folder's history.csv, one dict of floats per epoch."""
+    from pipeline.artifacts import read_history as history_array
+
+    history = history_array(folder)
+    return [{k: float(row[k]) for k in history.dtype.names} for row in history]
 
 
 def time_to_gate(history: list[dict[str, float]], gate: float) -> tuple[float | None, int | None]:
@@ -35,6 +37,7 @@ def time_to_gate(history: list[dict[str, float]], gate: float) -> tuple[float | 
 
 def provenance(name: str, params) -> list[str]:
     """Why a history might not be a full run with today's params: data.limit, changed params."""
+    from pipeline.artifacts import META_FILE, read_meta
     from pipeline.config import params_hash
 
     notes = []
@@ -44,27 +47,29 @@ def provenance(name: str, params) -> list[str]:
         data = stages.get("preprocess", {}).get("params", {}).get("params.yaml", {}).get("data", {})
         if data.get("limit"):
             notes.append(f"made with data.limit={data['limit']}")
-    meta_file = REPO / "data" / "models" / name / "meta.json"
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
+    folder = REPO / "data" / "models" / name
+    if (folder / META_FILE).exists():
+        meta = read_meta(folder)
         if meta.get("params_hash") != params_hash(params.model(name)):
             notes.append("models params changed since")
     return notes
 
 
 def run(ctx: Context) -> list[Row]:
+    from pipeline.artifacts import HISTORY_FILE
     from pipeline.config import load_params
+    from pipeline.models.registry import PARAM_TYPES
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", model_types=PARAM_TYPES)
     rows, details = [], {}
     for name in params.models:
         gate = params.gates[name]
-        path = REPO / "data" / "models" / name / "history.csv"
+        folder = REPO / "data" / "models" / name
         subject = f"{name} to val_accuracy {gate}"
-        if not path.exists():
-            rows.append(Row("time_to_accuracy", subject, None, "s", "no full run (no data/models/%s/history.csv)" % name))
+        if not (folder / HISTORY_FILE).exists():
+            rows.append(Row("time_to_accuracy", subject, None, "s", f"no full run (no data/models/{name}/{HISTORY_FILE})"))
             continue
-        history = read_history(path)
+        history = read_history(folder)
         seconds, epoch = time_to_gate(history, gate)
         total = sum(r["seconds"] for r in history)
         best = max(history, key=lambda r: r["val_accuracy"])

@@ -1,4 +1,4 @@
-"""MNIST training pipeline: the seed course's models as DVC stages, orchestrated by Prefect."""
+"""MNIST training pipeline: the course's models as DVC stages, orchestrated by Prefect."""
 
 import os
 

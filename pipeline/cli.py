@@ -12,7 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import tensorflow as tf
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+from prefect.client.schemas.objects import StateType
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Crashed
+
+from pipeline import artifacts, servers
+from pipeline.config import load_params
+from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
+from pipeline.export import predict
+from pipeline.mnist import IMAGE_SHAPE
+from pipeline.models.arithmetic import format_table, layer_table
+from pipeline.models.registry import PARAM_TYPES, REGISTRY, build
+from pipeline.stage import RUN_ID_ENV, check_prefect_api, run_tag
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
@@ -23,9 +39,6 @@ def prefect_api() -> Iterator[str]:
     """The Prefect API for one pipeline run: $PREFECT_API_URL if set (it must answer), else a local
     server on 127.0.0.1:4200 — the one already running, or one started now and stopped afterwards.
     One server for the whole run: no stage pays Prefect's temporary-server start (~8 s)."""
-    from pipeline import servers
-    from pipeline.stage import check_prefect_api
-
     url = check_prefect_api()
     if url:
         yield url
@@ -36,8 +49,6 @@ def prefect_api() -> Iterator[str]:
 
 
 def _run_with_prefect(cmd: list[str]) -> int:
-    from pipeline.stage import RUN_ID_ENV, run_tag
-
     run_id = time.strftime("run-%Y%m%d-%H%M%S")
     with prefect_api() as api:
         print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
@@ -46,12 +57,26 @@ def _run_with_prefect(cmd: list[str]) -> int:
         return code
 
 
+def mark_killed_runs(run_id: str) -> list[str]:
+    """Mark the flow runs of pipeline run `run_id` that never reported an end as Crashed; return their names.
+
+    A stage process killed outright (SIGKILL, out of memory) cannot report, and its flow run
+    would show as running forever. The run command calls this once `dvc repro` is over.
+    """
+    unfinished = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[run_tag(run_id)]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])),
+    )
+    message = "the stage process ended without reporting (killed?); see the output of dvc repro"
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=unfinished)
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    return [run.name for run in runs]
+
+
 def _mark_killed_runs(api: str, run_id: str) -> None:
     """Show stage processes that were killed before they could report as crashed on the dashboard."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from pipeline.stage import mark_killed_runs
-
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}):
             crashed = mark_killed_runs(run_id)
@@ -104,22 +129,17 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 def latest_version(model: str, root: Path = EXPORT_ROOT) -> Path:
     """The newest exported version folder of `model`."""
     folder = root / model
-    versions = sorted((p for p in folder.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    versions = artifacts.versions(folder)
     if not versions:
         raise PipelineError(
             f"No exported SavedModel in {folder}/: run the pipeline first (make run), and check in "
             f"{folder}/export.json whether {model} passed its quality gate."
         )
-    return versions[-1]
+    return folder / str(versions[-1])
 
 
-def read_images(path: Path, invert: bool) -> "np.ndarray":
-    """A PNG (any size, resized to 28x28) or an IDX image file, as uint8 [n, 28, 28]."""
-    import numpy as np
-    import tensorflow as tf
-
-    from pipeline.data import parse_idx
-
+def read_images(path: Path, invert: bool) -> np.ndarray:
+    """A PNG (any size, resized to MNIST's 28x28) or an IDX image file, as uint8 [n, height, width]."""
     if not path.is_file():
         raise PipelineError(f"{path} does not exist.")
     data = path.read_bytes()
@@ -128,8 +148,8 @@ def read_images(path: Path, invert: bool) -> "np.ndarray":
             image = tf.io.decode_png(data, channels=1)
         except tf.errors.InvalidArgumentError as exc:
             raise PipelineError(f"{path} is not a readable PNG ({exc.message.strip()}).") from None
-        if image.shape[:2] != (28, 28):
-            image = tf.cast(tf.image.resize(image, (28, 28), antialias=True), tf.uint8)
+        if tuple(image.shape[:2]) != IMAGE_SHAPE:
+            image = tf.cast(tf.image.resize(image, IMAGE_SHAPE, antialias=True), tf.uint8)
         images = image.numpy()[None, :, :, 0]
     elif data[:3] == b"\x00\x00\x08":
         try:
@@ -143,10 +163,6 @@ def read_images(path: Path, invert: bool) -> "np.ndarray":
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify PNG or IDX images with an exported SavedModel alone (no Keras model, no params)."""
-    import tensorflow as tf
-
-    from pipeline.export import predict
-
     version = Path(args.saved_model) if args.saved_model else latest_version(args.model)
     loaded = tf.saved_model.load(str(version))
     for path in args.images:
@@ -162,12 +178,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    """The layer table of registry models, computed from the seed's conv-net formulas."""
-    from pipeline.config import load_params
-    from pipeline.layer_table import format_table, layer_table
-    from pipeline.models import REGISTRY, build
-
-    params = load_params(args.params)
+    """The layer table of registry models, computed from the course notes' conv-net formulas."""
+    params = load_params(args.params, PARAM_TYPES)
     for name in args.models or list(params.models):
         model = build(name, params.model(name))
         print(f"{name}: {REGISTRY[name].description}\n{format_table(layer_table(model))}\n")

@@ -2,7 +2,8 @@
 
 Every knob lives in params.yaml and nowhere else: the classes below declare types and
 bounds but no defaults, so a key missing from params.yaml is an error, not a silent
-fallback. Unknown keys (typos), wrong types and impossible values raise ConfigError with
+fallback (the one exception: an optimizer's own knob, `momentum` or `rho`, is given only
+for that optimizer). Unknown keys (typos), wrong types and impossible values raise ConfigError with
 one message naming the key, the value and what is allowed.
 """
 
@@ -12,16 +13,18 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from pipeline.errors import ConfigError
+from pipeline.mnist import TRAIN_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
-MNIST_TRAIN_IMAGES = 60_000
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -68,8 +71,8 @@ class DataParams(Section):
     @classmethod
     def _validation_fits_in_training_set(cls, val_size: int, info: ValidationInfo) -> int:
         limit = info.data.get("limit")
-        if val_size >= (limit or MNIST_TRAIN_IMAGES):
-            source = f"data.limit = {limit}" if limit else f"the {MNIST_TRAIN_IMAGES} MNIST training images"
+        if val_size >= (limit or TRAIN_IMAGES):
+            source = f"data.limit = {limit}" if limit else f"the {TRAIN_IMAGES} MNIST training images"
             raise ValueError(f"it leaves no training images: it must be smaller than {source}")
         return val_size
 
@@ -97,34 +100,46 @@ class ModelParams(Section):
     batch_size: PositiveInt
     optimizer: Literal["sgd", "momentum", "rmsprop", "adam"]
     learning_rate: float = Field(gt=0, le=10)
-    momentum: Rate  # SGD momentum, or RMSprop's decay rho
+    momentum: Rate | None = None  # only for optimizer: momentum (SGD with momentum)
+    rho: Rate | None = None  # only for optimizer: rmsprop (decay of its average of squared gradients)
     lr_schedule: Literal["constant", "exponential", "cosine"]
     lr_decay: float = Field(gt=0, le=1)  # per-epoch factor of the exponential schedule
     init: Literal["normal", "glorot", "he"]
     l2: float = Field(ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _optimizer_knobs(self) -> ModelParams:
+        # Each optimizer's own knob is given exactly when that optimizer is chosen: no silent default.
+        problems = []
+        for knob, owner in (("momentum", "momentum"), ("rho", "rmsprop")):
+            given = getattr(self, knob) is not None
+            if self.optimizer == owner and not given:
+                problems.append(f"optimizer {owner} needs `{knob}`: add it to the block")
+            if self.optimizer != owner and given:
+                problems.append(f"`{knob}` is a knob of optimizer {owner}, not {self.optimizer}: remove it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class Params(Section):
-    """The whole of params.yaml."""
+    """The whole of params.yaml, each model's block typed by its registry class."""
 
     seed: int = Field(ge=0, lt=2**31)
     fetch: FetchParams
     data: DataParams
     train: TrainParams
-    models: dict[str, dict[str, Any]] = Field(min_length=1)
+    models: dict[str, SerializeAsAny[ModelParams]]
     gates: dict[str, float]
     evaluate: EvaluateParams
     export: ExportParams
 
     def model(self, name: str) -> ModelParams:
-        """The validated params block of model `name`."""
-        from pipeline.models import REGISTRY
-
+        """The typed params block of model `name`."""
         if name not in self.models:
-            raise ConfigError(
-                f"There is no model '{name}' in params.yaml; models: {', '.join(self.models)}."
-            )
-        return REGISTRY[name].params.model_validate(self.models[name])
+            known = ", ".join(self.models) or "none (this stage was given no model types)"
+            raise ConfigError(f"There is no model '{name}' in params.yaml; models: {known}.")
+        return self.models[name]
 
 
 def params_hash(block: BaseModel | dict) -> str:
@@ -133,8 +148,15 @@ def params_hash(block: BaseModel | dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; raise ConfigError naming every bad key."""
+def load_params(path: Path | str = PARAMS_FILE, model_types: Mapping[str, type[ModelParams]] | None = None) -> Params:
+    """Read and validate params.yaml once; raise ConfigError naming every bad key.
+
+    `model_types` gives each model name its params class (the registry's `PARAM_TYPES`):
+    every block under `models:` is validated against it and `Params.models` holds the typed
+    blocks. A stage that uses no model (fetch, preprocess) leaves it out: the model names are
+    then checked against `gates:` only and `Params.models` is empty, so no code can read a
+    block that was not validated.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -146,43 +168,56 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path} must be a mapping of sections (seed, fetch, data, ...), not {type(raw).__name__}.")
 
     problems: list[str] = []
+    typed, model_problems = _typed_models(raw, path, model_types)
     try:
-        params = Params.model_validate(raw)
+        params = Params.model_validate({**raw, "models": typed} if isinstance(raw.get("models"), dict) else raw)
     except ValidationError as exc:
         problems += [_describe(err, Params, path) for err in exc.errors()]
         params = None
-    problems += _check_models(raw, path)
+    problems += model_problems
     if problems:
         raise ConfigError(f"{path} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     assert params is not None
     return params
 
 
-def _check_models(raw: dict, path: Path) -> list[str]:
-    """Validate each models.<name> block against its registry entry, and the gates against the models."""
-    from pipeline.models import REGISTRY
-
+def _typed_models(
+    raw: dict, path: Path, model_types: Mapping[str, type[ModelParams]] | None
+) -> tuple[dict[str, ModelParams], list[str]]:
+    """Each models.<name> block validated against its params class; the gates checked against the models."""
     models = raw.get("models")
-    gates = raw.get("gates")
     if not isinstance(models, dict):
-        return []
+        return {}, []  # Params reports the missing or mistyped section
+    if not models:
+        return {}, ["models: give at least one model block (name: {knobs})."]
+    typed: dict[str, ModelParams] = {}
     problems = []
     for name, block in models.items():
-        spec = REGISTRY.get(name)
-        if spec is None:
-            hint = _did_you_mean(name, REGISTRY)
+        if model_types is None:
+            if not isinstance(block, dict):
+                problems.append(f"models.{name} must be a mapping of knobs, not {type(block).__name__}.")
+            continue
+        cls = model_types.get(name)
+        if cls is None:
+            hint = _did_you_mean(name, model_types)
             problems.append(
-                f"models.{name} is not a known model.{hint} Known models: {', '.join(REGISTRY)} "
-                "(pipeline/models.py); remove the block or add the model to the registry."
+                f"models.{name} is not a known model.{hint} Known models: {', '.join(model_types)} "
+                "(pipeline/models/registry.py); remove the block or add the model to the registry."
             )
             continue
         try:
-            spec.params.model_validate(block)
+            typed[name] = cls.model_validate(block)
         except ValidationError as exc:
-            problems += [_describe(err, spec.params, path, prefix=("models", name)) for err in exc.errors()]
+            problems += [_describe(err, cls, path, prefix=("models", name)) for err in exc.errors()]
+    return typed, problems + _check_gates(models, raw.get("gates"))
+
+
+def _check_gates(models: dict, gates: Any) -> list[str]:
+    """Every model has a gate, every gate a model, and each gate is a test accuracy from 0 to 1."""
+    problems = []
     if isinstance(gates, dict):
         for name in models:
-            if name in REGISTRY and name not in gates:
+            if name not in gates:
                 problems.append(f"gates.{name} is missing: give model '{name}' a minimum test accuracy (0 to 1).")
         for name, gate in gates.items():
             if name not in models:

@@ -1,11 +1,10 @@
-"""MNIST files on disk: the IDX format, checksums, atomic writes and the prepared arrays."""
+"""Files on disk: atomic writes, checksums, the IDX format, and a split of images with labels."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import os
-import zipfile
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,19 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import DataError
-
-# The four files of MNIST and the sha256 of their decompressed bytes. Mirrors compress
-# them differently, so the decompressed content is what identifies them.
-MNIST_FILES: dict[str, str] = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
-PREPARED_FILE = "mnist.npz"
-SPLITS = ("train", "val", "test")
+from pipeline.mnist import IMAGE_SHAPE
 
 _IDX_UBYTE = 0x08
 
@@ -100,11 +87,12 @@ def write_idx(array: np.ndarray) -> bytes:
 
 
 def read_images(path: Path) -> np.ndarray:
-    """Read an IDX image file as uint8 [n, 28, 28]."""
+    """Read an IDX image file as uint8 [n, height, width] with MNIST's image shape."""
     images = parse_idx(_read(path), path.name, ndim=3)
     if images.shape[1:] != IMAGE_SHAPE:
         raise DataError(
-            f"{path.name} holds images of {images.shape[1]}x{images.shape[2]} pixels; MNIST's are 28x28. "
+            f"{path.name} holds images of {images.shape[1]}x{images.shape[2]} pixels; MNIST's are "
+            f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}. "
             "Check that the mirror serves MNIST."
         )
     return images
@@ -126,28 +114,5 @@ def _read(path: Path) -> bytes:
 class Split:
     """One split of the prepared data: raw uint8 pixels and their labels."""
 
-    x: np.ndarray  # uint8 [n, 28, 28]
+    x: np.ndarray  # uint8 [n, height, width]: raw pixels
     y: np.ndarray  # uint8 [n]
-
-
-def save_prepared(folder: Path, splits: dict[str, Split]) -> None:
-    """Write the splits as one uncompressed .npz (no pickled objects), atomically."""
-    arrays = {}
-    for name, split in splits.items():
-        arrays[f"x_{name}"], arrays[f"y_{name}"] = split.x, split.y
-    with atomic_path(folder / PREPARED_FILE) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-
-def load_prepared(folder: Path) -> dict[str, Split]:
-    """Read the splits written by save_prepared; pickled content is refused."""
-    path = Path(folder) / PREPARED_FILE
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: Split(npz[f"x_{name}"], npz[f"y_{name}"]) for name in SPLITS}
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist: run the preprocess stage first (dvc repro preprocess).") from None
-    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a valid prepared file ({exc}); run the preprocess stage again (dvc repro preprocess).") from None
-

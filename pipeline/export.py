@@ -1,8 +1,8 @@
 """Export a blessed model as a SavedModel in TF Serving's layout, and prove it in a fresh process.
 
 `<out>/<version>/` is a SavedModel whose `serving_default` signature takes raw images,
-uint8 [batch, 28, 28], normalises them inside the graph (the Keras model's Rescaling
-layer) and returns `probabilities` (float32 [batch, 10]) and `class` (int64 [batch]).
+uint8 [batch, height, width], normalises them inside the graph (the Keras model's Rescaling
+layer) and returns `probabilities` (float32 [batch, classes]) and `class` (int64 [batch]).
 The version folder appears only after the SavedModel was written and verified in a fresh
 process, by a rename: a server watching `<out>` never sees half a model.
 """
@@ -10,6 +10,7 @@ process, by a rename: a server watching `<out>` never sees half a model.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pipeline.data import atomic_write, load_prepared
+from pipeline import artifacts, summaries
+from pipeline.data import remove_leftovers
 from pipeline.errors import ExportError
+from pipeline.mnist import IMAGE_SHAPE
 
-EXPORT_FILE = "export.json"
 SIGNATURE = "serving_default"
 
 
@@ -32,16 +34,54 @@ class ServingModule(tf.Module):
         super().__init__()
         self.model = model
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
     def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         logits = self.model(tf.cast(images, tf.float32), training=False)
         return {"probabilities": tf.nn.softmax(logits), "class": tf.argmax(logits, axis=1)}
 
 
+def prepare(out: Path, logdir: Path) -> None:
+    """Make the export folder ready: create it, delete what an interrupted export left in it, clear the TensorBoard run."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
+    shutil.rmtree(logdir, ignore_errors=True)
+
+
+def refusal(model: str, metrics: dict) -> str | None:
+    """Why model `model` is not exported (its test accuracy is under its gate), or None if it is blessed."""
+    if metrics["blessed"]:
+        return None
+    return (
+        f"model {model} is not exported: its test accuracy {metrics['accuracy']:.4f} is under its gate "
+        f"{metrics['gate']:.4f} (params.yaml gates.{model})"
+    )
+
+
 def next_version(out: Path) -> int:
     """An integer version: seconds since the epoch, as TFX's pusher does, and above any existing one."""
-    existing = [int(p.name) for p in out.glob("*") if p.name.isdigit()]
-    return max([int(time.time())] + [v + 1 for v in existing])
+    return max([int(time.time())] + [v + 1 for v in artifacts.versions(out)])
+
+
+def staging_folder(out: Path, version: int) -> Path:
+    """Where version `version` is written and checked before it is published (a name no reader takes for a version)."""
+    return out / f".tmp-{version}"
+
+
+def refused_record(model: str, metrics: dict, reason: str) -> dict:
+    """export.json of a model under its gate: not exported, and why."""
+    return {"model": model, "blessed": False, "reason": reason, "accuracy": metrics["accuracy"], "gate": metrics["gate"]}
+
+
+def published_record(model: str, version: int, folder: Path, check: dict) -> dict:
+    """export.json of a published version: where it is, its size, and what the fresh-process check measured."""
+    return {"model": model, "blessed": True, "version": version, "path": str(folder), "bytes": folder_bytes(folder), **check}
+
+
+def publish(staging: Path, out: Path, version: int) -> Path:
+    """Make a written and verified SavedModel version visible, by one rename: a server never sees half a model."""
+    final = out / str(version)
+    staging.rename(final)
+    return final
 
 
 def save_servable(model, folder: Path) -> None:
@@ -50,12 +90,13 @@ def save_servable(model, folder: Path) -> None:
     tf.saved_model.save(module, str(folder), signatures={SIGNATURE: module.serve})
 
 
-def verify_in_fresh_process(folder: Path, data: Path, predictions: Path, repeats: int) -> dict:
+def verify_in_fresh_process(folder: Path, data: Path, evaluation: Path, repeats: int) -> dict:
     """Reload the SavedModel in a new Python process and compare its test predictions with evaluate's.
 
-    Returns what that process measured (agreement, latency); raises ExportError on a mismatch.
+    `data` is the prepared-data folder, `evaluation` the evaluate stage's folder. Returns what that
+    process measured (agreement, latency); raises ExportError on a mismatch.
     """
-    cmd = [sys.executable, "-m", "pipeline.export", str(folder), str(data), str(predictions), str(repeats)]
+    cmd = [sys.executable, "-m", __name__, str(folder), str(data), str(evaluation), str(repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ExportError(f"the exported model at {folder} failed its check in a fresh process:\n{done.stderr.strip()[-2000:]}")
@@ -63,14 +104,17 @@ def verify_in_fresh_process(folder: Path, data: Path, predictions: Path, repeats
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
-    """Raise ExportError unless `images` is uint8 [batch, 28, 28] (or one [28, 28] image)."""
+    """Raise ExportError unless `images` is uint8 [batch, height, width] (or one [height, width] image)."""
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
+    height, width = IMAGE_SHAPE
     if images.dtype != np.uint8:
         raise ExportError(f"the model takes raw uint8 pixels (0..255), not {images.dtype}; convert with .astype('uint8').")
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ExportError(f"the model takes images of shape [batch, 28, 28], not {list(images.shape)}; resize to 28x28 first.")
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise ExportError(
+            f"the model takes images of shape [batch, {height}, {width}], not {list(images.shape)}; resize to {height}x{width} first."
+        )
     return images
 
 
@@ -95,13 +139,11 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def _verify_main(folder: str, data: str, predictions: str, repeats: str) -> None:
+def _verify_main(folder: str, data: str, evaluation: str, repeats: str) -> None:
     """Entry point of the fresh process: predict the test set from raw pixels, compare, measure."""
-    from pipeline.evaluate import read_predictions
-
     loaded = tf.saved_model.load(folder)
-    test = load_prepared(Path(data))["test"]
-    expected = read_predictions(Path(predictions))
+    test = artifacts.load_prepared(Path(data))["test"]
+    expected = artifacts.read_predictions(Path(evaluation))
     got = np.concatenate([predict(loaded, test.x[i : i + 1000])["class"] for i in range(0, len(test.y), 1000)])
     mismatches = int((got != expected).sum())
     if mismatches:
@@ -125,8 +167,16 @@ def describe_signature(folder: Path) -> str:
     return f"signature `{SIGNATURE}`\n\ninputs: {inputs}\n\noutputs: {outputs}"
 
 
-def write_record(out: Path, record: dict) -> None:
-    atomic_write(out / EXPORT_FILE, (json.dumps(record, indent=2) + "\n").encode())
+def write_summaries(logdir: Path, record: dict, signature: str | None) -> None:
+    """TensorBoard: why the model was not exported, or its signature, size and latency."""
+    with summaries.writer(logdir).as_default():
+        if not record["blessed"]:
+            tf.summary.text("export/status", record["reason"], step=0)
+            return
+        tf.summary.text("export/signature", signature or "", step=0)
+        tf.summary.scalar("export/size_bytes", record["bytes"], step=0)
+        tf.summary.scalar("export/latency_ms_batch_1", record["latency_ms_batch_1"], step=0)
+        tf.summary.scalar("export/latency_ms_batch_256", record["latency_ms_batch_256"], step=0)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import tensorflow as tf
 import urllib3
 
+from pipeline import summaries, tables
 from pipeline.config import FetchParams, check_mirror
-from pipeline.data import MNIST_FILES, atomic_write, sha256
+from pipeline.data import atomic_write, sha256
 from pipeline.errors import ConfigError, FetchError
+from pipeline.mnist import FILES
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolM
     A mirror that fails or serves bytes with the wrong sha256 is skipped for the next one.
     Nothing unverified is written; the file appears in `out_dir` only once verified.
     """
-    expected = MNIST_FILES[name]
+    expected = FILES[name]
     failures = []
     for mirror in mirrors:
         start = time.perf_counter()
@@ -128,12 +131,9 @@ def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolM
 
 def write_summaries(fetched: list[Fetched], logdir: Path) -> None:
     """TensorBoard: bytes and seconds per file, and which mirror served it."""
-    from pipeline import summaries
-    import tensorflow as tf
-
     with summaries.writer(logdir).as_default():
         for f in fetched:
             tf.summary.scalar(f"bytes/{f.name}", f.bytes, step=0)
             tf.summary.scalar(f"seconds/{f.name}", f.seconds, step=0)
         rows = [[f.name, f.mirror, f"{f.bytes:,}", f"{f.seconds:.2f}"] for f in fetched]
-        tf.summary.text("fetch/files", summaries.markdown_table(["file", "mirror", "bytes", "seconds"], rows), step=0)
+        tf.summary.text("fetch/files", tables.markdown(["file", "mirror", "bytes", "seconds"], rows), step=0)

@@ -5,20 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
+from pipeline import summaries, tables
 from pipeline.config import DataParams
-from pipeline.data import NUM_CLASSES, Split, read_images, read_labels
+from pipeline.data import Split, read_images, read_labels
 from pipeline.errors import DataError
+from pipeline.mnist import IMAGE_SHAPE, NUM_CLASSES, SPLIT_FILES
 
 
 def load_raw(raw_dir: Path) -> dict[str, Split]:
     """Read the four IDX files into a train and a test split, checking that they pair up."""
     splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        x = read_images(raw_dir / f"{prefix}-images-idx3-ubyte")
-        y = read_labels(raw_dir / f"{prefix}-labels-idx1-ubyte")
+    for split, (images, labels) in SPLIT_FILES.items():
+        x = read_images(raw_dir / images)
+        y = read_labels(raw_dir / labels)
         if len(x) != len(y):
-            raise DataError(f"{prefix}: {len(x)} images but {len(y)} labels. Fetch the files again.")
+            raise DataError(f"{split}: {len(x)} images in {images} but {len(y)} labels in {labels}. Fetch the files again.")
         splits[split] = Split(x, y)
     return splits
 
@@ -40,14 +43,15 @@ def split_validation(train: Split, params: DataParams, seed: int) -> tuple[Split
 
 def check_split(name: str, split: Split) -> list[str]:
     """Check one split; raise DataError on a failure, return the names of the checks passed."""
-    if split.x.shape[1:] != (28, 28) or split.x.dtype != np.uint8:
-        raise DataError(f"{name}: images are {split.x.shape[1:]} {split.x.dtype}, expected 28x28 uint8.")
+    shape = "x".join(map(str, IMAGE_SHAPE))
+    if split.x.shape[1:] != IMAGE_SHAPE or split.x.dtype != np.uint8:
+        raise DataError(f"{name}: images are {split.x.shape[1:]} {split.x.dtype}, expected {shape} uint8.")
     if split.y.size and split.y.max() >= NUM_CLASSES:
-        raise DataError(f"{name}: a label is {int(split.y.max())}; MNIST labels are 0..9. The label file is corrupt.")
+        raise DataError(f"{name}: a label is {int(split.y.max())}; MNIST labels are 0..{NUM_CLASSES - 1}. The label file is corrupt.")
     blank = int((split.x.reshape(len(split.x), -1).max(axis=1) == 0).sum())
     if blank:
         raise DataError(f"{name}: {blank} images are blank (all pixels 0). The image file is corrupt.")
-    return ["28x28 uint8", "labels in 0..9", "no blank images"]
+    return [f"{shape} uint8", f"labels in 0..{NUM_CLASSES - 1}", "no blank images"]
 
 
 def duplicates_between(a: np.ndarray, b: np.ndarray) -> int:
@@ -76,10 +80,6 @@ def data_report(splits: dict[str, Split]) -> dict:
 
 def write_summaries(splits: dict[str, Split], report: dict, logdir: Path) -> None:
     """TensorBoard: class histogram per split, a grid of sample digits per class, pixel statistics."""
-    import tensorflow as tf
-
-    from pipeline import summaries
-
     with summaries.writer(logdir).as_default():
         for name, split in splits.items():
             tf.summary.histogram(f"classes/{name}", split.y.astype(np.int32), step=0, buckets=NUM_CLASSES)
@@ -90,6 +90,6 @@ def write_summaries(splits: dict[str, Split], report: dict, logdir: Path) -> Non
         tf.summary.image("samples/train_per_class", summaries.digit_grid(np.concatenate(samples)), step=0)
         counts = [[name] + list(report["splits"][name]["per_class"].values()) for name in splits]
         header = ["split"] + [str(c) for c in range(NUM_CLASSES)]
-        tf.summary.text("class_counts", summaries.markdown_table(header, counts), step=0)
+        tf.summary.text("class_counts", tables.markdown(header, counts), step=0)
         checks = [[name, ", ".join(passed)] for name, passed in report["checks"].items()]
-        tf.summary.text("checks", summaries.markdown_table(["split", "checks passed"], checks), step=0)
+        tf.summary.text("checks", tables.markdown(["split", "checks passed"], checks), step=0)

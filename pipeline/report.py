@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import platform
+import shutil
 from pathlib import Path
 
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
 
-from pipeline.config import Params
-from pipeline.data import atomic_write
-from pipeline.evaluate import METRICS_FILE
+from pipeline import artifacts, tables
+from pipeline.config import ModelParams
 
 COLUMNS = [
     ("model", "model"),
@@ -28,7 +28,7 @@ COLUMNS = [
 
 def read_metrics(evaluate_dir: Path, models: list[str]) -> list[dict]:
     """Each model's metrics.json, best test accuracy first."""
-    rows = [json.loads((evaluate_dir / name / METRICS_FILE).read_text()) for name in models]
+    rows = [artifacts.read_metrics(evaluate_dir / name) for name in models]
     return sorted(rows, key=lambda r: -r["accuracy"])
 
 
@@ -38,7 +38,8 @@ def leaderboard_json(rows: list[dict]) -> dict:
     return {"models": {r["model"]: {k: r[k] for k in keep} for r in rows}}
 
 
-def _cell(key: str, value) -> str:
+def cell(key: str, value) -> str:
+    """A leaderboard value as the report shows it."""
     if key in ("accuracy", "gate"):
         return f"{100 * value:.2f}%"
     if key == "blessed":
@@ -50,7 +51,12 @@ def _cell(key: str, value) -> str:
     return str(value)
 
 
-def report_markdown(rows: list[dict], data_report: dict, params: Params) -> str:
+def leaderboard_table(rows: list[dict]) -> list[dict[str, str]]:
+    """The leaderboard as the report shows it: one dict per model, column title -> cell."""
+    return [{title: cell(key, r[key]) for key, title in COLUMNS} for r in rows]
+
+
+def report_markdown(rows: list[dict], data_report: dict, seed: int) -> str:
     """data/report.md: the leaderboard, then each model's confusion matrix and training curves."""
     lines = [
         "# MNIST pipeline report",
@@ -58,12 +64,10 @@ def report_markdown(rows: list[dict], data_report: dict, params: Params) -> str:
         f"Test accuracy on the {rows[0]['test_images']:,} MNIST test images, best first. A model passes its gate",
         "(params.yaml `gates`) when its test accuracy is at least the gate; only those are exported.",
         f"Training: {data_report['splits']['train']['images']:,} images, validation {data_report['splits']['val']['images']:,};",
-        f"seed {params.seed}; TensorFlow {tf.__version__}; {platform.machine()}, {_cpu_name()}.",
+        f"random seed {seed}; TensorFlow {tf.__version__}; {platform.machine()}, {_cpu_name()}.",
         "",
-        "| " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        tables.markdown([title for _, title in COLUMNS], [list(row.values()) for row in leaderboard_table(rows)]),
     ]
-    lines += ["| " + " | ".join(_cell(key, r[key]) for key, _ in COLUMNS) + " |" for r in rows]
     for r in rows:
         name = r["model"]
         lines += [
@@ -73,8 +77,8 @@ def report_markdown(rows: list[dict], data_report: dict, params: Params) -> str:
             f"Test accuracy {100 * r['accuracy']:.2f}% (gate {100 * r['gate']:.2f}%: {'passed' if r['blessed'] else 'NOT passed, not exported'}),"
             f" macro precision {r['macro_precision']:.4f}, recall {r['macro_recall']:.4f}, F1 {r['macro_f1']:.4f}.",
             "",
-            f"![{name} training curves](evaluate/{name}/curves.png)",
-            f"![{name} confusion matrix](evaluate/{name}/confusion.png)",
+            f"![{name} training curves](evaluate/{name}/{artifacts.CURVES_FILE})",
+            f"![{name} confusion matrix](evaluate/{name}/{artifacts.CONFUSION_FILE})",
         ]
     return "\n".join(lines) + "\n"
 
@@ -89,15 +93,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def dropout(params: dict) -> float:
+def dropout(p: ModelParams) -> float:
     """The model's largest drop rate (0 for models without dropout)."""
-    return max([float(v) for k, v in params.items() if k.endswith("_drop") or k == "dropout"] or [0.0])
+    knobs = p.model_dump()
+    return max([float(v) for k, v in knobs.items() if k.endswith("_drop") or k == "dropout"] or [0.0])
 
 
-def write_hparams(rows: list[dict], params: Params, logdir: Path) -> None:
-    """TensorBoard HParams: one session per model with its hyper-parameters and final metrics."""
-    from tensorboard.plugins.hparams import api as hp
-
+def write_hparams(rows: list[dict], models: dict[str, ModelParams], logdir: Path) -> None:
+    """TensorBoard HParams: one session per model with its hyper-parameters and final metrics (a fresh run folder)."""
+    shutil.rmtree(logdir, ignore_errors=True)
     names = [r["model"] for r in rows]
     h_model = hp.HParam("model", hp.Discrete(sorted(names)))
     h_opt = hp.HParam("optimizer", hp.Discrete(["sgd", "momentum", "rmsprop", "adam"]))
@@ -115,15 +119,15 @@ def write_hparams(rows: list[dict], params: Params, logdir: Path) -> None:
     with tf.summary.create_file_writer(str(logdir)).as_default():
         hp.hparams_config(hparams=[h_model, h_opt, h_lr, h_bs, h_ep, h_drop, h_params], metrics=metrics)
     for r in rows:
-        p = params.models[r["model"]]
+        p = models[r["model"]]
         with tf.summary.create_file_writer(str(logdir / r["model"])).as_default():
             hp.hparams(
                 {
                     h_model: r["model"],
-                    h_opt: p["optimizer"],
-                    h_lr: float(p["learning_rate"]),
-                    h_bs: int(p["batch_size"]),
-                    h_ep: int(p["epochs"]),
+                    h_opt: p.optimizer,
+                    h_lr: p.learning_rate,
+                    h_bs: p.batch_size,
+                    h_ep: p.epochs,
                     h_drop: dropout(p),
                     h_params: int(r["parameters"]),
                 },
@@ -135,6 +139,7 @@ def write_hparams(rows: list[dict], params: Params, logdir: Path) -> None:
             tf.summary.scalar("train/seconds", r["train_seconds"], step=0)
 
 
-def write_outputs(rows: list[dict], data_report: dict, params: Params, leaderboard: Path, report: Path) -> None:
-    atomic_write(leaderboard, (json.dumps(leaderboard_json(rows), indent=2) + "\n").encode())
-    atomic_write(report, report_markdown(rows, data_report, params).encode())
+def write_outputs(rows: list[dict], data_report: dict, seed: int, leaderboard: Path, report: Path) -> None:
+    """The leaderboard metrics file and data/report.md."""
+    artifacts.write_leaderboard(leaderboard, leaderboard_json(rows))
+    artifacts.write_report(report, report_markdown(rows, data_report, seed))

@@ -1,4 +1,4 @@
-"""What every stage entry point shares: load params, check Prefect, run the stage's flow.
+"""What every stage entry point shares: check Prefect, load params once, run the stage's flow.
 
 A user mistake (PipelineError) ends the stage with its one-paragraph message and exit
 status 1, never a traceback. The flow run is named `<stage>-<model>` and tagged with the
@@ -7,20 +7,50 @@ stage, the model and the pipeline run id, so all runs of one `dvc repro` group t
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+from pydantic import ValidationError
 
-from pipeline.config import load_params
+from pipeline.config import ModelParams, load_params
 from pipeline.errors import PipelineError
+
+
+def check_prefect_settings() -> None:
+    """Raise PipelineError naming the setting if Prefect cannot read its settings (a bad PREFECT_* variable)."""
+    try:
+        get_current_settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e['input']!r}: {e['msg']}" for e in exc.errors())
+        raise PipelineError(
+            f"Prefect cannot read its settings ({exc.title}: {problems}). Fix or unset the PREFECT_* "
+            "environment variable of that name (or the entry of your Prefect profile, `prefect config view`)."
+        ) from None
+
+
+# Importing Prefect's flow machinery with a bad PREFECT_* variable raises a long pydantic
+# traceback. Every stage imports this module before Prefect's flows (see stages/*.py), so the
+# setting is named here, in one paragraph, and the stage stops before it writes anything.
+try:
+    check_prefect_settings()
+except PipelineError as _exc:
+    print(f"\nerror: {_exc}", file=sys.stderr)
+    sys.exit(1)
+
+from prefect import Flow, tags, task  # noqa: E402 - only once the settings are known to be readable
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 RUN_ID_ENV = "PIPELINE_RUN_ID"
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+TENSORBOARD_URL = "http://127.0.0.1:6006"  # where `mnist dashboards` serves TensorBoard; the link artifacts point here
 
 logging.getLogger("pipeline").setLevel(logging.INFO)
 
@@ -35,29 +65,6 @@ def run_tag(run_id: str) -> str:
     return f"pipeline-run:{run_id}"
 
 
-def mark_killed_runs(run_id: str) -> list[str]:
-    """Mark the flow runs of pipeline run `run_id` that never reported an end as Crashed; return their names.
-
-    A stage process killed outright (SIGKILL, out of memory) cannot report, and its flow run
-    would show as running forever. The run command calls this once `dvc repro` is over.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
-
-    unfinished = FlowRunFilter(
-        tags=FlowRunFilterTags(all_=[run_tag(run_id)]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])),
-    )
-    message = "the stage process ended without reporting (killed?); see the output of dvc repro"
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=unfinished)
-        for run in runs:
-            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-    return [run.name for run in runs]
-
-
 def prefect_settings() -> dict:
     """Prefect setting overrides for a stage's flow run: heartbeats off, unless the user set them.
 
@@ -65,8 +72,6 @@ def prefect_settings() -> dict:
     cost a stage up to a second. They only help together with an automation that marks runs
     without heartbeats as crashed; set PREFECT_FLOWS_HEARTBEAT_FREQUENCY to have them.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-
     return {} if HEARTBEAT_ENV in os.environ else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 
 
@@ -77,18 +82,8 @@ def check_prefect_api(timeout_s: float = 3.0) -> str | None:
     any work, rather than letting Prefect hang or silently drop the run's records. Prefect
     settings it cannot read (a bad PREFECT_* variable) stop it too, with the setting named.
     """
-    from pydantic import ValidationError
-
-    try:
-        from prefect.settings import PREFECT_API_URL
-
-        url = PREFECT_API_URL.value()
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e['input']!r}: {e['msg']}" for e in exc.errors())
-        raise PipelineError(
-            f"Prefect cannot read its settings ({exc.title}: {problems}). Fix or unset the PREFECT_* "
-            "environment variable of that name (or the entry of your Prefect profile, `prefect config view`)."
-        ) from None
+    check_prefect_settings()
+    url = PREFECT_API_URL.value()
     if not url:
         return None
     try:
@@ -111,35 +106,66 @@ class HidePipelineTracebacks(logging.Filter):
         return True
 
 
-def run_stage(stage: str, flow_name: str, model: str | None = None, **kwargs: Any) -> None:
-    """Run pipeline.flows.<flow_name> as the Prefect flow of DVC stage `stage` (for `model`, if per model).
+def as_task(fn, name: str, **options: Any):
+    """A Prefect task around a plain library function, named for the dashboard.
 
-    The checks come first and cheap: an unreachable Prefect server or a bad params.yaml
-    stops the stage before TensorFlow is even imported, and before anything is written.
+    Inputs are arrays and models: never cache or hash them.
     """
+    return task(fn, cache_policy=NO_CACHE, task_run_name=name, **options)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "-".join(parts).lower().replace("_", "-")
+
+
+def parse_arguments(flow: Flow, argv: list[str] | None = None) -> dict[str, Any]:
+    """The flow's arguments from the command line, as dvc.yaml's command gives them.
+
+    They are read off the flow itself: its `model` parameter is the first word, each Path
+    parameter is a required `--name` option, and the help of each is the flow docstring's
+    line for it (the same text the Prefect dashboard shows). `params` is not an argument:
+    it is params.yaml.
+    """
+    summary = (flow.description or "").split("\n\n")[0]  # the docstring without its Args section
+    parser = argparse.ArgumentParser(prog=f"stages/{flow.name}.py", description=summary)
+    for name, spec in flow.parameters.properties.items():
+        if name == "params":
+            continue
+        if spec.get("format") == "path":
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=spec.get("description"))
+        else:
+            parser.add_argument(name, help=spec.get("description"))
+    return vars(parser.parse_args(argv))
+
+
+def run_stage(
+    flow: Flow, model_types: dict[str, type[ModelParams]] | None = None, argv: list[str] | None = None
+) -> None:
+    """Run `flow` as the Prefect flow run of the DVC stage of the same name, with the command line's arguments.
+
+    params.yaml is read and validated once, here, with `model_types` (the registry's params
+    classes) where the stage uses models; the flow gets it as its `params` argument. The
+    checks come first: an unreachable Prefect server or a bad params.yaml stops the stage
+    before anything is written.
+    """
+    stage = flow.name
+    arguments = parse_arguments(flow, argv)
+    model = arguments.get("model")
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HidePipelineTracebacks())
     try:
         check_prefect_api()
-        params = load_params()
+        params = load_params(model_types=model_types)
         if model is not None:
             params.model(model)  # an unknown model name stops here, before any work
-        # TensorFlow is loaded now (the model registry imports it) and stays for the whole
-        # process. Freezing its objects keeps each later garbage collection, during Prefect's
-        # import and the flow, from walking them all again: about 0.15 s per stage.
+        # TensorFlow and Prefect are loaded now and stay for the whole process. Freezing their
+        # objects keeps each later garbage collection from walking them all again.
         gc.freeze()
-        from prefect import tags
-        from prefect.settings import temporary_settings
-
-        from pipeline import flows
-
-        flow_fn = getattr(flows, flow_name)
-
         labels = [f"stage:{stage}", run_tag(pipeline_run_id())] + ([f"model:{model}"] if model else [])
         run_name = f"{stage}-{model}" if model else stage
-        extra = {"model": model} if model is not None else {}
         with temporary_settings(updates=prefect_settings()), tags(*labels):
-            state = flow_fn.with_options(flow_run_name=run_name)(params=params, **extra, **kwargs, return_state=True)
+            state = flow.with_options(flow_run_name=run_name)(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):

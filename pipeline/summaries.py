@@ -19,7 +19,7 @@ def writer(logdir: Path | str) -> tf.summary.SummaryWriter:
 
 
 def digit_grid(images: np.ndarray, columns: int = 10, pad: int = 2) -> np.ndarray:
-    """Tile uint8 [n, 28, 28] digits into one uint8 [1, H, W, 1] image for tf.summary.image."""
+    """Tile uint8 [n, height, width] digits into one uint8 [1, H, W, 1] image for tf.summary.image."""
     n = len(images)
     rows = max(1, -(-n // columns))
     h, w = images.shape[1:3]
@@ -28,13 +28,6 @@ def digit_grid(images: np.ndarray, columns: int = 10, pad: int = 2) -> np.ndarra
         r, c = divmod(i, columns)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
     return grid[None, :, :, None]
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table (TensorBoard's text dashboard renders markdown)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def figure_png(fig) -> bytes:

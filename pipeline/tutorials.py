@@ -1,4 +1,4 @@
-"""The seed course's first two tutorials, on the project's own training code.
+"""The course's first two tutorials, on the project's own training code.
 
 Tutorial 0 multiplies two numbers in a TensorFlow graph; tutorial 1 fits `y = w x` to
 noisy points with the same optimizer factory and Keras `fit` the pipeline's models use.
@@ -11,7 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import ModelParams
-from pipeline.train import make_optimizer, seed_everything
+from pipeline.train.loop import seed_everything
+from pipeline.train.optimizers import make_optimizer
 
 
 @tf.function

@@ -1,24 +1,51 @@
 """DVC stage `evaluate@<model>`: test metrics, plot files, TensorBoard views and the quality gate."""
 
-import argparse
+from __future__ import annotations
+
 from pathlib import Path
 
-from pipeline.stage import run_stage
+# pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
+from pipeline.stage import artifact_key, as_task, run_stage
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline import artifacts, tables
+from pipeline.config import Params
+from pipeline.evaluate import pictures, scores, tensorboard as views
+from pipeline.models.registry import PARAM_TYPES
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", help="a model name from params.yaml's models section")
-    parser.add_argument("--model-dir", type=Path, required=True, help="the train stage's output folder")
-    parser.add_argument("--data", type=Path, required=True, help="folder of the prepared arrays")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv, ...")
-    parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
-    args = parser.parse_args(argv)
-    run_stage(
-        "evaluate", "evaluate_flow", model=args.model,
-        model_dir=args.model_dir, data=args.data, out=args.out, tensorboard=args.tensorboard,
+@flow(name="evaluate")
+def evaluate_flow(params: Params, model: str, model_dir: Path, data: Path, out: Path, tensorboard: Path) -> None:
+    """Score one trained model on the test set, decide its gate, write metrics, plots and summaries.
+
+    Args:
+        params: params.yaml, validated, each model's block typed
+        model: a model name from params.yaml's models section
+        model_dir: the train stage's output folder
+        data: folder of the prepared arrays
+        out: folder for metrics.json, predictions.csv, ...
+        tensorboard: TensorBoard run folder
+    """
+    keras_model = as_task(artifacts.read_model, "load model")(model_dir)
+    test = as_task(artifacts.load_prepared, "load data")(data)["test"]
+    ev = as_task(scores.evaluate_model, "predict test set")(
+        keras_model, artifacts.read_meta(model_dir), test, params.gates[model], params.evaluate.batch_size
+    )
+    as_task(artifacts.write_evaluation, "write metrics")(out, ev.metrics, test.y, ev.predictions, ev.per_class)
+    as_task(pictures.write_report_pictures, "draw pictures")(ev, model_dir, model, out)
+    as_task(views.write_summaries, "tensorboard")(
+        keras_model, ev, test, model, tensorboard, params.evaluate.misclassified_grid, params.evaluate.embedding_sample
+    )
+    m = ev.metrics
+    verdict = "passes" if m["blessed"] else "is UNDER"
+    get_run_logger().info("%s: test accuracy %.4f %s its gate %.4f", model, m["accuracy"], verdict, m["gate"])
+    create_markdown_artifact(
+        f"### {model}: test metrics\n\n{tables.markdown(['metric', 'value'], list(m.items()))}\n",
+        key=artifact_key("metrics", model), description=f"test metrics of {model}",
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(evaluate_flow, PARAM_TYPES)

@@ -1,25 +1,58 @@
 """DVC stage `export@<model>`: a verified SavedModel version for a blessed model, a record for any model."""
 
-import argparse
+from __future__ import annotations
+
 from pathlib import Path
 
-from pipeline.stage import run_stage
+# pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
+from pipeline.stage import as_task, run_stage
+
+from prefect import flow, get_run_logger
+
+from pipeline import artifacts, export
+from pipeline.config import Params
+from pipeline.models.registry import PARAM_TYPES
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", help="a model name from params.yaml's models section")
-    parser.add_argument("--model-dir", type=Path, required=True, help="the train stage's output folder")
-    parser.add_argument("--evaluation", type=Path, required=True, help="the evaluate stage's output folder")
-    parser.add_argument("--data", type=Path, required=True, help="folder of the prepared arrays")
-    parser.add_argument("--out", type=Path, required=True, help="TF Serving model folder: <out>/<version>/")
-    parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
-    args = parser.parse_args(argv)
-    run_stage(
-        "export", "export_flow", model=args.model, model_dir=args.model_dir,
-        evaluation=args.evaluation, data=args.data, out=args.out, tensorboard=args.tensorboard,
+@flow(name="export")
+def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, data: Path, out: Path, tensorboard: Path) -> None:
+    """Export a blessed model as a verified SavedModel version; record why an unblessed one is not.
+
+    Args:
+        params: params.yaml, validated, each model's block typed
+        model: a model name from params.yaml's models section
+        model_dir: the train stage's output folder
+        evaluation: the evaluate stage's output folder
+        data: folder of the prepared arrays
+        out: TF Serving model folder: <out>/<version>/
+        tensorboard: TensorBoard run folder
+    """
+    logger = get_run_logger()
+    metrics = artifacts.read_metrics(evaluation)
+    export.prepare(out, tensorboard)
+    reason = export.refusal(model, metrics)
+    if reason is not None:
+        logger.warning(reason)
+        record = export.refused_record(model, metrics, reason)
+        artifacts.write_export_record(out, record)
+        export.write_summaries(tensorboard, record, signature=None)
+        return
+    version = export.next_version(out)
+    staging = export.staging_folder(out, version)
+    keras_model = as_task(artifacts.read_model, "load model")(model_dir)
+    as_task(export.save_servable, "write SavedModel")(keras_model, staging)
+    check = as_task(export.verify_in_fresh_process, "verify in fresh process")(
+        staging, data, evaluation, params.export.latency_repeats
     )
+    folder = export.publish(staging, out, version)  # published only now, complete and verified
+    record = export.published_record(model, version, folder, check)
+    artifacts.write_export_record(out, record)
+    logger.info(
+        "%s exported as version %d (%.1f MB); fresh-process check: %d test predictions identical; latency %.2f ms (batch 1), %.2f ms (batch 256)",
+        model, version, record["bytes"] / 1e6, check["test_images"], check["latency_ms_batch_1"], check["latency_ms_batch_256"],
+    )
+    export.write_summaries(tensorboard, record, export.describe_signature(folder))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(export_flow, PARAM_TYPES)

@@ -1,18 +1,42 @@
 """DVC stage `fetch`: download the four MNIST files, verified, into --out."""
 
-import argparse
+from __future__ import annotations
+
 from pathlib import Path
 
-from pipeline.stage import run_stage
+# pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
+from pipeline.stage import as_task, run_stage
+
+from prefect import flow, get_run_logger
+from prefect.tasks import exponential_backoff
+
+from pipeline import fetch
+from pipeline.config import Params
+from pipeline.data import remove_leftovers
+from pipeline.mnist import FILES
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="folder for the decompressed IDX files")
-    parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
-    args = parser.parse_args(argv)
-    run_stage("fetch", "fetch_flow", out=args.out, tensorboard=args.tensorboard)
+@flow(name="fetch")
+def fetch_flow(params: Params, out: Path, tensorboard: Path) -> None:
+    """Fetch the four MNIST files from the first mirror that serves each one verified.
+
+    Args:
+        params: params.yaml, validated
+        out: folder for the decompressed IDX files
+        tensorboard: TensorBoard run folder
+    """
+    mirrors = fetch.mirrors_to_try(params.fetch)
+    get_run_logger().info("mirrors, in order: %s", ", ".join(mirrors))
+    pool = fetch.http_pool(params.fetch)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
+    backoff = exponential_backoff(backoff_factor=params.fetch.backoff_s) if params.fetch.backoff_s else 0
+    fetched = [
+        as_task(fetch.fetch_file, f"fetch {name}", retries=params.fetch.retries, retry_delay_seconds=backoff)(name, mirrors, out, pool)
+        for name in FILES
+    ]
+    as_task(fetch.write_summaries, "tensorboard")(fetched, tensorboard)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(fetch_flow)

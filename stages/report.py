@@ -1,24 +1,39 @@
 """DVC stage `report`: the leaderboard of all models (metrics file, data/report.md, TensorBoard HParams)."""
 
-import argparse
+from __future__ import annotations
+
 from pathlib import Path
 
-from pipeline.stage import run_stage
+# pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
+from pipeline.stage import as_task, run_stage
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from pipeline import artifacts, report
+from pipeline.config import Params
+from pipeline.models.registry import PARAM_TYPES
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--evaluations", type=Path, required=True, help="folder holding one evaluate folder per model")
-    parser.add_argument("--data-report", type=Path, required=True, help="the preprocess stage's data report")
-    parser.add_argument("--leaderboard", type=Path, required=True, help="the leaderboard metrics file (JSON)")
-    parser.add_argument("--out", type=Path, required=True, help="the markdown report")
-    parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard folder for the HParams view")
-    args = parser.parse_args(argv)
-    run_stage(
-        "report", "report_flow", evaluations=args.evaluations, data_report=args.data_report,
-        leaderboard=args.leaderboard, out=args.out, tensorboard=args.tensorboard,
-    )
+@flow(name="report")
+def report_flow(params: Params, evaluations: Path, data_report: Path, leaderboard: Path, out: Path, tensorboard: Path) -> None:
+    """The leaderboard of all models: metrics file, markdown report, Prefect table, TensorBoard HParams.
+
+    Args:
+        params: params.yaml, validated, each model's block typed
+        evaluations: folder holding one evaluate folder per model
+        data_report: the preprocess stage's data report
+        leaderboard: the leaderboard metrics file (JSON)
+        out: the markdown report
+        tensorboard: TensorBoard folder for the HParams view
+    """
+    rows = report.read_metrics(evaluations, list(params.models))
+    as_task(report.write_outputs, "write leaderboard")(rows, artifacts.read_data_report(data_report), params.seed, leaderboard, out)
+    as_task(report.write_hparams, "tensorboard hparams")(rows, params.models, tensorboard)
+    create_table_artifact(report.leaderboard_table(rows), key="leaderboard", description="test accuracy of every model, best first")
+    for r in rows:
+        get_run_logger().info("%-10s %.4f %s", r["model"], r["accuracy"], "" if r["blessed"] else "(under its gate)")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(report_flow, PARAM_TYPES)

@@ -1,24 +1,75 @@
-"""DVC stage `train@<model>`: train one registry model on the prepared data."""
+"""DVC stage `train@<model>`: train one registry model on the prepared data, resuming an interrupted run."""
 
-import argparse
+from __future__ import annotations
+
 from pathlib import Path
 
-from pipeline.stage import run_stage
+# pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
+from pipeline.stage import TENSORBOARD_URL, artifact_key, as_task, run_stage
+
+import keras
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from pipeline import artifacts, tables
+from pipeline.config import Params
+from pipeline.models.registry import PARAM_TYPES, REGISTRY
+from pipeline.train.loop import save_trained, train_model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", help="a model name from params.yaml's models section")
-    parser.add_argument("--data", type=Path, required=True, help="folder of the prepared arrays")
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.keras, history.csv, meta.json")
-    parser.add_argument("--resume", type=Path, required=True, help="folder for per-epoch checkpoints (not a DVC output)")
-    parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard run folder")
-    args = parser.parse_args(argv)
-    run_stage(
-        "train", "train_flow", model=args.model,
-        data=args.data, out=args.out, resume=args.resume, tensorboard=args.tensorboard,
+class PrefectProgress(keras.callbacks.Callback):
+    """A Prefect progress artifact, updated after every epoch (use inside a flow run)."""
+
+    def __init__(self, name: str, epochs: int):
+        super().__init__()
+        self.name, self.epochs, self.artifact_id = name, epochs, None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.artifact_id = create_progress_artifact(
+            0.0, key=artifact_key("train-progress", self.name), description=f"epochs of {self.name} done"
+        )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        update_progress_artifact(
+            self.artifact_id,
+            100.0 * (epoch + 1) / self.epochs,
+            description=f"{self.name}: epoch {epoch + 1}/{self.epochs}, val_accuracy {logs.get('val_accuracy', float('nan')):.4f}",
+        )
+
+
+@flow(name="train")
+def train_flow(params: Params, model: str, data: Path, out: Path, resume: Path, tensorboard: Path) -> None:
+    """Train one registry model, resuming from its last completed epoch if it was interrupted.
+
+    Args:
+        params: params.yaml, validated, each model's block typed
+        model: a model name from params.yaml's models section
+        data: folder of the prepared arrays
+        out: folder for model.keras, history.csv, meta.json
+        resume: folder for per-epoch checkpoints (not a DVC output)
+        tensorboard: TensorBoard run folder
+    """
+    p = params.model(model)
+    splits = as_task(artifacts.load_prepared, "load data")(data)
+    result = as_task(train_model, f"fit {model}")(
+        model, p, params.seed, params.train, splits, data, resume, tensorboard, callbacks=[PrefectProgress(model, p.epochs)]
+    )
+    as_task(save_trained, "save model")(result, model, p, params.seed, out, resume)
+    meta = artifacts.read_meta(out)
+    summary = tables.markdown(
+        ["epochs", "parameters", "val_accuracy", "seconds"],
+        [[meta["epochs"], f"{meta['parameters']:,}", f"{meta['val_accuracy']:.4f}", meta["train_seconds"]]],
+    )
+    create_markdown_artifact(
+        f"### {model}: training\n\n{REGISTRY[model].description}\n\n{summary}\n",
+        key=artifact_key("train", model), description=f"training summary of {model}",
+    )
+    create_link_artifact(
+        f"{TENSORBOARD_URL}/#timeseries&runFilter=train/{model}", link_text=f"TensorBoard: train/{model}",
+        key=artifact_key("tensorboard", model),
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(train_flow, PARAM_TYPES)

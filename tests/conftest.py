@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
+from helpers import MIRROR, REPO
+
 BIN = Path(sys.executable).parent
 
 _services = ExitStack()

@@ -8,9 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers_data import PYTHON, REPO
-from helpers_models import synthetic_splits, train_tiny
-from pipeline import cli, export
+from helpers import PYTHON, REPO, learnable_splits, train_tiny
+from pipeline import artifacts, cli, export
 from pipeline.data import write_idx
 from pipeline.errors import PipelineError
 
@@ -23,12 +22,10 @@ def exported(tmp_path_factory):
     import tensorflow as tf
 
     root = tmp_path_factory.mktemp("cli")
-    splits = synthetic_splits(seed=0)
+    splits = learnable_splits(seed=0)
     model_dir = train_tiny("logreg", splits, root / "models" / "logreg")
-    from pipeline.train import load_trained
-
     version = root / "data" / "export" / "logreg" / "7"
-    export.save_servable(load_trained(model_dir), version)
+    export.save_servable(artifacts.read_model(model_dir), version)
     return {"root": root, "version": version, "loaded": tf.saved_model.load(str(version)), "test": splits["test"]}
 
 
@@ -201,7 +198,7 @@ def test_latest_version_is_the_highest_integer_folder(tmp_path):
     model = tmp_path / "cnn"
     for name in ("9", "10", "100", "1700000000", ".tmp-1800000000", "latest", "99a"):
         (model / name).mkdir(parents=True)
-    (model / "export.json").write_text("{}")
+    (model / artifacts.EXPORT_RECORD).write_text("{}")
     assert cli.latest_version("cnn", root=tmp_path) == model / "1700000000"
     (model / "1700000000").rmdir()
     assert cli.latest_version("cnn", root=tmp_path) == model / "100"  # numerically, not as text ("9" > "100")
@@ -213,7 +210,7 @@ def test_latest_version_without_a_version_is_a_clear_error(tmp_path, setup):
         (tmp_path / "mlp").mkdir()
     if setup == "only leftovers":
         (tmp_path / "mlp" / ".tmp-1700000000").mkdir()
-        (tmp_path / "mlp" / "export.json").write_text('{"blessed": false}')
+        (tmp_path / "mlp" / artifacts.EXPORT_RECORD).write_text('{"blessed": false}')
     with pytest.raises(PipelineError) as info:
         cli.latest_version("mlp", root=tmp_path)
     message = str(info.value)

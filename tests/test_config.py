@@ -1,4 +1,8 @@
-"""pipeline.config.load_params on edited copies of the real params.yaml."""
+"""pipeline.config.load_params on edited copies of the real params.yaml.
+
+Model blocks are typed only when load_params is given the registry's PARAM_TYPES, as the
+stages that use models do; without them only the model names are checked (against gates:).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ import subprocess
 import pytest
 import yaml
 
-from helpers_data import PARAMS_YAML, PYTHON, REPO, listing
+from helpers import PARAMS_YAML, PYTHON, REPO, listing
 from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError
+from pipeline.models.registry import PARAM_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +101,8 @@ BAD_EDITS = [
     ("val_size 0", set_("data.val_size", 0), ["data.val_size = 0", "greater than 0"]),
     ("limit 0", set_("data.limit", 0), ["data.limit = 0", "greater than 0"]),
     ("unknown model", add_model_like_cnn("resnet"),
-     ["models.resnet is not a known model", "Known models: linear, logreg, mlp, deep_mlp, cnn"]),
+     ["models.resnet is not a known model", "Known models: linear, logreg, mlp, deep_mlp, cnn", "pipeline/models/registry.py"]),
+    ("no models", both(set_("models", {}), set_("gates", {})), ["models: give at least one model block"]),
     ("model name typo", rename("models.cnn", "cnnn"),
      ["models.cnnn is not a known model", "Did you mean 'cnn'?", "gates.cnn names no model"]),
     ("gate above 1", set_("gates.cnn", 1.5), ["gates.cnn = 1.5", "from 0 to 1"]),
@@ -122,20 +128,88 @@ BAD_EDITS = [
     ("deterministic yes", set_("train.deterministic", "yes"), ["train.deterministic = 'yes'", "valid boolean"]),
     ("seed negative", set_("seed", -1), ["seed = -1", "greater than or equal to 0"]),
     ("seed bool", set_("seed", True), ["seed = True", "valid integer"]),
+    # each optimizer's own knob: `momentum` only with optimizer momentum, `rho` only with rmsprop
+    ("momentum with rmsprop", set_("models.cnn.momentum", 0.9),
+     ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop: remove it"]),
+    ("momentum with adam", set_("models.mlp.momentum", 0.0),
+     ["models.mlp: `momentum` is a knob of optimizer momentum, not adam: remove it"]),
+    ("rho with adam", set_("models.logreg.rho", 0.9), ["models.logreg: `rho` is a knob of optimizer rmsprop, not adam: remove it"]),
+    ("rmsprop without rho", delete("models.cnn.rho"), ["models.cnn: optimizer rmsprop needs `rho`: add it"]),
+    ("momentum without momentum", set_("models.mlp.optimizer", "momentum"),
+     ["models.mlp: optimizer momentum needs `momentum`: add it"]),
+    ("rmsprop's rho renamed momentum", rename("models.cnn.rho", "momentum"),
+     ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop"]),
+    ("rho 1", set_("models.cnn.rho", 1.0), ["models.cnn.rho = 1.0", "less than 1"]),
+    ("momentum negative", both(set_("models.mlp.optimizer", "momentum"), set_("models.mlp.momentum", -0.5)),
+     ["models.mlp.momentum = -0.5", "greater than or equal to 0"]),
 ]
 
 
 def test_the_real_params_yaml_loads():
-    params = load_params(PARAMS_YAML)
+    params = load_params(PARAMS_YAML, PARAM_TYPES)
     assert isinstance(params, Params)
     assert params.data.val_size == 5000 and params.data.limit is None
-    assert set(params.gates) == set(params.models)
+    assert set(params.gates) == set(params.models) == set(PARAM_TYPES)
     for name in params.models:
+        assert type(params.model(name)) is PARAM_TYPES[name]
+        assert params.model(name) is params.models[name]
         assert params.model(name).epochs > 0
 
 
+def test_each_optimizer_has_only_its_own_knob_in_the_real_params_yaml():
+    params = load_params(PARAMS_YAML, PARAM_TYPES)
+    cnn = params.model("cnn")
+    assert cnn.optimizer == "rmsprop" and cnn.rho == 0.9 and cnn.momentum is None
+    for name, p in params.models.items():
+        assert (p.momentum is not None) == (p.optimizer == "momentum"), name
+        assert (p.rho is not None) == (p.optimizer == "rmsprop"), name
+
+
+def test_sgd_with_momentum_takes_the_momentum_knob(tmp_path, base):
+    raw = copy.deepcopy(base)
+    set_("models.mlp.optimizer", "momentum")(raw)
+    set_("models.mlp.momentum", 0.9)(raw)
+    mlp = load_params(write_params(tmp_path, raw), PARAM_TYPES).model("mlp")
+    assert mlp.optimizer == "momentum" and mlp.momentum == 0.9 and mlp.rho is None
+
+
+def test_without_model_types_the_model_blocks_are_not_typed_and_not_readable(tmp_path, base):
+    """A stage that uses no model (fetch, preprocess) gets no model blocks at all."""
+    params = load_params(PARAMS_YAML)
+    assert params.models == {}
+    assert set(params.gates) == set(base["models"])
+    with pytest.raises(ConfigError, match="no model 'cnn'.*none \\(this stage was given no model types\\)"):
+        params.model("cnn")
+    # a bad knob inside a block is then not this stage's business; with the types it is an error
+    raw = copy.deepcopy(base)
+    set_("models.cnn.epochs", 0)(raw)
+    path = write_params(tmp_path, raw)
+    assert load_params(path).models == {}
+    with pytest.raises(ConfigError, match="models.cnn.epochs = 0"):
+        load_params(path, PARAM_TYPES)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        pytest.param(delete("gates.mlp"), "gates.mlp is missing", id="missing gate"),
+        pytest.param(set_("gates.vgg", 0.9), "gates.vgg names no model", id="gate of no model"),
+        pytest.param(set_("models.cnn", 3), "models.cnn must be a mapping of knobs, not int", id="block not a mapping"),
+        pytest.param(both(set_("models", {}), set_("gates", {})), "give at least one model block", id="no models"),
+    ],
+)
+def test_without_model_types_the_model_names_are_still_checked(tmp_path, base, edit, expected):
+    raw = copy.deepcopy(base)
+    edit(raw)
+    with pytest.raises(ConfigError) as err:
+        load_params(write_params(tmp_path, raw))
+    assert expected in str(err.value)
+
+
 def test_an_unedited_dump_loads(tmp_path, base):
-    assert load_params(write_params(tmp_path, copy.deepcopy(base))) == load_params(PARAMS_YAML)
+    loaded = load_params(write_params(tmp_path, copy.deepcopy(base)), PARAM_TYPES)
+    assert loaded == load_params(PARAMS_YAML, PARAM_TYPES)
+    assert loaded.models["cnn"] == load_params(PARAMS_YAML, PARAM_TYPES).models["cnn"]
 
 
 @pytest.mark.parametrize("edit, expected", [pytest.param(e, x, id=i) for i, e, x in BAD_EDITS])
@@ -144,7 +218,7 @@ def test_bad_edit_is_a_config_error_naming_key_value_and_allowed(tmp_path, base,
     edit(raw)
     path = write_params(tmp_path, raw)
     with pytest.raises(ConfigError) as err:
-        load_params(path)
+        load_params(path, PARAM_TYPES)
     message = str(err.value)
     assert message.startswith(f"{path} has ")
     for part in expected:
@@ -158,7 +232,7 @@ def test_several_problems_are_reported_together(tmp_path, base):
     set_("train.strategy", "tpu")(raw)
     set_("gates.mlp", 2)(raw)
     with pytest.raises(ConfigError) as err:
-        load_params(write_params(tmp_path, raw))
+        load_params(write_params(tmp_path, raw), PARAM_TYPES)
     message = str(err.value)
     assert "has 3 problem(s)" in message
     for part in ("models.cnn.epochs = 0", "train.strategy = 'tpu'", "gates.mlp = 2"):
@@ -189,20 +263,40 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 def test_params_are_frozen():
-    params = load_params(PARAMS_YAML)
+    params = load_params(PARAMS_YAML, PARAM_TYPES)
     with pytest.raises(Exception):
         params.seed = 1  # type: ignore[misc]
+    with pytest.raises(Exception):
+        params.model("cnn").epochs = 1  # type: ignore[misc]
 
 
 def test_unknown_model_name_at_lookup_is_a_config_error():
     with pytest.raises(ConfigError, match="no model 'resnet'.*models: linear"):
-        load_params(PARAMS_YAML).model("resnet")
+        load_params(PARAMS_YAML, PARAM_TYPES).model("resnet")
 
 
-def test_stage_with_bad_params_exits_1_without_traceback_and_touches_nothing(tmp_path, base):
-    """The preprocess stage, run as DVC runs it, stops on a bad params.yaml before any work."""
+STAGE_RUNS = [
+    # preprocess reads no model block (it loads params.yaml without model types): give it a bad data knob
+    pytest.param(
+        "preprocess", set_("data.val_size", "ten"), "data.val_size = 'ten'",
+        ["--raw", "data/raw", "--out", "data/prepared", "--report", "data/data_report.json", "--tensorboard", "data/tb"],
+        id="preprocess",
+    ),
+    # train types every model block: a bad knob of another model than the one trained stops it too
+    pytest.param(
+        "train", set_("models.cnn.epochs", "ten"), "models.cnn.epochs = 'ten'",
+        ["linear", "--data", "data/prepared", "--out", "data/models/linear", "--resume", "data/resume/linear",
+         "--tensorboard", "data/tb"],
+        id="train",
+    ),
+]
+
+
+@pytest.mark.parametrize("stage, edit, expected, args", STAGE_RUNS)
+def test_stage_with_bad_params_exits_1_without_traceback_and_touches_nothing(tmp_path, base, stage, edit, expected, args):
+    """A stage, run as DVC runs it, stops on a bad params.yaml before any work."""
     raw = copy.deepcopy(base)
-    set_("models.cnn.epochs", "ten")(raw)
+    edit(raw)
     write_params(tmp_path, raw)
     data = tmp_path / "data"
     (data / "raw").mkdir(parents=True)
@@ -212,17 +306,14 @@ def test_stage_with_bad_params_exits_1_without_traceback_and_touches_nothing(tmp
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect_home")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     result = subprocess.run(
-        [
-            str(PYTHON), str(REPO / "stages" / "preprocess.py"),
-            "--raw", "data/raw", "--out", "data/prepared",
-            "--report", "data/data_report.json", "--tensorboard", "data/tb",
-        ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [str(PYTHON), str(REPO / "stages" / f"{stage}.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "models.cnn.epochs = 'ten'" in result.stderr
-    assert "error in stage preprocess" in result.stderr
+    assert expected in result.stderr
+    assert f"error in stage {stage}" in result.stderr
     assert "Traceback" not in result.stderr
     assert listing(data) == before
     assert marker.read_bytes() == b"untouched"

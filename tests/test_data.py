@@ -1,4 +1,4 @@
-"""pipeline.data: the IDX format, atomic writes and the prepared arrays, on real files."""
+"""pipeline.data and pipeline.artifacts: the IDX format, atomic writes and the prepared arrays, on real files."""
 
 from __future__ import annotations
 
@@ -7,20 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from helpers_data import random_images
-from pipeline.data import (
-    PREPARED_FILE,
-    Split,
-    atomic_path,
-    atomic_write,
-    load_prepared,
-    parse_idx,
-    read_images,
-    read_labels,
-    remove_leftovers,
-    save_prepared,
-    write_idx,
-)
+from helpers import random_images
+from pipeline.artifacts import PREPARED_FILE, load_prepared, save_prepared
+from pipeline.data import Split, atomic_path, atomic_write, parse_idx, read_images, read_labels, remove_leftovers, write_idx
 from pipeline.errors import DataError
 
 

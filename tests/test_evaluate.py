@@ -12,18 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from helpers_models import load_test_params, prefect_settings, synthetic_splits, train_tiny
-from pipeline import evaluate
-from pipeline.data import save_prepared
-from pipeline.evaluate import (
-    confusion_matrix,
-    evaluate_model,
-    per_class_scores,
-    pr_curve_counts,
-    read_predictions,
-    write_outputs,
-    write_summaries,
-)
+from helpers import learnable_splits, load_stage, load_test_params, prefect_settings, train_tiny
+from pipeline import artifacts
+from pipeline.artifacts import read_predictions, save_prepared
+from pipeline.evaluate import pictures
+from pipeline.evaluate.scores import confusion_matrix, evaluate_model, passes_gate, per_class_scores
+from pipeline.evaluate.tensorboard import pr_curve_counts, write_summaries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC_KEYS = {
@@ -70,6 +64,14 @@ def test_per_class_scores_of_perfect_predictions_are_one():
         np.testing.assert_array_equal(s[key], 1.0)
 
 
+@pytest.mark.parametrize(
+    "accuracy, gate, expected",
+    [(0.9, 0.5, True), (0.5, 0.5, True), (0.4999, 0.5, False), (0.0, 0.0, True), (0.99, 1.0, False), (1.0, 1.0, True)],
+)
+def test_passes_gate_means_at_least_the_gate(accuracy, gate, expected):
+    assert passes_gate(accuracy, gate) is expected
+
+
 def test_pr_curve_counts_on_a_hand_computed_example():
     scores = np.array([0.9, 0.6, 0.3, 0.1])
     positive = np.array([True, False, True, False])
@@ -98,7 +100,7 @@ def test_pr_curve_counts_always_partition_the_images():
 
 @pytest.fixture(scope="module")
 def splits():
-    return synthetic_splits(seed=0)
+    return learnable_splits(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def logreg_dir(splits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logreg(logreg_dir):
-    return evaluate.load_for_evaluation(logreg_dir)
+    return artifacts.read_model(logreg_dir), artifacts.read_meta(logreg_dir)
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +154,9 @@ def test_gate_blesses_exactly_the_models_at_or_above_it(ev, logreg, splits):
     assert {r["accuracy"] for r in results.values()} == {accuracy}  # the batch size changes no result
 
 
-def test_write_outputs_writes_metrics_predictions_and_per_class(ev, splits, tmp_path):
+def test_write_evaluation_writes_metrics_predictions_and_per_class(ev, splits, tmp_path):
     test = splits["test"]
-    write_outputs(ev, test, tmp_path)
+    artifacts.write_evaluation(tmp_path, ev.metrics, test.y, ev.predictions, ev.per_class)
     assert json.loads((tmp_path / "metrics.json").read_text()) == ev.metrics
 
     with open(tmp_path / "predictions.csv", newline="") as f:
@@ -162,7 +164,7 @@ def test_write_outputs_writes_metrics_predictions_and_per_class(ev, splits, tmp_
     assert rows[0] == ["actual", "predicted"]
     assert len(rows) == 1 + len(test.y)
     assert [(int(a), int(p)) for a, p in rows[1:]] == list(zip(test.y.tolist(), ev.predictions.tolist()))
-    np.testing.assert_array_equal(read_predictions(tmp_path / "predictions.csv"), ev.predictions)
+    np.testing.assert_array_equal(read_predictions(tmp_path), ev.predictions)
 
     with open(tmp_path / "per_class.csv", newline="") as f:
         per_class = list(csv.DictReader(f))
@@ -174,11 +176,11 @@ def test_write_outputs_writes_metrics_predictions_and_per_class(ev, splits, tmp_
 
 def test_read_predictions_of_a_single_image(tmp_path):
     (tmp_path / "predictions.csv").write_text("actual,predicted\n3,7\n")
-    np.testing.assert_array_equal(read_predictions(tmp_path / "predictions.csv"), [7])
+    np.testing.assert_array_equal(read_predictions(tmp_path), [7])
 
 
-def test_write_pictures_draws_confusion_and_curves(ev, logreg_dir, tmp_path):
-    evaluate.write_pictures(ev, logreg_dir / "history.csv", "logreg", tmp_path)
+def test_write_report_pictures_draws_confusion_and_curves(ev, logreg_dir, tmp_path):
+    pictures.write_report_pictures(ev, logreg_dir, "logreg", tmp_path)
     for name in ("confusion.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
 
@@ -228,7 +230,7 @@ def logreg_summaries(logreg, ev, splits, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cnn(splits, tmp_path_factory):
     model_dir = train_tiny("cnn", splits, tmp_path_factory.mktemp("models") / "cnn")
-    model, meta = evaluate.load_for_evaluation(model_dir)
+    model, meta = artifacts.read_model(model_dir), artifacts.read_meta(model_dir)
     cnn_ev = evaluate_model(model, meta, splits["test"], gate=0.5, batch_size=1000)
     logdir = tmp_path_factory.mktemp("tb") / "cnn"
     write_summaries(model, cnn_ev, splits["test"], "cnn", logdir, grid=20, sample=EMBEDDING_SAMPLE)
@@ -327,8 +329,7 @@ def test_projector_files_are_consistent(which, logreg_summaries, cnn, logreg, sp
 
 
 def test_evaluate_flow_writes_every_declared_output(splits, logreg_dir, tmp_path):
-    from pipeline.flows import evaluate_flow
-
+    evaluate_flow = load_stage("evaluate").evaluate_flow
     data = tmp_path / "prepared"
     save_prepared(data, splits)
     out, tb = tmp_path / "evaluate" / "logreg", tmp_path / "tensorboard" / "evaluate" / "logreg"

@@ -17,11 +17,22 @@ import time
 import numpy as np
 import pytest
 
-from helpers_data import PARAMS_YAML, PYTHON, REPO
-from helpers_models import VENV_BIN, load_test_params, prefect_settings, stage_env, synthetic_splits, train_tiny
-from pipeline import evaluate, export
-from pipeline.data import save_prepared
+from helpers import (
+    PARAMS_YAML,
+    PYTHON,
+    REPO,
+    VENV_BIN,
+    learnable_splits,
+    load_stage,
+    load_test_params,
+    prefect_settings,
+    stage_env,
+    train_tiny,
+)
+from pipeline import artifacts, export
+from pipeline.artifacts import save_prepared
 from pipeline.errors import ExportError
+from pipeline.evaluate.scores import evaluate_model
 
 MODEL = "logreg"
 
@@ -31,13 +42,13 @@ def project(tmp_path_factory):
     """A project folder as `dvc repro` leaves it before the export stage: params, data, model, evaluation."""
     root = tmp_path_factory.mktemp("project")
     shutil.copy(PARAMS_YAML, root / "params.yaml")
-    splits = synthetic_splits(seed=0)
+    splits = learnable_splits(seed=0)
     save_prepared(root / "data" / "prepared", splits)
     model_dir = train_tiny(MODEL, splits, root / "data" / "models" / MODEL)
-    model, meta = evaluate.load_for_evaluation(model_dir)
-    ev = evaluate.evaluate_model(model, meta, splits["test"], gate=0.5, batch_size=1000)
+    model, meta = artifacts.read_model(model_dir), artifacts.read_meta(model_dir)
+    ev = evaluate_model(model, meta, splits["test"], gate=0.5, batch_size=1000)
     assert ev.metrics["blessed"] and ev.metrics["accuracy"] < 1.0
-    evaluate.write_outputs(ev, splits["test"], root / "data" / "evaluate" / MODEL)
+    artifacts.write_evaluation(root / "data" / "evaluate" / MODEL, ev.metrics, splits["test"].y, ev.predictions, ev.per_class)
     return {"root": root, "test": splits["test"], "model": model, "ev": ev}
 
 
@@ -56,29 +67,31 @@ def loaded(servable):
 
 
 def paths(project):
+    """The prepared-data folder and the evaluate folder (holding predictions.csv)."""
     root = project["root"]
-    return root / "data" / "prepared", root / "data" / "evaluate" / MODEL / "predictions.csv"
+    return root / "data" / "prepared", root / "data" / "evaluate" / MODEL
 
 
 # --- the fresh-process check ---------------------------------------------------------------
 
 
 def test_verify_in_fresh_process_agrees_with_evaluate(servable, project):
-    data, predictions = paths(project)
-    check = export.verify_in_fresh_process(servable, data, predictions, repeats=2)
+    data, evaluation = paths(project)
+    check = export.verify_in_fresh_process(servable, data, evaluation, repeats=2)
     assert check["test_images"] == len(project["test"].y) == 200
     assert check["accuracy"] == pytest.approx(project["ev"].metrics["accuracy"], abs=1e-6)
     assert check["latency_ms_batch_1"] > 0 and check["latency_ms_batch_256"] > 0
 
 
 def test_verify_in_fresh_process_refuses_predictions_that_differ(servable, project, tmp_path):
-    data, predictions = paths(project)
-    rows = predictions.read_text().splitlines()
+    data, evaluation = paths(project)
+    rows = (evaluation / artifacts.PREDICTIONS_FILE).read_text().splitlines()
     for i in (1, 50, 120):  # flip three predicted labels
         actual, predicted = rows[i].split(",")
         rows[i] = f"{actual},{(int(predicted) + 1) % 10}"
-    wrong = tmp_path / "predictions.csv"
-    wrong.write_text("\n".join(rows) + "\n")
+    wrong = tmp_path / "evaluate"
+    wrong.mkdir()
+    (wrong / artifacts.PREDICTIONS_FILE).write_text("\n".join(rows) + "\n")
     with pytest.raises(ExportError, match="3 of 200 test predictions differ from evaluate's") as info:
         export.verify_in_fresh_process(servable, data, wrong, repeats=1)
     assert str(servable) in str(info.value)
@@ -192,12 +205,71 @@ def test_next_version_is_above_every_existing_one(tmp_path):
     assert export.next_version(tmp_path) == future + 1
 
 
+# --- the decisions of the export stage, as plain functions ---------------------------------------
+
+
+def test_refusal_explains_a_model_under_its_gate():
+    reason = export.refusal(MODEL, {"model": MODEL, "accuracy": 0.8123, "gate": 0.92, "blessed": False})
+    assert reason is not None
+    for needle in (MODEL, "0.8123", "0.9200", f"gates.{MODEL}"):
+        assert needle in reason, needle
+
+
+def test_refusal_lets_a_blessed_model_through():
+    assert export.refusal(MODEL, {"model": MODEL, "accuracy": 0.95, "gate": 0.92, "blessed": True}) is None
+    # the evaluate stage's verdict decides, even at exactly the gate
+    assert export.refusal(MODEL, {"model": MODEL, "accuracy": 0.92, "gate": 0.92, "blessed": True}) is None
+
+
+def test_refused_record_says_why_and_names_no_version():
+    metrics = {"model": MODEL, "accuracy": 0.8123, "gate": 0.92, "blessed": False, "loss": 0.5}
+    record = export.refused_record(MODEL, metrics, "the reason")
+    assert record == {"model": MODEL, "blessed": False, "reason": "the reason", "accuracy": 0.8123, "gate": 0.92}
+
+
+def test_published_record_holds_version_path_size_and_check(tmp_path):
+    folder = tmp_path / "17"
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"x" * 100)
+    (folder / "variables" / "variables.index").write_bytes(b"y" * 23)
+    check = {"test_images": 200, "accuracy": 0.9, "latency_ms_batch_1": 1.5, "latency_ms_batch_256": 9.0}
+    record = export.published_record(MODEL, 17, folder, check)
+    assert record == {"model": MODEL, "blessed": True, "version": 17, "path": str(folder), "bytes": 123, **check}
+
+
+def test_staging_folder_is_no_version_and_publish_renames_it(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    staging = export.staging_folder(out, 42)
+    assert staging.parent == out and not staging.name.isdigit()
+    staging.mkdir()
+    (staging / "saved_model.pb").write_bytes(b"model")
+    assert artifacts.versions(out) == []  # written but not published: no reader sees a version
+    final = export.publish(staging, out, 42)
+    assert final == out / "42" and (final / "saved_model.pb").read_bytes() == b"model"
+    assert not staging.exists()
+    assert artifacts.versions(out) == [42]
+
+
+def test_prepare_creates_the_folder_removes_leftovers_and_clears_tensorboard(tmp_path):
+    out, tb = tmp_path / "export" / MODEL, tmp_path / "tb"
+    export.prepare(out, tb)
+    assert out.is_dir() and list(out.iterdir()) == []
+    (out / ".tmp-1700000000").mkdir()  # an interrupted export
+    (out / "1700000001").mkdir()  # a published version stays
+    (out / artifacts.EXPORT_RECORD).write_text("{}")
+    tb.mkdir()
+    (tb / "old.tfevents").write_text("an earlier run")
+    export.prepare(out, tb)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["1700000001", artifacts.EXPORT_RECORD])
+    assert not tb.exists()
+
+
 # --- the export flow: the gate, and an interrupted export --------------------------------------
 
 
 def test_unblessed_model_is_recorded_and_not_exported(tmp_path):
-    from pipeline.flows import export_flow
-
+    export_flow = load_stage("export").export_flow
     evaluation, out, tb = tmp_path / "evaluate", tmp_path / "export" / MODEL, tmp_path / "tb"
     evaluation.mkdir()
     metrics = {"model": MODEL, "accuracy": 0.8123, "gate": 0.92, "blessed": False}
@@ -208,17 +280,16 @@ def test_unblessed_model_is_recorded_and_not_exported(tmp_path):
             params=load_test_params(), model=MODEL, model_dir=tmp_path / "no-model", evaluation=evaluation,
             data=tmp_path / "no-data", out=out, tensorboard=tb,
         )
-    record = json.loads((out / "export.json").read_text())
+    record = json.loads((out / artifacts.EXPORT_RECORD).read_text())
     assert record["model"] == MODEL and record["blessed"] is False
     assert record["accuracy"] == 0.8123 and record["gate"] == 0.92
     for needle in (MODEL, "0.8123", "0.9200"):
         assert needle in record["reason"], needle
-    assert sorted(p.name for p in out.iterdir()) == ["export.json"]  # no version, no leftover
+    assert sorted(p.name for p in out.iterdir()) == [artifacts.EXPORT_RECORD]  # no version, no leftover
 
 
 def test_sigkilled_export_publishes_no_version_and_the_next_run_recovers(project):
-    from pipeline.flows import export_flow
-
+    export_flow = load_stage("export").export_flow
     root = project["root"]
     out = root / "data" / "export" / MODEL
     cmd = [
@@ -250,7 +321,7 @@ def test_sigkilled_export_publishes_no_version_and_the_next_run_recovers(project
         assert proc.returncode == -signal.SIGKILL
         assert staging.is_dir()  # killed midway indeed
         assert not [p for p in out.iterdir() if p.name.isdigit()], "a version folder was published"
-        assert not (out / "export.json").exists()
+        assert not (out / artifacts.EXPORT_RECORD).exists()
 
         # The next run removes the leftover and publishes one complete, verified version.
         params = load_test_params()
@@ -263,8 +334,8 @@ def test_sigkilled_export_publishes_no_version_and_the_next_run_recovers(project
     assert not staging.exists()
     versions = [p for p in out.iterdir() if p.name.isdigit()]
     assert len(versions) == 1 and (versions[0] / "saved_model.pb").is_file() and (versions[0] / "variables").is_dir()
-    assert sorted(p.name for p in out.iterdir()) == sorted(["export.json", versions[0].name])
-    record = json.loads((out / "export.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([artifacts.EXPORT_RECORD, versions[0].name])
+    record = json.loads((out / artifacts.EXPORT_RECORD).read_text())
     assert record["blessed"] is True and record["version"] == int(versions[0].name)
     assert record["test_images"] == 200 and record["bytes"] == export.folder_bytes(versions[0])
     assert record["accuracy"] == pytest.approx(project["ev"].metrics["accuracy"], abs=1e-6)

@@ -14,24 +14,25 @@ import time
 
 import pytest
 
-from helpers_data import (
+from helpers import (
     LABEL_FILES,
     PYTHON,
     REPO,
-    SHARED_MIRROR,
+    MIRROR,
     closed_port_url,
     serve_directory,
     serve_handler,
     silent_server,
 )
 from pipeline.config import FetchParams
-from pipeline.data import MNIST_FILES, remove_leftovers, sha256
+from pipeline.data import remove_leftovers, sha256
+from pipeline.mnist import FILES
 from pipeline.errors import ConfigError, FetchError
 from pipeline.fetch import MIRROR_ENV, fetch_file, http_pool, mirrors_to_try
 
 needs_mirror = pytest.mark.skipif(
-    not all((SHARED_MIRROR / f"{name}.gz").is_file() for name in MNIST_FILES),
-    reason=f"the local MNIST mirror {SHARED_MIRROR} is not here",
+    not all((MIRROR / f"{name}.gz").is_file() for name in FILES),
+    reason=f"the local MNIST mirror {MIRROR} is not here",
 )
 
 
@@ -44,8 +45,8 @@ def good_mirror(tmp_path):
     """A copy of the real local mirror's four gzip files in tmp_path."""
     folder = tmp_path / "good"
     folder.mkdir()
-    for name in MNIST_FILES:
-        shutil.copy(SHARED_MIRROR / f"{name}.gz", folder / f"{name}.gz")
+    for name in FILES:
+        shutil.copy(MIRROR / f"{name}.gz", folder / f"{name}.gz")
     return folder
 
 
@@ -55,7 +56,7 @@ def corrupt_mirror(tmp_path):
     folder = tmp_path / "corrupt"
     folder.mkdir()
     for name in LABEL_FILES:
-        data = bytearray(gzip.decompress((SHARED_MIRROR / f"{name}.gz").read_bytes()))
+        data = bytearray(gzip.decompress((MIRROR / f"{name}.gz").read_bytes()))
         data[100] = (data[100] + 1) % 10  # still a valid label file, but not MNIST's
         (folder / f"{name}.gz").write_bytes(gzip.compress(bytes(data)))
     return folder
@@ -72,13 +73,13 @@ def listing(folder):
 def test_fetch_from_local_folder_writes_verified_decompressed_files(tmp_path, good_mirror):
     out = tmp_path / "raw"
     pool = http_pool(params(str(good_mirror)))
-    for name, digest in MNIST_FILES.items():
+    for name, digest in FILES.items():
         fetched = fetch_file(name, [str(good_mirror)], out, pool)
         data = (out / name).read_bytes()
         assert data == gzip.decompress((good_mirror / f"{name}.gz").read_bytes())
         assert sha256(data) == digest
         assert fetched.name == name and fetched.mirror == str(good_mirror) and fetched.bytes == len(data)
-    assert listing(out) == sorted(MNIST_FILES)
+    assert listing(out) == sorted(FILES)
 
 
 @needs_mirror
@@ -89,7 +90,7 @@ def test_fetch_from_file_url_and_plain_files(tmp_path, good_mirror):
     (plain / name).write_bytes(gzip.decompress((good_mirror / f"{name}.gz").read_bytes()))
     out = tmp_path / "raw"
     fetched = fetch_file(name, [f"file://{plain}"], out, http_pool(params(str(plain))))
-    assert sha256((out / name).read_bytes()) == MNIST_FILES[name]
+    assert sha256((out / name).read_bytes()) == FILES[name]
     assert fetched.mirror == f"file://{plain}"
 
 
@@ -116,7 +117,7 @@ def test_fetch_falls_back_from_corrupt_http_mirror(tmp_path, good_mirror, corrup
             fetched = fetch_file(name, [bad_url, good_url], out, http_pool(params(bad_url, good_url)))
     assert fetched.mirror == good_url
     data = (out / name).read_bytes()
-    assert sha256(data) == MNIST_FILES[name]
+    assert sha256(data) == FILES[name]
     assert data == gzip.decompress((good_mirror / f"{name}.gz").read_bytes())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(bad_url in w and "failed verification" in w for w in warnings), warnings
@@ -188,7 +189,7 @@ def test_mnist_mirror_env_serves_when_params_mirrors_fail(tmp_path, good_mirror)
     mirrors = mirrors_to_try(p, environ={MIRROR_ENV: str(good_mirror)})
     fetched = fetch_file("t10k-labels-idx1-ubyte", mirrors, out, http_pool(p))
     assert fetched.mirror == str(good_mirror)
-    assert sha256((out / "t10k-labels-idx1-ubyte").read_bytes()) == MNIST_FILES["t10k-labels-idx1-ubyte"]
+    assert sha256((out / "t10k-labels-idx1-ubyte").read_bytes()) == FILES["t10k-labels-idx1-ubyte"]
 
 
 # --- atomicity under SIGKILL -------------------------------------------------------
@@ -253,7 +254,7 @@ def test_sigkill_during_atomic_write_leaves_no_partial_final_file(tmp_path, prev
 @needs_mirror
 def test_sigkill_during_http_download_leaves_no_final_file(tmp_path):
     name = "train-labels-idx1-ubyte"
-    body = (SHARED_MIRROR / f"{name}.gz").read_bytes()
+    body = (MIRROR / f"{name}.gz").read_bytes()
     half_sent, release = threading.Event(), threading.Event()
 
     class HalfThenStall(http.server.BaseHTTPRequestHandler):

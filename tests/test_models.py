@@ -1,5 +1,5 @@
-"""pipeline.models: every registry model with its params.yaml block builds, has the architecture
-params.yaml describes (counted here independently), trains, and honours init, l2 and dropout."""
+"""pipeline.models: every registry model (pipeline.models.registry) with its params.yaml block builds,
+has the architecture params.yaml describes (counted here independently), trains, and honours init, l2 and dropout."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from helpers_train import params_with, raw_params
-from pipeline import models
-from pipeline.lenet import connection_map
-from pipeline.models import REGISTRY
-from pipeline.train import compile_model
+from helpers import params_with, raw_params
+from pipeline.models import registry
+from pipeline.models.lenet import connection_map
+from pipeline.models.registry import PARAM_TYPES, REGISTRY
+from pipeline.train.loop import compile_model
 
 MODELS = list(REGISTRY)
 PIXELS = 28 * 28
@@ -113,9 +113,16 @@ def test_every_registry_model_has_a_params_block():
     assert set(raw_params()["models"]) == set(REGISTRY)
 
 
+def test_params_blocks_are_typed_by_the_registry(params):
+    assert set(PARAM_TYPES) == set(REGISTRY)
+    for name, spec in REGISTRY.items():
+        assert PARAM_TYPES[name] is spec.params
+        assert type(params.model(name)) is spec.params
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_model_builds_with_params_yaml_and_maps_raw_pixels_to_10_logits(name, params):
-    model = models.build(name, params.model(name))
+    model = registry.build(name, params.model(name))
     out = np.asarray(model(pixels(5), training=False))
     assert out.shape == (5, 10)
     assert out.dtype == np.float32
@@ -127,14 +134,14 @@ def test_model_builds_with_params_yaml_and_maps_raw_pixels_to_10_logits(name, pa
 
 @pytest.mark.parametrize("name", MODELS)
 def test_parameter_count_matches_the_architecture_in_params_yaml(name, params):
-    model = models.build(name, params.model(name))
+    model = registry.build(name, params.model(name))
     expected = expected_parameters(name, raw_params()["models"][name])
     assert model.count_params() == expected
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == expected
 
 
 def test_cnn_feature_map_sides_follow_same_padding_and_pooling(params):
-    model = models.build("cnn", params.model("cnn"))
+    model = registry.build("cnn", params.model("cnn"))
     filters = raw_params()["models"]["cnn"]["filters"]
     sides = [model.get_layer(f"pool{i}").output.shape[1] for i in range(1, len(filters) + 1)]
     assert sides[:3] == [14, 7, 4]
@@ -162,7 +169,7 @@ INITIALIZERS = {"normal": keras.initializers.RandomNormal, "glorot": keras.initi
 @pytest.mark.parametrize("init", list(INITIALIZERS))
 @pytest.mark.parametrize("name", MODELS)
 def test_init_chooses_the_keras_initializer(name, init):
-    model = models.build(name, params_with(name, init=init).model(name))
+    model = registry.build(name, params_with(name, init=init).model(name))
     layers = kernel_layers(model)
     assert layers, f"{name} has no layer with a kernel"
     for layer in layers:
@@ -181,7 +188,7 @@ def test_init_chooses_the_keras_initializer(name, init):
     ],
 )
 def test_initial_weights_have_the_initializers_scale(init, check):
-    model = models.build("mlp", params_with("mlp", init=init).model("mlp"))
+    model = registry.build("mlp", params_with("mlp", init=init).model("mlp"))
     kernel = np.asarray(model.get_layer("hidden").kernel)
     fan_in, fan_out = kernel.shape
     assert check(kernel, fan_in, fan_out), (init, kernel.std(), abs(kernel).max())
@@ -189,9 +196,9 @@ def test_initial_weights_have_the_initializers_scale(init, check):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_l2_adds_a_regularization_loss_per_kernel(name):
-    plain = models.build(name, params_with(name, l2=0.0).model(name))
+    plain = registry.build(name, params_with(name, l2=0.0).model(name))
     assert plain.losses == []
-    model = models.build(name, params_with(name, l2=0.01).model(name))
+    model = registry.build(name, params_with(name, l2=0.01).model(name))
     layers = kernel_layers(model)
     assert len(model.losses) == len(layers) > 0
     expected = sum(0.01 * float(np.sum(np.square(np.asarray(layer.kernel)))) for layer in layers)
@@ -203,7 +210,7 @@ def test_deep_mlp_dropout_layers_carry_the_drop_rates():
     block = raw_params()["models"]["deep_mlp"]
     for input_drop, hidden_drop in ((block["input_drop"], block["hidden_drop"]), (0.15, 0.35)):
         p = params_with("deep_mlp", input_drop=input_drop, hidden_drop=hidden_drop).model("deep_mlp")
-        model = models.build("deep_mlp", p)
+        model = registry.build("deep_mlp", p)
         drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
         assert [layer.rate for layer in drops] == [input_drop] + [hidden_drop] * len(p.hidden_units)
         assert model.get_layer("input_dropout").rate == input_drop
@@ -216,7 +223,7 @@ def test_cnn_dropout_layers_carry_the_drop_rates():
     block = raw_params()["models"]["cnn"]
     for conv_drop, dense_drop in ((block["conv_drop"], block["dense_drop"]), (0.15, 0.35)):
         p = params_with("cnn", conv_drop=conv_drop, dense_drop=dense_drop).model("cnn")
-        model = models.build("cnn", p)
+        model = registry.build("cnn", p)
         drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
         assert [layer.rate for layer in drops] == [conv_drop] * len(p.filters) + [dense_drop]
         assert model.get_layer("dense_dropout").rate == dense_drop
@@ -226,7 +233,7 @@ def test_cnn_dropout_layers_carry_the_drop_rates():
 def test_pattern_dropout_layers_carry_the_drop_rate(name):
     for dropout in (raw_params()["models"][name]["dropout"], 0.15):
         p = params_with(name, dropout=dropout).model(name)
-        model = models.build(name, p)
+        model = registry.build(name, p)
         drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
         assert [layer.rate for layer in drops] == [dropout] * (len(p.fc_units) + 1)  # before each FC layer
         names = [layer.name for layer in model.layers]
@@ -235,5 +242,5 @@ def test_pattern_dropout_layers_carry_the_drop_rate(name):
 
 @pytest.mark.parametrize("name", [n for n in ("linear", "logreg", "mlp", "lenet") if n in REGISTRY])
 def test_models_without_dropout_have_no_dropout_layer(name, params):
-    model = models.build(name, params.model(name))
+    model = registry.build(name, params.model(name))
     assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]

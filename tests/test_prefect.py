@@ -26,8 +26,9 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 
 from conftest import MIRROR, REPO, SmallRun, copy_project, dvc, edit_params, free_port, project_env
-from helpers_data import silent_server
-from pipeline.stage import HEARTBEAT_ENV, mark_killed_runs, prefect_settings
+from helpers import silent_server
+from pipeline.cli import mark_killed_runs
+from pipeline.stage import HEARTBEAT_ENV, prefect_settings
 
 
 def flow_runs(tag: str) -> list:
@@ -198,7 +199,7 @@ def test_heartbeats_are_off_unless_the_user_sets_them(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("server", ["closed port", "silent server"])
 def test_an_unreachable_prefect_server_stops_the_stage_before_any_work(tmp_path: Path, server: str) -> None:
     """PREFECT_API_URL set, nothing answering there: a clear message within seconds, not a hang, nothing written."""
-    from helpers_data import closed_port_url
+    from helpers import closed_port_url
 
     with contextlib.ExitStack() as stack:
         url = closed_port_url() if server == "closed port" else stack.enter_context(silent_server())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers_data import random_images, write_raw
+from helpers import random_images, write_raw
 from pipeline.config import DataParams
 from pipeline.data import Split, write_idx
 from pipeline.errors import DataError
@@ -46,7 +46,7 @@ def test_load_raw_reads_the_four_files(splits):
 
 def test_load_raw_refuses_images_and_labels_that_do_not_pair(raw):
     (raw / "t10k-labels-idx1-ubyte").write_bytes(write_idx(np.zeros(N_TEST - 1, dtype=np.uint8)))
-    with pytest.raises(DataError, match=f"t10k: {N_TEST} images but {N_TEST - 1} labels"):
+    with pytest.raises(DataError, match=f"test: {N_TEST} images in t10k-images-idx3-ubyte but {N_TEST - 1} labels in t10k-labels"):
         load_raw(raw)
 
 

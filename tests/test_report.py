@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from helpers_models import load_test_params, prefect_settings
-from pipeline import report
+from helpers import load_stage, load_test_params, prefect_settings
+from pipeline import artifacts, report
 
 # Written in an order that is not the accuracy order; mlp is under its gate.
 METRICS = {
@@ -33,7 +34,7 @@ def evaluations(tmp_path):
     root = tmp_path / "evaluate"
     for name in METRICS:
         (root / name).mkdir(parents=True)
-        (root / name / "metrics.json").write_text(json.dumps(metrics_file(name), indent=2))
+        (root / name / artifacts.METRICS_FILE).write_text(json.dumps(metrics_file(name), indent=2))
     return root
 
 
@@ -45,9 +46,9 @@ def params():
 
 
 def table(markdown: str) -> tuple[list[str], list[list[str]]]:
-    """The leaderboard table's header and body rows, as cells."""
+    """The leaderboard table's header and body rows, as cells (whatever the padding)."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert lines[1].startswith("|---"), "the second table line is the separator"
+    assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[1]), f"the second table line is the separator: {lines[1]!r}"
     header, *body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
     return header, body
 
@@ -74,7 +75,7 @@ def test_leaderboard_json_has_one_entry_per_model(evaluations):
 
 def test_report_markdown_table_and_sections(evaluations, params):
     rows = report.read_metrics(evaluations, list(METRICS))
-    md = report.report_markdown(rows, DATA_REPORT, params)
+    md = report.report_markdown(rows, DATA_REPORT, params.seed)
     header, body = table(md)
     assert header[:4] == ["model", "test accuracy", "gate", "gate passed"]
     assert len(body) == 3 and all(len(r) == len(header) for r in body)
@@ -95,9 +96,44 @@ def test_report_markdown_table_and_sections(evaluations, params):
     assert md.index("## cnn") < md.index("## mlp") < md.index("## logreg")
 
 
-@pytest.mark.parametrize("drop, expected", [({}, 0.0), ({"input_drop": 0.2, "hidden_drop": 0.5}, 0.5), ({"conv_drop": 0.25}, 0.25)])
-def test_dropout_is_the_largest_drop_rate(drop, expected):
-    assert report.dropout({"epochs": 3, "learning_rate": 0.9, **drop}) == expected
+@pytest.mark.parametrize(
+    "model, drop, expected",
+    [
+        ("logreg", {}, 0.0),  # no dropout knob at all
+        ("deep_mlp", {"input_drop": 0.2, "hidden_drop": 0.5}, 0.5),
+        ("deep_mlp", {"input_drop": 0.3, "hidden_drop": 0.1}, 0.3),
+        ("cnn", {"conv_drop": 0.25, "dense_drop": 0.1}, 0.25),
+        ("pattern_small", {"dropout": 0.35}, 0.35),
+    ],
+)
+def test_dropout_is_the_largest_drop_rate(model, drop, expected):
+    block = load_test_params().model(model).model_copy(update={"learning_rate": 0.9, **drop})
+    assert report.dropout(block) == expected
+
+
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [
+        ("accuracy", 0.99354, "99.35%"),
+        ("gate", 0.98, "98.00%"),
+        ("blessed", True, "yes"),
+        ("blessed", False, "**no**"),
+        ("parameters", 1_475_306, "1,475,306"),
+        ("eval_images_per_s", 1234.4, "1,234"),
+        ("loss", 0.0207123, "0.02071"),
+        ("epochs", 8, "8"),
+    ],
+)
+def test_cell_formats_each_leaderboard_value(key, value, shown):
+    assert report.cell(key, value) == shown
+
+
+def test_leaderboard_table_has_one_row_per_model_in_order(evaluations):
+    rows = report.read_metrics(evaluations, list(METRICS))
+    shown = report.leaderboard_table(rows)
+    assert [r["model"] for r in shown] == BEST_FIRST
+    assert list(shown[0])[:4] == ["model", "test accuracy", "gate", "gate passed"]
+    assert shown[1]["gate passed"] == "**no**" and shown[1]["test accuracy"] == "97.12%"
 
 
 # --- TensorBoard HParams --------------------------------------------------------------------
@@ -124,7 +160,7 @@ def test_write_hparams_writes_one_session_per_model(evaluations, params, tmp_pat
 
     rows = report.read_metrics(evaluations, list(METRICS))
     logdir = tmp_path / "tb"
-    report.write_hparams(rows, params, logdir)
+    report.write_hparams(rows, params.models, logdir)
 
     experiment = hparams_data(load_events(logdir), "_hparams_/experiment").experiment
     assert {h.name for h in experiment.hparam_infos} >= {"model", "optimizer", "learning_rate", "batch_size", "epochs", "dropout"}
@@ -136,12 +172,13 @@ def test_write_hparams_writes_one_session_per_model(evaluations, params, tmp_pat
         start = hparams_data(acc, "_hparams_/session_start_info").session_start_info
         hp = start.hparams
         assert hp["model"].string_value == name
-        assert hp["optimizer"].string_value == params.models[name]["optimizer"]
-        assert hp["learning_rate"].number_value == pytest.approx(params.models[name]["learning_rate"])
-        assert hp["batch_size"].number_value == params.models[name]["batch_size"]
-        assert hp["epochs"].number_value == params.models[name]["epochs"]
+        block = params.model(name)
+        assert hp["optimizer"].string_value == block.optimizer
+        assert hp["learning_rate"].number_value == pytest.approx(block.learning_rate)
+        assert hp["batch_size"].number_value == block.batch_size
+        assert hp["epochs"].number_value == block.epochs
         assert hp["parameters"].number_value == METRICS[name]["parameters"]
-        assert hp["dropout"].number_value == pytest.approx(report.dropout(params.models[name]))
+        assert hp["dropout"].number_value == pytest.approx(report.dropout(block))
         for tag, key in (("test/accuracy", "accuracy"), ("test/loss", "loss"), ("validation/accuracy", "val_accuracy")):
             (event,) = acc.Tensors(tag)
             assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(METRICS[name][key], abs=1e-6)
@@ -152,8 +189,7 @@ def test_write_hparams_writes_one_session_per_model(evaluations, params, tmp_pat
 
 
 def test_report_flow_writes_leaderboard_report_and_hparams(evaluations, params, tmp_path):
-    from pipeline.flows import report_flow
-
+    report_flow = load_stage("report").report_flow
     data_report = tmp_path / "data_report.json"
     data_report.write_text(json.dumps(DATA_REPORT))
     leaderboard, out, tb = tmp_path / "leaderboard.json", tmp_path / "report.md", tmp_path / "tb" / "report"

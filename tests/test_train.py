@@ -1,7 +1,7 @@
 """pipeline.train on small synthetic data: determinism, resume after SIGKILL, the NaN guard,
 dead-ReLU and TensorBoard summaries, and the seed's tutorials.
 
-Runs that compare weights bit for bit run in subprocesses (tests/helpers_train.py as a
+Runs that compare weights bit for bit run in subprocesses (tests/helpers.py as a
 script): seed_everything switches on TF op determinism for the whole process, and the
 resume test SIGKILLs its trainer.
 """
@@ -23,8 +23,9 @@ import yaml
 from tensorflow.python.framework import config as tf_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers_data import PYTHON, REPO
-from helpers_train import (
+from helpers import (
+    PYTHON,
+    REPO,
     SMALL_CNN,
     edited_raw,
     finish_worker,
@@ -34,9 +35,12 @@ from helpers_train import (
     write_data,
 )
 from pipeline import tutorials
+from pipeline.artifacts import CHECKPOINT_STATE, HISTORY_FILE, META_FILE, MODEL_FILE
 from pipeline.errors import TrainingDiverged
-from pipeline.models import LinearParams
-from pipeline.train import DEAD_RELU_PROBE, MODEL_FILE, META_FILE, STATE_FILE, dead_fraction, train_model
+from pipeline.models.linear import LinearParams
+from pipeline.train.callbacks import dead_fraction
+from pipeline.train.loop import DEAD_RELU_PROBE, train_model
+from pipeline.train.optimizers import make_optimizer
 
 EPOCHS = SMALL_CNN["epochs"]
 
@@ -63,7 +67,7 @@ def assert_same_arrays(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 
 
 class Run:
-    """One worker job (tests/helpers_train.py) and where it writes."""
+    """One worker job (tests/helpers.py) and where it writes."""
 
     def __init__(self, base: Path, tag: str, data: Path, resume: Path | None = None, tensorboard: Path | None = None, **job):
         self.folder = base / tag
@@ -150,7 +154,9 @@ def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
         resume, tensorboard = base / tag / "resume", base / tag / "tensorboard"
         shutil.copytree(killed.resume, resume)
         shutil.copytree(killed.job["tensorboard"], tensorboard)
-        runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, overrides=overrides)
+        # other_lr writes no final outputs, so its resume folder (deleted once they are written) can be inspected
+        out = {"out": None} if tag == "other_lr" else {}
+        runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, overrides=overrides, **out)
     run_all(*runs.values())
     return runs
 
@@ -174,7 +180,7 @@ def test_killed_run_leaves_the_epoch_1_checkpoint_and_no_final_outputs(first_run
     assert sorted(p.name for p in killed.resume.iterdir()) == ["epoch-0001"]
     ckpt = killed.resume / "epoch-0001"
     assert (ckpt / MODEL_FILE).is_file()
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
     assert state["epochs_done"] == 1
     assert len(state["history"]["loss"]) == 1
     assert not killed.out.exists()
@@ -195,7 +201,10 @@ def test_resumed_run_continues_after_epoch_1_and_ends_as_the_uninterrupted_run(f
     assert (resumed.out / MODEL_FILE).is_file()
     saved = keras.models.load_model(resumed.out / MODEL_FILE)
     assert_same_arrays(a.weights(), [np.asarray(w) for w in saved.get_weights()])
-    assert (resumed.out / "history.csv").read_text().count("\n") == EPOCHS + 1
+    assert (resumed.out / HISTORY_FILE).read_text().count("\n") == EPOCHS + 1
+    # with the final outputs written, nothing is left to resume: the checkpoints are gone
+    assert not resumed.resume.exists()
+    assert not a.resume.exists()
 
 
 def test_checkpoint_made_with_other_params_is_discarded(first_runs, second_runs):
@@ -206,7 +215,7 @@ def test_checkpoint_made_with_other_params_is_discarded(first_runs, second_runs)
     assert "resuming" not in other.stderr
     assert len(other.result()["history"]["loss"]) == EPOCHS
     assert sorted(p.name for p in other.resume.iterdir()) == [f"epoch-{EPOCHS:04d}"]
-    assert json.loads((other.resume / f"epoch-{EPOCHS:04d}" / STATE_FILE).read_text())["epochs_done"] == EPOCHS
+    assert json.loads((other.resume / f"epoch-{EPOCHS:04d}" / CHECKPOINT_STATE).read_text())["epochs_done"] == EPOCHS
     # trained from scratch at the other rate: not the weights of the learning rate 0.001 run
     assert not all(np.array_equal(x, y) for x, y in zip(a.weights(), other.weights()))
 
@@ -214,14 +223,18 @@ def test_checkpoint_made_with_other_params_is_discarded(first_runs, second_runs)
 # --- the NaN guard ----------------------------------------------------------------------------
 
 # The config caps learning_rate at 10; plain SGD at 10 on least squares over 784 inputs blows up in a few steps.
-DIVERGING = {"optimizer": "sgd", "learning_rate": 10.0, "momentum": 0.0, "lr_schedule": "constant", "batch_size": 16, "epochs": 2}
+# (Plain SGD has no `momentum` knob: the config allows it only for optimizer momentum.)
+DIVERGING = {"optimizer": "sgd", "learning_rate": 10.0, "lr_schedule": "constant", "batch_size": 16, "epochs": 2}
 
 
 def test_nan_guard_raises_training_diverged_naming_model_epoch_and_learning_rate(tmp_path):
     splits = write_data(tmp_path / "data")
     params = params_with("linear", **DIVERGING)
     with pytest.raises(TrainingDiverged) as err:
-        train_model("linear", params, splits, tmp_path / "data", tmp_path / "resume", tmp_path / "tb")
+        train_model(
+            "linear", params.model("linear"), params.seed, params.train, splits, tmp_path / "data",
+            tmp_path / "resume", tmp_path / "tb",
+        )
     message = str(err.value)
     assert "model 'linear' diverged" in message
     assert "in epoch 1" in message
@@ -327,7 +340,8 @@ def tb_run(tmp_path_factory):
     steps = -(-len(splits["train"].y) // overrides["batch_size"])
     try:
         result = train_model(
-            "cnn", params, splits, tmp / "data", tmp / "resume", tmp / "tb", callbacks=[KillConv2Units(steps - 1)]
+            "cnn", params.model("cnn"), params.seed, params.train, splits, tmp / "data", tmp / "resume", tmp / "tb",
+            callbacks=[KillConv2Units(steps - 1)],
         )
     finally:
         tf_config.disable_op_determinism()
@@ -375,6 +389,15 @@ def test_tensorboard_has_weight_histograms_of_every_layer(tb_run):
     assert all(len(acc.Tensors(tag)) == TB_EPOCHS for tag in histograms)  # one per epoch
 
 
+def markdown_rows(table: str) -> dict[str, str]:
+    """A two-column markdown table (header, rule, rows) as {first cell: second cell}, cells stripped."""
+    lines = table.strip().splitlines()
+    assert len(lines) > 2 and set(lines[1]) <= set("|-: "), table
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+    assert all(len(row) == 2 for row in cells), table
+    return dict(cells)
+
+
 def test_tensorboard_has_the_model_text(tb_run):
     tb, result, _, params = tb_run
     acc = accumulator(tb / "train")
@@ -383,8 +406,11 @@ def test_tensorboard_has_the_model_text(tb_run):
     params_md = tf.make_ndarray(acc.Tensors("model/params")[0].tensor_proto).item().decode()
     assert f"{result.model.count_params():,}" in layers_md
     assert "conv1" in layers_md and "logits" in layers_md
-    assert "| learning_rate | 0.001 |" in params_md
-    assert f"| filters | {params.model('cnn').filters} |" in params_md
+    table = markdown_rows(params_md)
+    assert table["learning_rate"] == "0.001"
+    assert table["filters"] == str(params.model("cnn").filters) == str(SMALL_CNN["filters"])
+    assert table["optimizer"] == "rmsprop" and table["rho"] == "0.9"
+    assert set(table) == set(params.model("cnn").model_dump())  # every knob of the block, and only those
 
 
 def test_tensorboard_has_dead_relu_fractions_of_every_relu_layer(tb_run):
@@ -421,9 +447,24 @@ def test_fit_line_recovers_the_slope():
     x, y = tutorials.noisy_line()
     p = LinearParams(
         optimizer="sgd", learning_rate=0.01, batch_size=1, epochs=20, lr_schedule="constant",
-        lr_decay=1.0, init="normal", l2=0.0, momentum=0.0,
+        lr_decay=1.0, init="normal", l2=0.0,
     )
     w = tutorials.fit_line(x, y, p, seed=1337)
     least_squares = float(np.dot(x, y) / np.dot(x, x))
     assert abs(w - 2.0) < 0.1
     assert abs(w - least_squares) < 0.05
+
+
+# --- the optimizer and its own knob ------------------------------------------------------------
+
+
+def test_each_optimizer_gets_its_own_knob():
+    cnn = params_with("cnn").model("cnn")
+    rmsprop = make_optimizer(cnn, steps_per_epoch=10)
+    assert isinstance(rmsprop, keras.optimizers.RMSprop) and rmsprop.rho == pytest.approx(0.9)
+    assert make_optimizer(cnn.model_copy(update={"rho": 0.5}), 10).rho == pytest.approx(0.5)
+    momentum = make_optimizer(params_with("mlp", optimizer="momentum", momentum=0.7).model("mlp"), 10)
+    assert type(momentum) is keras.optimizers.SGD and momentum.momentum == pytest.approx(0.7)
+    sgd = make_optimizer(params_with("mlp", optimizer="sgd").model("mlp"), 10)
+    assert type(sgd) is keras.optimizers.SGD and sgd.momentum == 0.0
+    assert isinstance(make_optimizer(params_with("mlp").model("mlp"), 10), keras.optimizers.Adam)

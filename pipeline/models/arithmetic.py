@@ -1,4 +1,4 @@
-"""The seed's conv-net arithmetic: each layer's output volume and parameter count, from the formulas.
+"""The course notes' conv-net arithmetic: each layer's output volume and parameter count, from the formulas.
 
     conv:    W2 = (W1 - F + 2P)/S + 1,  H2 likewise,  D2 = K;  (F*F*D1)*K weights + K biases
     pool:    W2 = (W1 - F)/S + 1,       D2 = D1;      no parameters
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import keras
 
+from pipeline import tables
+from pipeline.models.lenet import SparseConv2D, SubSampling
 
 @dataclass(frozen=True)
 class Row:
@@ -46,8 +48,6 @@ def _spatial(layer, w: int, f: int, s: int) -> tuple[int, int, str]:
 
 def layer_table(model: keras.Model) -> list[Row]:
     """One row per layer of a Sequential model built from the registry, computed from the formulas."""
-    from pipeline.lenet import SparseConv2D, SubSampling
-
     shape: tuple[int, ...] = tuple(int(d) for d in model.inputs[0].shape[1:])
     rows = [Row("input", "Input", shape, 0, "raw pixels")]
     for layer in model.layers:
@@ -95,10 +95,4 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
     header = ["layer", "type", "output volume", "parameters", "formula"]
     cells = [[r.name, r.kind, " x ".join(map(str, r.shape)), f"{r.params:,}", r.formula] for r in rows]
     cells.append(["total", "", "", f"{sum(r.params for r in rows):,}", ""])
-    if markdown:
-        from pipeline.summaries import markdown_table
-
-        return markdown_table(header, cells)
-    widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in [header, *cells]]
-    return "\n".join(lines)
+    return tables.markdown(header, cells) if markdown else tables.columns(header, cells)

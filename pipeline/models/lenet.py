@@ -1,8 +1,8 @@
-"""The seed's LeNet-style convolution flow, as two Keras layers and a builder.
+"""The course notes' LeNet-style convolution flow, as two Keras layers and a builder.
 
 The flow: convolution -> tanh (or |tanh|) -> sub-sampling (2x2 average, times a trainable
 coefficient, plus a trainable bias, per feature map) -> a convolution whose maps each see a
-seeded random strict subset of the previous maps (the seed's symmetry breaking) -> ... ->
+seeded random strict subset of the previous maps (the notes' symmetry breaking) -> ... ->
 a linear classifier y = Ax + b.
 """
 
@@ -16,6 +16,7 @@ import tensorflow as tf
 from pydantic import Field, model_validator
 
 from pipeline.config import ModelParams, PositiveInt
+from pipeline.models.layers import as_image, dense, initializer, l2, logits, pixels_in
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -64,7 +65,7 @@ class SparseConv2D(keras.layers.Layer):
     """A 'valid' convolution in which output map j only sees the input maps that `connections[:, j]` marks.
 
     Only the connected weights exist (F*F per connected pair), so the parameter count is
-    the seed's: F*F*(connected pairs) + K biases.
+    the notes': F*F*(connected pairs) + K biases.
     """
 
     def __init__(
@@ -122,12 +123,12 @@ class SparseConv2D(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="pipeline")
 def abs_tanh(x):
-    """The seed's "apply Tan & Abs": |tanh(x)|."""
+    """The notes' "apply Tan & Abs": |tanh(x)|."""
     return tf.abs(tf.tanh(x))
 
 
 class LeNetParams(ModelParams):
-    """The seed's LeNet-style flow: C1 -> S2 -> sparse C3 -> S4 -> C5 -> F6 -> linear classifier."""
+    """The notes' LeNet-style flow: C1 -> S2 -> sparse C3 -> S4 -> C5 -> F6 -> linear classifier."""
 
     activation: Literal["tanh", "abs_tanh"]
     c1_maps: PositiveInt
@@ -149,27 +150,24 @@ class LeNetParams(ModelParams):
 
 
 def build_lenet(p: LeNetParams) -> keras.Model:
-    from pipeline.models import dense, initializer, pixels_in
-
     act = abs_tanh if p.activation == "abs_tanh" else "tanh"
-    l2 = keras.regularizers.L2(p.l2) if p.l2 else None
     mask = connection_map(p.c1_maps, p.c3_maps, p.c3_inputs[0], p.c3_inputs[1], p.connection_seed)
     return keras.Sequential(
         [
             *pixels_in(),
-            keras.layers.Reshape((28, 28, 1), name="to_image"),
+            as_image(),
             keras.layers.Conv2D(
-                p.c1_maps, 5, padding="same", activation=act, kernel_initializer=initializer(p), kernel_regularizer=l2, name="c1"
+                p.c1_maps, 5, padding="same", activation=act, kernel_initializer=initializer(p), kernel_regularizer=l2(p), name="c1"
             ),
             SubSampling(2, name="s2"),
             keras.layers.Activation(act, name="s2_act"),
-            SparseConv2D(p.c3_maps, 5, mask, activation=act, kernel_initializer=initializer(p), kernel_regularizer=l2, name="c3"),
+            SparseConv2D(p.c3_maps, 5, mask, activation=act, kernel_initializer=initializer(p), kernel_regularizer=l2(p), name="c3"),
             SubSampling(2, name="s4"),
             keras.layers.Activation(act, name="s4_act"),
             keras.layers.Flatten(name="flatten"),
             dense(p.c5_units, p, act, "c5"),
             dense(p.f6_units, p, act, "f6"),
-            dense(10, p, name="logits"),  # the linear classifier y = Ax + b
+            logits(p),  # the linear classifier y = Ax + b
         ],
         name="lenet",
     )

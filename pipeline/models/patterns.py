@@ -1,10 +1,10 @@
-"""The seed's layer-pattern grammar as a model defined in params.yaml:
+"""The course's layer-pattern grammar, from its conv-net notes, as a model defined in params.yaml:
 
     INPUT -> [[CONV -> RELU]*N -> POOL?]*M -> [FC -> RELU]*K -> FC
 
 N convolutions per block, M blocks (one entry each under `blocks`, with its filter count,
 its convolutions' F, S, P and its pool's F, S, or no pool), K hidden FC layers (`fc_units`).
-The seed bounds N <= 3 and K < 3. The geometry is checked with the seed's formulas before
+The notes bound N <= 3 and K < 3. The geometry is checked with the notes' formulas before
 any training: every W2 must be a positive whole number, else the config names the layer.
 """
 
@@ -14,9 +14,12 @@ import keras
 from pydantic import Field, model_validator
 
 from pipeline.config import ModelParams, PositiveInt, Rate, Section
+from pipeline.mnist import IMAGE_SHAPE
+from pipeline.models.arithmetic import conv_size
+from pipeline.models.layers import as_image, dense, initializer, l2, logits, pixels_in
 
-MAX_N = 3  # the seed: N <= 3
-MAX_K = 2  # the seed: K < 3
+MAX_N = 3  # the notes: N <= 3
+MAX_K = 2  # the notes: K < 3
 
 
 class Block(Section):
@@ -37,14 +40,14 @@ class PatternParams(ModelParams):
     dropout: Rate  # before each FC layer
 
     @model_validator(mode="after")
-    def _within_the_seeds_bounds(self) -> PatternParams:
+    def _within_the_notes_bounds(self) -> PatternParams:
         if self.n > MAX_N:
-            raise ValueError(f"n = {self.n}: the seed's pattern allows at most N = {MAX_N} CONV -> RELU per block")
+            raise ValueError(f"n = {self.n}: the notes' pattern allows at most N = {MAX_N} CONV -> RELU per block")
         if len(self.fc_units) > MAX_K:
             raise ValueError(
-                f"fc_units has K = {len(self.fc_units)} layers: the seed's pattern allows K < 3 ([FC -> RELU]*K)"
+                f"fc_units has K = {len(self.fc_units)} layers: the notes' pattern allows K < 3 ([FC -> RELU]*K)"
             )
-        size = 28
+        size = IMAGE_SHAPE[0]  # square images: the width follows the same arithmetic
         for m, block in enumerate(self.blocks, 1):
             if (block.pool_f is None) != (block.pool_s is None):
                 raise ValueError(f"block {m}: give pool_f and pool_s together, or neither for no POOL")
@@ -56,8 +59,6 @@ class PatternParams(ModelParams):
 
 
 def _check(w1: int, f: int, s: int, pad_total: int, where: str) -> int:
-    from pipeline.layer_table import conv_size
-
     w2 = conv_size(w1, f, s, pad_total)
     if w2 != int(w2) or w2 <= 0:
         raise ValueError(
@@ -68,9 +69,7 @@ def _check(w1: int, f: int, s: int, pad_total: int, where: str) -> int:
 
 
 def build_pattern(p: PatternParams, name: str = "pattern") -> keras.Model:
-    from pipeline.models import dense, initializer, pixels_in
-
-    stack = [*pixels_in(), keras.layers.Reshape((28, 28, 1), name="to_image")]
+    stack = [*pixels_in(), as_image()]
     for m, block in enumerate(p.blocks, 1):
         for i in range(1, p.n + 1):
             if block.p:
@@ -78,9 +77,7 @@ def build_pattern(p: PatternParams, name: str = "pattern") -> keras.Model:
             stack.append(
                 keras.layers.Conv2D(
                     block.filters, block.f, strides=block.s, padding="valid", activation="relu",
-                    kernel_initializer=initializer(p),
-                    kernel_regularizer=keras.regularizers.L2(p.l2) if p.l2 else None,
-                    name=f"b{m}_conv{i}",
+                    kernel_initializer=initializer(p), kernel_regularizer=l2(p), name=f"b{m}_conv{i}",
                 )
             )
         if block.pool_f is not None:
@@ -88,5 +85,5 @@ def build_pattern(p: PatternParams, name: str = "pattern") -> keras.Model:
     stack.append(keras.layers.Flatten(name="flatten"))
     for k, units in enumerate(p.fc_units, 1):
         stack += [keras.layers.Dropout(p.dropout, name=f"fc{k}_dropout"), dense(units, p, "relu", f"fc{k}")]
-    stack += [keras.layers.Dropout(p.dropout, name="out_dropout"), dense(10, p, name="logits")]
+    stack += [keras.layers.Dropout(p.dropout, name="out_dropout"), logits(p)]
     return keras.Sequential(stack, name=name)

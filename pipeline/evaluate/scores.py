@@ -1,0 +1,78 @@
+"""A model's scores on the test set, and the quality gate that decides whether it is exported."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.data import Split
+from pipeline.mnist import NUM_CLASSES
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's test results."""
+
+    metrics: dict
+    probabilities: np.ndarray  # float32 [n, classes]
+    predictions: np.ndarray  # int [n]
+    confusion: np.ndarray  # int [classes, classes], rows = true digit, columns = predicted
+    per_class: dict[str, np.ndarray]  # precision, recall, f1, accuracy per digit
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Counts of (true, predicted) pairs."""
+    return np.bincount(y_true.astype(int) * NUM_CLASSES + y_pred.astype(int), minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
+
+
+def per_class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall (= per-class accuracy) and F1 per digit; 0 where undefined."""
+    tp = np.diag(confusion).astype(float)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": recall}
+
+
+def passes_gate(accuracy: float, gate: float) -> bool:
+    """The quality gate (TFX's "blessing"): a model is exported only if its test accuracy reaches its gate."""
+    return accuracy >= gate
+
+
+def evaluate_model(model: keras.Model, meta: dict, test: Split, gate: float, batch_size: int) -> Evaluation:
+    """Predict the test set, score it, and decide the quality gate (blessing)."""
+    x = test.x.astype(np.float32)
+    model.predict(x[:batch_size], batch_size=batch_size, verbose=0)  # warm-up: tracing is not throughput
+    start = time.perf_counter()
+    logits = model.predict(x, batch_size=batch_size, verbose=0)
+    seconds = time.perf_counter() - start
+    scores = model.evaluate(x, test.y.astype(np.int32), batch_size=batch_size, verbose=0, return_dict=True)
+    probabilities = tf.nn.softmax(logits).numpy()
+    predictions = logits.argmax(axis=1)
+    confusion = confusion_matrix(test.y, predictions)
+    per_class = per_class_scores(confusion)
+    accuracy = float((predictions == test.y).mean())
+    metrics = {
+        "model": meta["model"],
+        "accuracy": round(accuracy, 6),
+        "loss": round(float(scores["loss"]), 6),
+        "macro_precision": round(float(per_class["precision"].mean()), 6),
+        "macro_recall": round(float(per_class["recall"].mean()), 6),
+        "macro_f1": round(float(per_class["f1"].mean()), 6),
+        "test_images": int(len(test.y)),
+        "gate": gate,
+        "blessed": passes_gate(accuracy, gate),
+        "parameters": meta["parameters"],
+        "epochs": meta["epochs"],
+        "val_accuracy": meta["val_accuracy"],
+        "train_seconds": meta["train_seconds"],
+        "eval_images_per_s": round(len(test.y) / seconds, 1),
+    }
+    return Evaluation(metrics, probabilities, predictions, confusion, per_class)

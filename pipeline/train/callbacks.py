@@ -1,0 +1,128 @@
+"""Keras callbacks of a training run: per-epoch seeds, a NaN guard, dead-ReLU counts, a log line."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed derived from integers (seed, layer, epoch, ...) alone."""
+    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def seeded_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers that draw random numbers (dropout and the like), in a fixed order."""
+    return [layer for layer in model._flatten_layers(include_self=False) if hasattr(layer, "seed_generator")]
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """Reset every random layer's seed-generator state from (seed, layer, epoch) at each epoch start."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        for i, layer in enumerate(seeded_layers(self.model)):
+            state = layer.seed_generator.state
+            state.assign(np.array([derived_seed(self.seed, i, epoch), 0], dtype=state.dtype))
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stop with a clear error as soon as the loss is NaN or infinite."""
+
+    def __init__(self, name: str, learning_rate: float):
+        super().__init__()
+        self.name, self.learning_rate, self.epoch = name, learning_rate, 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(
+                f"model '{self.name}' diverged: the loss became {float(loss)} in epoch {self.epoch + 1}, batch {batch + 1}. "
+                f"Lower models.{self.name}.learning_rate in params.yaml (now {self.learning_rate}) and run again."
+            )
+
+
+def relu_outputs(model: keras.Model) -> list[keras.layers.Layer]:
+    """Layers whose output is a ReLU activation."""
+    relu = keras.activations.relu
+    return [
+        layer
+        for layer in model.layers
+        if getattr(layer, "activation", None) is relu or isinstance(layer, keras.layers.ReLU)
+    ]
+
+
+def dead_fraction(activations: np.ndarray) -> float:
+    """Fraction of units (last axis) that are 0 for every sample and position."""
+    per_unit = activations.reshape(-1, activations.shape[-1]).max(axis=0)
+    return float((per_unit <= 0).mean())
+
+
+class DeadReLU(keras.callbacks.Callback):
+    """The fraction of dead ReLU units per layer per epoch (the notes' "monitor the fraction of dead
+    neurons"): units that output 0 for every probe image."""
+
+    def __init__(self, probe: np.ndarray, logdir: Path):
+        super().__init__()
+        self.probe = tf.constant(probe.astype(np.float32))
+        self.logdir = logdir
+        self.writer: Any = None
+        self.probe_model: keras.Model | None = None
+        self.names: list[str] = []
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        relu_layers = relu_outputs(self.model)
+        if relu_layers:
+            self.names = [layer.name for layer in relu_layers]
+            self.probe_model = keras.Model(self.model.inputs[0], [layer.output for layer in relu_layers])
+            self.writer = tf.summary.create_file_writer(str(self.logdir))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.probe_model is None:
+            return
+        outputs = self.probe_model(self.probe, training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        with self.writer.as_default():
+            for name, out in zip(self.names, outputs):
+                tf.summary.scalar(f"dead_relu/{name}", dead_fraction(out.numpy()), step=epoch)
+        self.writer.flush()
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One log line per epoch (loss, accuracy, validation accuracy, seconds); adds seconds and learning rate to the logs."""
+
+    def __init__(self, name: str, epochs: int):
+        super().__init__()
+        self.name, self.epochs, self.start = name, epochs, 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        logs["seconds"] = time.perf_counter() - self.start
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        log.info(
+            "%s epoch %d/%d: loss %.4f, accuracy %.4f, val_accuracy %.4f, %.1f s",
+            self.name, epoch + 1, self.epochs, logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
+            logs.get("val_accuracy", float("nan")), logs["seconds"],
+        )
