@@ -106,23 +106,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
-    """The Prefect UI and TensorBoard together, until Ctrl-C."""
-    from pipeline import servers
-
-    with servers.prefect_server(args.host, args.prefect_port) as api, servers.tensorboard_server(
-        TENSORBOARD_LOGDIR, args.host, args.tensorboard_port
-    ) as tb:
-        print(
-            f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
-            f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
-            flush=True,
-        )
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops both servers too
-        try:
+    """The Prefect UI and TensorBoard together, until Ctrl-C or SIGTERM."""
+    # SIGTERM is Ctrl-C from the first moment, start-up included: a `kill` during start-up
+    # still stops whichever server has started, and leaves none running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with servers.prefect_server(args.host, args.prefect_port) as api, servers.tensorboard_server(
+            TENSORBOARD_LOGDIR, args.host, args.tensorboard_port
+        ) as tb:
+            print(
+                f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
+                f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
+                flush=True,
+            )
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopping ...")
+    except KeyboardInterrupt:
+        print("stopped.", flush=True)
     return 0
 
 

@@ -254,12 +254,8 @@ def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> 
         server.wait(timeout=30)
 
 
-def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path) -> None:
-    """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both."""
-    import psutil
-
-    from pipeline.servers import answers
-
+def start_dashboards(tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
+    """`mnist dashboards` on two free ports, in an empty project, with its own PREFECT_HOME; output piped."""
     project = tmp_path / "project"
     (project / "data" / "tensorboard").mkdir(parents=True)
     prefect_port, tensorboard_port = free_port(), free_port()
@@ -269,10 +265,23 @@ def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Pat
         [sys.executable, "-m", "pipeline.cli", "dashboards", "--prefect-port", str(prefect_port), "--tensorboard-port", str(tensorboard_port)],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    return command, prefect_port, tensorboard_port
+
+
+def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path) -> None:
+    """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both."""
+    import psutil
+
+    from pipeline.servers import answers
+
+    command, prefect_port, tensorboard_port = start_dashboards(tmp_path)
     urls = [f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{tensorboard_port}/data/logdir"]
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(command.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not all(answers(url) for url in urls):
+        while not (any("Ctrl-C stops both" in line for line in lines) and all(answers(url) for url in urls)):
             assert command.poll() is None and time.monotonic() < deadline, "the dashboards did not start"
             time.sleep(0.5)
         listening = {
@@ -283,7 +292,36 @@ def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Pat
         assert all(a.ip == "127.0.0.1" for a in listening), listening
     finally:
         command.terminate()
-        output, _ = command.communicate(timeout=60)
+        command.wait(timeout=60)
+        reader.join(timeout=10)
+    output = "".join(lines)
     assert command.returncode == 0, output
     assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in output
     assert not any(answers(url, timeout_s=1.0) for url in urls)
+
+
+def test_dashboards_sigterm_during_start_up_leaves_no_server(tmp_path: Path) -> None:
+    """SIGTERM as soon as the Prefect server answers, TensorBoard perhaps not yet: exit 0, both ports closed, no child left."""
+    import psutil
+
+    from pipeline.servers import answers
+
+    command, prefect_port, tensorboard_port = start_dashboards(tmp_path)
+    prefect_url = f"http://127.0.0.1:{prefect_port}/api/health"
+    children: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not answers(prefect_url):
+            assert command.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+            children = psutil.Process(command.pid).children(recursive=True)
+            time.sleep(0.2)
+        children = psutil.Process(command.pid).children(recursive=True)
+    finally:
+        command.terminate()
+        output, _ = command.communicate(timeout=60)
+    assert command.returncode == 0, output
+    assert children, "no server process was seen"
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {alive}"
+    assert not answers(prefect_url, timeout_s=1.0)
+    assert not answers(f"http://127.0.0.1:{tensorboard_port}/data/logdir", timeout_s=1.0)
