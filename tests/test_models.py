@@ -77,7 +77,7 @@ def params():
 
 
 def test_hand_counts_of_the_seed_architectures():
-    """The hand count itself, on the seed course's architectures."""
+    """The hand count itself, on the course's architectures."""
     assert expected_parameters("logreg", {}) == 7850
     assert expected_parameters("linear", {}) == 7850
     assert expected_parameters("mlp", {"hidden_units": 625}) == 784 * 625 + 625 + 625 * 10 + 10 == 496_885
@@ -85,7 +85,7 @@ def test_hand_counts_of_the_seed_architectures():
     # conv 3x3: 1->32, 32->64, 64->128; 28 -> 14 -> 7 -> 4; flatten 4*4*128 = 2048; 2048 -> 625 -> 10
     cnn = {"filters": [32, 64, 128], "kernel_size": 3, "dense_units": 625}
     assert expected_parameters("cnn", cnn) == 320 + 18_496 + 73_856 + (2048 * 625 + 625) + 6_260 == 1_379_557
-    # the seed's pattern example INPUT -> [CONV -> RELU -> POOL]*2 -> FC -> RELU -> FC, 5x5 convs padded by 2
+    # the course notes' pattern example INPUT -> [CONV -> RELU -> POOL]*2 -> FC -> RELU -> FC, 5x5 convs padded by 2
     small = {
         "n": 1,
         "blocks": [
@@ -176,7 +176,7 @@ def test_init_chooses_the_keras_initializer(name, init):
         initializer = getattr(layer, "kernel_initializer", None)
         assert type(initializer) is INITIALIZERS[init], (layer.name, initializer)
         if init == "normal":
-            assert layer.kernel_initializer.stddev == 0.01  # the seed's N(0, 0.01)
+            assert layer.kernel_initializer.stddev == 0.01  # the course's N(0, 0.01)
 
 
 @pytest.mark.parametrize(

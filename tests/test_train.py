@@ -1,5 +1,5 @@
 """pipeline.train on small synthetic data: determinism, resume after SIGKILL, the NaN guard,
-dead-ReLU and TensorBoard summaries, and the seed's tutorials.
+dead-ReLU and TensorBoard summaries, and the course's tutorials.
 
 Runs that compare weights bit for bit run in subprocesses (tests/helpers.py as a
 script): seed_everything switches on TF op determinism for the whole process, and the
@@ -435,7 +435,7 @@ def test_tensorboard_has_dead_relu_fractions_of_every_relu_layer(tb_run):
     assert conv2[0] < KILLED_UNITS / filters
 
 
-# --- the seed's tutorials ----------------------------------------------------------------------
+# --- the course's tutorials ----------------------------------------------------------------------
 
 
 def test_multiply():
