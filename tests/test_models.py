@@ -206,27 +206,23 @@ def test_l2_adds_a_regularization_loss_per_kernel(name):
     assert expected > 0
 
 
-def test_deep_mlp_dropout_layers_carry_the_drop_rates():
-    block = raw_params()["models"]["deep_mlp"]
-    for input_drop, hidden_drop in ((block["input_drop"], block["hidden_drop"]), (0.15, 0.35)):
-        p = params_with("deep_mlp", input_drop=input_drop, hidden_drop=hidden_drop).model("deep_mlp")
-        model = registry.build("deep_mlp", p)
-        drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-        assert [layer.rate for layer in drops] == [input_drop] + [hidden_drop] * len(p.hidden_units)
-        assert model.get_layer("input_dropout").rate == input_drop
-        # the input dropout comes before the first hidden layer, each hidden dropout after its layer
+@pytest.mark.parametrize(("name", "first_key", "second_key"), [("deep_mlp", "input_drop", "hidden_drop"), ("cnn", "conv_drop", "dense_drop")])
+def test_dropout_layers_carry_the_drop_rates(name: str, first_key: str, second_key: str):
+    block = raw_params()["models"][name]
+    for first, second in ((block[first_key], block[second_key]), (0.15, 0.35)):
+        p = params_with(name, **{first_key: first, second_key: second}).model(name)
+        model = registry.build(name, p)
+        rates = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
         names = [layer.name for layer in model.layers]
-        assert names.index("input_dropout") < names.index("hidden1") < names.index("dropout1")
-
-
-def test_cnn_dropout_layers_carry_the_drop_rates():
-    block = raw_params()["models"]["cnn"]
-    for conv_drop, dense_drop in ((block["conv_drop"], block["dense_drop"]), (0.15, 0.35)):
-        p = params_with("cnn", conv_drop=conv_drop, dense_drop=dense_drop).model("cnn")
-        model = registry.build("cnn", p)
-        drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-        assert [layer.rate for layer in drops] == [conv_drop] * len(p.filters) + [dense_drop]
-        assert model.get_layer("dense_dropout").rate == dense_drop
+        if name == "deep_mlp":
+            assert rates == [first] + [second] * len(p.hidden_units)
+            assert model.get_layer("input_dropout").rate == first
+            # the input dropout comes before the first hidden layer, each hidden dropout after its layer
+            assert names.index("input_dropout") < names.index("hidden1") < names.index("dropout1")
+        else:
+            assert rates == [first] * len(p.filters) + [second]
+            assert model.get_layer("dense_dropout").rate == second
+            assert names.index("conv_dropout1") < names.index("conv2") and names[-2] == "dense_dropout"
 
 
 @pytest.mark.parametrize("name", [n for n in ("pattern_small", "pattern_deep") if n in REGISTRY])
