@@ -280,7 +280,7 @@ def test_unblessed_model_is_recorded_and_not_exported(tmp_path):
             params=load_test_params(), model=MODEL, model_dir=tmp_path / "no-model", evaluation=evaluation,
             data=tmp_path / "no-data", out=out, tensorboard=tb,
         )
-    record = json.loads((out / artifacts.EXPORT_RECORD).read_text())
+    record = artifacts.read_export_record(out)
     assert record["model"] == MODEL and record["blessed"] is False
     assert record["accuracy"] == 0.8123 and record["gate"] == 0.92
     for needle in (MODEL, "0.8123", "0.9200"):
@@ -335,7 +335,7 @@ def test_sigkilled_export_publishes_no_version_and_the_next_run_recovers(project
     versions = [p for p in out.iterdir() if p.name.isdigit()]
     assert len(versions) == 1 and (versions[0] / "saved_model.pb").is_file() and (versions[0] / "variables").is_dir()
     assert sorted(p.name for p in out.iterdir()) == sorted([artifacts.EXPORT_RECORD, versions[0].name])
-    record = json.loads((out / artifacts.EXPORT_RECORD).read_text())
+    record = artifacts.read_export_record(out)
     assert record["blessed"] is True and record["version"] == int(versions[0].name)
     assert record["test_images"] == 200 and record["bytes"] == export.folder_bytes(versions[0])
     assert record["accuracy"] == pytest.approx(project["ev"].metrics["accuracy"], abs=1e-6)
