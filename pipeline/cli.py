@@ -12,22 +12,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import tensorflow as tf
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 
-from pipeline import artifacts, servers
+from pipeline import servers
 from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
-from pipeline.export import predict
 from pipeline.mnist import IMAGE_SHAPE
-from pipeline.models.arithmetic import format_table, layer_table
-from pipeline.models.registry import PARAM_TYPES, REGISTRY, build
 from pipeline.stage import RUN_ID_ENV, check_prefect_api, run_tag
 
 EXPORT_ROOT = Path("data/export")
@@ -128,6 +123,8 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 def latest_version(model: str, root: Path = EXPORT_ROOT) -> Path:
     """The newest exported version folder of `model`."""
+    from pipeline import artifacts  # it loads Keras: only for predict
+
     folder = root / model
     versions = artifacts.versions(folder)
     if not versions:
@@ -138,8 +135,13 @@ def latest_version(model: str, root: Path = EXPORT_ROOT) -> Path:
     return folder / str(versions[-1])
 
 
-def read_images(path: Path, invert: bool) -> np.ndarray:
+def read_images(path: Path, invert: bool) -> "np.ndarray":
     """A PNG (any size, resized to MNIST's 28x28) or an IDX image file, as uint8 [n, height, width]."""
+    # TensorFlow and the models load only for the commands that use them (predict, describe):
+    # `mnist run` and `mnist dashboards` start without paying for them.
+    import numpy as np
+    import tensorflow as tf
+
     if not path.is_file():
         raise PipelineError(f"{path} does not exist.")
     data = path.read_bytes()
@@ -163,6 +165,10 @@ def read_images(path: Path, invert: bool) -> np.ndarray:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify PNG or IDX images with an exported SavedModel alone (no Keras model, no params)."""
+    import tensorflow as tf
+
+    from pipeline.export import predict
+
     version = Path(args.saved_model) if args.saved_model else latest_version(args.model)
     loaded = tf.saved_model.load(str(version))
     for path in args.images:
@@ -179,6 +185,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     """The layer table of registry models, computed from the course notes' conv-net formulas."""
+    from pipeline.models.arithmetic import format_table, layer_table
+    from pipeline.models.registry import PARAM_TYPES, REGISTRY, build
+
     params = load_params(args.params, PARAM_TYPES)
     for name in args.models or list(params.models):
         model = build(name, params.model(name))
