@@ -1,10 +1,10 @@
 """Benchmark 2: wall time until each model's validation accuracy first reaches its gate.
 
 Read from the pipeline's own record, never trained here: data/models/<model>/history.csv
-(one row per epoch: ..., val_accuracy, seconds; read with pipeline.artifacts.read_history),
-cumulative `seconds` up to the first epoch whose val_accuracy >= gates.<model>. `seconds` is
-what pipeline.train.callbacks.EpochLog measured: an epoch's training and validation, not the
-process start, data loading or saving. The gate is on test accuracy; validation accuracy
+(one row per epoch: ..., val_accuracy; read with pipeline.artifacts.read_history) and the
+epoch seconds in timings.json beside it, summed up to the first epoch whose val_accuracy >=
+gates.<model>. An epoch's seconds are what pipeline.train.callbacks.EpochLog measured: its
+training and validation, not the process start, data loading or saving. The gate is on test accuracy; validation accuracy
 stands in for it epoch by epoch.
 """
 
@@ -18,11 +18,12 @@ from benchmarks.common import REPO, Context, Row
 
 
 def read_history(folder: Path) -> list[dict[str, float]]:
-    """A model folder's history.csv, one dict of floats per epoch."""
-    from pipeline.artifacts import read_history as history_array
+    """A model folder's history.csv, one dict of floats per epoch, with its `seconds` from timings.json."""
+    from pipeline.artifacts import read_history as history_array, read_timings
 
     history = history_array(folder)
-    return [{k: float(row[k]) for k in history.dtype.names} for row in history]
+    seconds = read_timings(folder, "train")["epoch_seconds"]
+    return [{**{k: float(row[k]) for k in history.dtype.names}, "seconds": s} for row, s in zip(history, seconds)]
 
 
 def time_to_gate(history: list[dict[str, float]], gate: float) -> tuple[float | None, int | None]:

@@ -9,42 +9,55 @@ sees the previous file or the complete new one, never half of one.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import keras
 import numpy as np
 
 from pipeline.data import Split, atomic_path, atomic_write
 from pipeline.errors import DataError
 
+if TYPE_CHECKING:  # Keras loads only where a model is read: the publish stage and the CLI do without it
+    import keras
+
 # data/prepared/: the preprocess stage's arrays
 PREPARED_FILE = "mnist.npz"
 SPLITS = ("train", "val", "test")
 
+# Every stage output is the same bytes for the same inputs, except the timings files
+# (seconds and throughputs, never DVC metrics) and TensorBoard event files (wall times).
+TIMINGS_FILE = "timings.json"
+
 # data/models/<model>/: a train stage's output
 MODEL_FILE = "model.keras"  # the model with its optimizer state
 HISTORY_FILE = "history.csv"  # one row per epoch
-META_FILE = "meta.json"  # what was trained, with which params, how long
-HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+META_FILE = "meta.json"  # what was trained, with which params and versions
+HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date, for every entry of model.keras
 
-# data/resume/<model>/epoch-NNNN/: a train stage's checkpoints (not a DVC output)
+# data/resume/<model>/: a train stage's checkpoints epoch-NNNN/ and the TensorBoard events of the
+# run in progress (not DVC outputs: they survive a killed run and are moved or deleted at the end)
 CHECKPOINT_PREFIX = "epoch-"
 CHECKPOINT_STATE = "state.json"
+LIVE_TENSORBOARD = "tensorboard"
 
 # data/evaluate/<model>/: an evaluate stage's output
-METRICS_FILE = "metrics.json"  # DVC metrics
+METRICS_FILE = "metrics.json"  # DVC metrics, under the model's name: {"cnn": {"accuracy": ...}}
 PREDICTIONS_FILE = "predictions.csv"  # DVC plot: confusion matrix
 PER_CLASS_FILE = "per_class.csv"  # DVC plot: per-class accuracy
 CONFUSION_FILE = "confusion.png"
 CURVES_FILE = "curves.png"
 
-# data/export/<model>/: an export stage's output, <version>/ folders beside the record
+# data/export/<model>/: an export stage's output: the SavedModel of a blessed model, and the record
+SAVED_MODEL = "saved_model"
 EXPORT_RECORD = "export.json"
+
+# <serving base>/<model>/<version>/: published SavedModels (TF Serving's layout; not a DVC output)
 
 
 # --- generic ------------------------------------------------------------------------------
@@ -63,6 +76,27 @@ def read_json(path: Path, made_by: str) -> Any:
         raise DataError(f"{path} does not exist: run the {made_by} stage first (dvc repro).") from None
     except ValueError as exc:
         raise DataError(f"{path} is not valid JSON ({exc}); run the {made_by} stage again (dvc repro --force).") from None
+
+
+def write_timings(folder: Path, timings: dict) -> None:
+    """timings.json: how long a stage's work took (differs between identical runs; not a DVC metric)."""
+    write_json(Path(folder) / TIMINGS_FILE, timings)
+
+
+def read_timings(folder: Path, made_by: str) -> dict:
+    return read_json(Path(folder) / TIMINGS_FILE, made_by)
+
+
+def tree_digest(folder: Path) -> str:
+    """SHA-256 over a folder's relative file names and contents: equal digests, equal folders."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
@@ -116,13 +150,50 @@ def history_rows(history: dict[str, list[float]]) -> tuple[list[str], list[list[
     return ["epoch", *keys], [[str(i + 1), *(f"{history[k][i]:.6g}" for k in keys)] for i in range(epochs)]
 
 
-def write_model_folder(out: Path, model: keras.Model, history: dict[str, list[float]], meta: dict) -> None:
-    """model.keras, history.csv and meta.json, published together as one folder."""
+def save_keras(model: keras.Model, path: Path) -> None:
+    """model.save(path), then rewrite the archive without what differs between two saves of the same
+    weights: Keras stamps the save date into metadata.json and the time into the zip entries, and
+    writes Python object ids (memory addresses) as `shared_object_id` in config.json. Same weights,
+    same bytes, whether the model was trained in one go or resumed from a checkpoint."""
+    model.save(path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as dst:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_stable_config(json.loads(data), {})).encode()
+            dst.writestr(zipfile.ZipInfo(info.filename, FIXED_ZIP_TIME), data, compress_type=info.compress_type)
+
+
+def _stable_config(node: Any, numbers: dict[int, int]) -> Any:
+    """A Keras config with its `shared_object_id`s (memory addresses) replaced: none on a dtype policy
+    (a value: sharing one changes nothing, and a reloaded model does not share it), and 1, 2, ...
+    in order of appearance elsewhere, which keeps every sharing the loader restores."""
+    if isinstance(node, list):
+        return [_stable_config(item, numbers) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _stable_config(value, numbers) for key, value in node.items()}
+    if "shared_object_id" in node:
+        if node.get("class_name") == "DTypePolicy":
+            del node["shared_object_id"]
+        else:
+            node["shared_object_id"] = numbers.setdefault(node["shared_object_id"], len(numbers) + 1)
+    return node
+
+
+def write_model_folder(out: Path, model: keras.Model, history: dict[str, list[float]], meta: dict, timings: dict) -> None:
+    """model.keras, history.csv, meta.json and timings.json, published together as one folder."""
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        model.save(tmp / MODEL_FILE)
+        save_keras(model, tmp / MODEL_FILE)
         (tmp / HISTORY_FILE).write_bytes(_csv_bytes(*history_rows(history)))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_timings(tmp, timings)
         if out.exists():
             shutil.rmtree(out)
 
@@ -130,6 +201,8 @@ def write_model_folder(out: Path, model: keras.Model, history: dict[str, list[fl
 def read_model(folder: Path) -> keras.Model:
     """The Keras model saved in a model or checkpoint folder (its custom layers must be registered:
     import pipeline.models.registry)."""
+    import keras
+
     return keras.models.load_model(Path(folder) / MODEL_FILE)
 
 
@@ -143,6 +216,12 @@ def read_history(folder: Path) -> np.ndarray:
 
 
 # --- data/resume/<model> ------------------------------------------------------------------
+
+
+def live_tensorboard(resume_dir: Path) -> Path:
+    """Where a training run writes its TensorBoard events until it completes."""
+    return Path(resume_dir) / LIVE_TENSORBOARD
+
 
 
 def write_checkpoint(folder: Path, epochs_done: int, model: keras.Model, state: dict) -> Path:
@@ -173,10 +252,17 @@ def checkpoints(folder: Path) -> list[tuple[Path, dict | None]]:
 # --- data/evaluate/<model> ----------------------------------------------------------------
 
 
-def write_evaluation(out: Path, metrics: dict, actual: np.ndarray, predicted: np.ndarray, per_class: dict[str, np.ndarray]) -> None:
-    """metrics.json (DVC metrics), predictions.csv and per_class.csv (DVC plots)."""
+def write_evaluation(
+    out: Path, model: str, metrics: dict, timings: dict, actual: np.ndarray, predicted: np.ndarray, per_class: dict[str, np.ndarray]
+) -> None:
+    """metrics.json (DVC metrics), timings.json, predictions.csv and per_class.csv (DVC plots).
+
+    The metrics sit under the model's name, so that DVC names them `cnn.accuracy` rather than
+    `data/evaluate/cnn/metrics.json:accuracy` in `dvc exp show` and `dvc metrics diff`.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / METRICS_FILE, metrics)
+    write_json(out / METRICS_FILE, {model: metrics})
+    write_timings(out, timings)
     atomic_write(out / PREDICTIONS_FILE, _csv_bytes(["actual", "predicted"], zip(actual.tolist(), predicted.tolist())))
     columns = ("precision", "recall", "f1", "accuracy")
     rows = [[d, *(f"{per_class[k][d]:.6f}" for k in columns)] for d in range(len(per_class["accuracy"]))]
@@ -190,7 +276,18 @@ def write_evaluation_pictures(out: Path, confusion_png: bytes, curves_png: bytes
 
 
 def read_metrics(folder: Path) -> dict:
-    return read_json(Path(folder) / METRICS_FILE, "evaluate")
+    """A model's test metrics (the one entry of its metrics.json)."""
+    path = Path(folder) / METRICS_FILE
+    data = read_json(path, "evaluate")
+    if not isinstance(data, dict) or len(data) != 1:
+        raise DataError(f"{path} should hold one model's metrics under its name; run the evaluate stage again (dvc repro --force).")
+    return next(iter(data.values()))
+
+
+def read_per_class(folder: Path) -> dict[str, np.ndarray]:
+    """per_class.csv as one array per column (digit, precision, recall, f1, accuracy)."""
+    table = np.atleast_1d(np.genfromtxt(Path(folder) / PER_CLASS_FILE, delimiter=",", names=True))
+    return {name: table[name] for name in table.dtype.names}
 
 
 def read_predictions(folder: Path) -> np.ndarray:
@@ -198,11 +295,11 @@ def read_predictions(folder: Path) -> np.ndarray:
     return np.loadtxt(Path(folder) / PREDICTIONS_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 1]
 
 
-# --- data/export/<model> ------------------------------------------------------------------
+# --- data/export/<model>, <serving base>/<model> -------------------------------------------
 
 
 def versions(folder: Path) -> list[int]:
-    """The integer version folders in an export folder, lowest first."""
+    """The integer version folders in a serving folder, lowest first."""
     return sorted(int(p.name) for p in Path(folder).glob("*") if p.name.isdigit() and p.is_dir())
 
 

@@ -27,6 +27,7 @@ from pipeline.stage import RUN_ID_ENV, check_prefect_api, run_tag
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
+TRAINING_NOW = Path("data/resume")  # the TensorBoard events of training runs in progress (artifacts.live_tensorboard)
 
 
 @contextmanager
@@ -107,7 +108,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with servers.prefect_server(args.host, args.prefect_port) as api, servers.tensorboard_server(
-            TENSORBOARD_LOGDIR, args.host, args.tensorboard_port
+            TENSORBOARD_LOGDIR, args.host, args.tensorboard_port, live=TRAINING_NOW
         ) as tb:
             print(
                 f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
@@ -121,18 +122,22 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
-def latest_version(model: str, root: Path = EXPORT_ROOT) -> Path:
-    """The newest exported version folder of `model`."""
-    from pipeline import artifacts  # it loads Keras: only for predict
+def newest_saved_model(model: str, serving_base: Path, exports: Path = EXPORT_ROOT) -> Path:
+    """The newest version of `model` in the serving folder; else the export stage's SavedModel
+    (a workspace filled by `dvc pull` has that one before the publish stage ever ran in it)."""
+    from pipeline import artifacts, serving
 
-    folder = root / model
-    versions = artifacts.versions(folder)
-    if not versions:
-        raise PipelineError(
-            f"No exported SavedModel in {folder}/: run the pipeline first (make run), and check in "
-            f"{folder}/export.json whether {model} passed its quality gate."
-        )
-    return folder / str(versions[-1])
+    published = serving.newest(serving_base / model)
+    if published is not None:
+        return published
+    exported = exports / model / artifacts.SAVED_MODEL
+    if exported.is_dir():
+        return exported
+    raise PipelineError(
+        f"No SavedModel of {model} in {serving_base / model}/ or {exported}/: run the pipeline first (make run) "
+        f"or fetch its outputs from a DVC remote (dvc pull), and check in {exports / model}/export.json whether "
+        f"{model} passed its quality gate."
+    )
 
 
 def read_images(path: Path, invert: bool) -> "np.ndarray":
@@ -169,7 +174,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from pipeline.export import predict
 
-    version = Path(args.saved_model) if args.saved_model else latest_version(args.model)
+    if args.saved_model:
+        version = Path(args.saved_model)
+    else:
+        version = newest_saved_model(args.model, Path(load_params(args.params).serving.base))
     loaded = tf.saved_model.load(str(version))
     for path in args.images:
         images = read_images(Path(path), args.invert)
@@ -219,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     pred = sub.add_parser("predict", help="classify PNG or IDX images with an exported SavedModel")
     pred.add_argument("images", nargs="+", help="PNG files (white digit on black, any size) or IDX image files")
-    pred.add_argument("--model", default="cnn", help="model whose newest export to use (default cnn)")
-    pred.add_argument("--saved-model", help="a SavedModel folder to use instead of the newest export")
+    pred.add_argument("--model", default="cnn", help="model whose newest published version to use (default cnn)")
+    pred.add_argument("--saved-model", help="a SavedModel folder to use instead of the newest published version")
+    pred.add_argument("--params", default="params.yaml", help="its serving.base is where the versions are")
     pred.add_argument("--invert", action="store_true", help="for dark digits on a light background")
     pred.set_defaults(fn=cmd_predict)
 

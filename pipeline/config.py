@@ -93,6 +93,11 @@ class ExportParams(Section):
     latency_repeats: PositiveInt
 
 
+class ServingParams(Section):
+    base: str = Field(min_length=1)  # folder holding <model>/<version>/ (relative to the project)
+    keep: PositiveInt  # versions kept per model; older ones are deleted
+
+
 class ModelParams(Section):
     """Hyper-parameters every model has; a model's own class adds its architecture knobs."""
 
@@ -133,6 +138,7 @@ class Params(Section):
     gates: dict[str, float]
     evaluate: EvaluateParams
     export: ExportParams
+    serving: ServingParams
 
     def model(self, name: str) -> ModelParams:
         """The typed params block of model `name`."""

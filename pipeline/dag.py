@@ -21,7 +21,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from pipeline.stage import RUN_ID_ENV, run_tag
 
-RAN, UP_TO_DATE, FAILED, NOT_RUN = "ran", "up to date", "failed", "not run"
+RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN = "ran", "restored", "up to date", "failed", "not run"
 
 
 def stages_in_order(root: Path = Path(".")) -> tuple[list[str], dict[str, set[str]]]:
@@ -52,6 +52,9 @@ def repro_stage(stage: str, root: Path, run_id: str) -> State:
     if f"Running stage '{stage}'" in output:
         logger.info("stage %s ran", stage)
         return Completed(message=RAN)
+    if f"Stage '{stage}' is cached - skipping run" in output:
+        logger.info("stage %s restored from DVC's run-cache", stage)
+        return Completed(message=RESTORED, name="Restored")
     logger.info("stage %s is up to date", stage)
     return Completed(message=UP_TO_DATE, name="Up to date")
 
@@ -79,7 +82,7 @@ def pipeline_flow(root: str = ".") -> dict[str, str]:
             continue
         state = repro_stage.with_options(task_run_name=stage)(stage, path, run_id, return_state=True)
         outcome[stage] = FAILED if state.is_failed() else state.message
-    summary = {k: sum(v == k for v in outcome.values()) for k in (RAN, UP_TO_DATE, FAILED, NOT_RUN)}
+    summary = {k: sum(v == k for v in outcome.values()) for k in (RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN)}
     logger.info("stages: %s", ", ".join(f"{n} {k}" for k, n in summary.items()))
     if summary[FAILED]:
         failed = [s for s, o in outcome.items() if o == FAILED]

@@ -1,14 +1,16 @@
-"""Export a blessed model as a SavedModel in TF Serving's layout, and prove it in a fresh process.
+"""Export a blessed model as a SavedModel, and prove it in a fresh process.
 
-`<out>/<version>/` is a SavedModel whose `serving_default` signature takes raw images,
+`<out>/saved_model/` is a SavedModel whose `serving_default` signature takes raw images,
 uint8 [batch, height, width], normalises them inside the graph (the Keras model's Rescaling
 layer) and returns `probabilities` (float32 [batch, classes]) and `class` (int64 [batch]).
-The version folder appears only after the SavedModel was written and verified in a fresh
-process, by a rename: a server watching `<out>` never sees half a model.
+It appears only after it was written and verified in a fresh process, and the same weights
+give the same bytes, so the export stage is a deterministic, run-cacheable DVC stage. The
+publish stage (serving.py) copies it into TF Serving's versioned layout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -57,14 +59,9 @@ def refusal(model: str, metrics: dict) -> str | None:
     )
 
 
-def next_version(out: Path) -> int:
-    """An integer version: seconds since the epoch, as TFX's pusher does, and above any existing one."""
-    return max([int(time.time())] + [v + 1 for v in artifacts.versions(out)])
-
-
-def staging_folder(out: Path, version: int) -> Path:
-    """Where version `version` is written and checked before it is published (a name no reader takes for a version)."""
-    return out / f".tmp-{version}"
+def staging_folder(out: Path) -> Path:
+    """Where the SavedModel is written and checked before it takes its final name (a name no reader takes for it)."""
+    return out / f".tmp-{artifacts.SAVED_MODEL}"
 
 
 def refused_record(model: str, metrics: dict, reason: str) -> dict:
@@ -72,22 +69,44 @@ def refused_record(model: str, metrics: dict, reason: str) -> dict:
     return {"model": model, "blessed": False, "reason": reason, "accuracy": metrics["accuracy"], "gate": metrics["gate"]}
 
 
-def published_record(model: str, version: int, folder: Path, check: dict) -> dict:
-    """export.json of a published version: where it is, its size, and what the fresh-process check measured."""
-    return {"model": model, "blessed": True, "version": version, "path": str(folder), "bytes": folder_bytes(folder), **check}
+def exported_record(model: str, folder: Path, check: dict) -> dict:
+    """export.json of an exported SavedModel: where it is, its size and digest, what the fresh-process check found."""
+    return {
+        "model": model,
+        "blessed": True,
+        "saved_model": folder.name,
+        "bytes": folder_bytes(folder),
+        "sha256": artifacts.tree_digest(folder),
+        "test_images": check["test_images"],
+        "accuracy": check["accuracy"],
+    }
 
 
-def publish(staging: Path, out: Path, version: int) -> Path:
-    """Make a written and verified SavedModel version visible, by one rename: a server never sees half a model."""
-    final = out / str(version)
+def finish(staging: Path, out: Path) -> Path:
+    """Give the written and verified SavedModel its final name, by one rename."""
+    final = out / artifacts.SAVED_MODEL
     staging.rename(final)
     return final
 
 
 def save_servable(model, folder: Path) -> None:
-    """Write the SavedModel with its raw-pixel signature into `folder`."""
+    """Write the SavedModel with its raw-pixel signature into `folder`; the same weights give the same bytes."""
     module = ServingModule(model)
     tf.saved_model.save(module, str(folder), signatures={SIGNATURE: module.serve})
+    content_uuid(folder)
+
+
+def content_uuid(folder: Path) -> None:
+    """Replace the random UUID that TensorFlow writes into fingerprint.pb at every save by one derived
+    from the fingerprint's content hashes: the only bytes of a SavedModel that differ between two saves."""
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = folder / "fingerprint.pb"
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    fingerprint.uuid = ""
+    digest = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).digest()
+    fingerprint.uuid = str(int.from_bytes(digest[:16], "big"))
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 def verify_in_fresh_process(folder: Path, data: Path, evaluation: Path, repeats: int) -> dict:
@@ -151,7 +170,7 @@ def _verify_main(folder: str, data: str, evaluation: str, repeats: str) -> None:
         sys.exit(1)
     result = {
         "test_images": int(len(expected)),
-        "accuracy": float((got == test.y).mean()),
+        "accuracy": round(float((got == test.y).mean()), 6),
         "latency_ms_batch_1": round(latency_ms(loaded, test.x[:1], int(repeats)), 3),
         "latency_ms_batch_256": round(latency_ms(loaded, test.x[:256], int(repeats)), 3),
     }
@@ -167,7 +186,12 @@ def describe_signature(folder: Path) -> str:
     return f"signature `{SIGNATURE}`\n\ninputs: {inputs}\n\noutputs: {outputs}"
 
 
-def write_summaries(logdir: Path, record: dict, signature: str | None) -> None:
+def latency_timings(check: dict) -> dict:
+    """timings.json of an export: the latency figures of the fresh-process check."""
+    return {k: v for k, v in check.items() if k.startswith("latency_ms")}
+
+
+def write_summaries(logdir: Path, record: dict, timings: dict | None, signature: str | None) -> None:
     """TensorBoard: why the model was not exported, or its signature, size and latency."""
     with summaries.writer(logdir).as_default():
         if not record["blessed"]:
@@ -175,8 +199,8 @@ def write_summaries(logdir: Path, record: dict, signature: str | None) -> None:
             return
         tf.summary.text("export/signature", signature or "", step=0)
         tf.summary.scalar("export/size_bytes", record["bytes"], step=0)
-        tf.summary.scalar("export/latency_ms_batch_1", record["latency_ms_batch_1"], step=0)
-        tf.summary.scalar("export/latency_ms_batch_256", record["latency_ms_batch_256"], step=0)
+        for key, value in (timings or {}).items():
+            tf.summary.scalar(f"export/{key}", value, step=0)
 
 
 if __name__ == "__main__":

@@ -80,14 +80,21 @@ def prefect_server(host: str = "127.0.0.1", port: int = PREFECT_PORT, log: Path 
 
 
 @contextmanager
-def tensorboard_server(logdir: Path, host: str = "127.0.0.1", port: int = TENSORBOARD_PORT, log: Path | None = None) -> Iterator[str]:
-    """Yield the URL of a TensorBoard serving `logdir` on host:port; stopped on exit."""
+def tensorboard_server(
+    logdir: Path, host: str = "127.0.0.1", port: int = TENSORBOARD_PORT, log: Path | None = None, live: Path | None = None
+) -> Iterator[str]:
+    """Yield the URL of a TensorBoard serving `logdir` on host:port; stopped on exit.
+
+    `live`, if given, is served too, its runs named `training/...`: the TensorBoard events of
+    training runs in progress, which move into `logdir` when they complete.
+    """
     url = f"http://{host}:{port}"
     log = log or Path(logdir).parent / f".tensorboard-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    where = ["--logdir", str(logdir)] if live is None else ["--logdir_spec", f"{logdir},training:{live}"]
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(port),
+            [sys.executable, "-m", "tensorboard.main", *where, "--host", host, "--port", str(port),
              "--reload_interval", "5"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )

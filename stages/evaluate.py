@@ -25,15 +25,15 @@ def evaluate_flow(params: Params, model: str, model_dir: Path, data: Path, out: 
         model: a model name from params.yaml's models section
         model_dir: the train stage's output folder
         data: folder of the prepared arrays
-        out: folder for metrics.json, predictions.csv, ...
+        out: folder for metrics.json, timings.json, predictions.csv, ...
         tensorboard: TensorBoard run folder
     """
     keras_model = as_task(artifacts.read_model, "load model")(model_dir)
     test = as_task(artifacts.load_prepared, "load data")(data)["test"]
     ev = as_task(scores.evaluate_model, "predict test set")(
-        keras_model, artifacts.read_meta(model_dir), test, params.gates[model], params.evaluate.batch_size
+        keras_model, test, params.gates[model], params.evaluate.batch_size
     )
-    as_task(artifacts.write_evaluation, "write metrics")(out, ev.metrics, test.y, ev.predictions, ev.per_class)
+    as_task(artifacts.write_evaluation, "write metrics")(out, model, ev.metrics, ev.timings, test.y, ev.predictions, ev.per_class)
     as_task(pictures.write_report_pictures, "draw pictures")(ev, model_dir, model, out)
     as_task(views.write_summaries, "tensorboard")(
         keras_model, ev, test, model, tensorboard, params.evaluate.misclassified_grid, params.evaluate.embedding_sample
@@ -42,7 +42,7 @@ def evaluate_flow(params: Params, model: str, model_dir: Path, data: Path, out: 
     verdict = "passes" if m["blessed"] else "is UNDER"
     get_run_logger().info("%s: test accuracy %.4f %s its gate %.4f", model, m["accuracy"], verdict, m["gate"])
     create_markdown_artifact(
-        f"### {model}: test metrics\n\n{tables.markdown(['metric', 'value'], list(m.items()))}\n",
+        f"### {model}: test metrics\n\n{tables.markdown(['metric', 'value'], [*m.items(), *ev.timings.items()])}\n",
         key=artifact_key("metrics", model), description=f"test metrics of {model}",
     )
 

@@ -1,4 +1,4 @@
-"""DVC stage `export@<model>`: a verified SavedModel version for a blessed model, a record for any model."""
+"""DVC stage `export@<model>`: a verified SavedModel for a blessed model, a record for any model."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.models.registry import PARAM_TYPES
 
 @flow(name="export")
 def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, data: Path, out: Path, tensorboard: Path) -> None:
-    """Export a blessed model as a verified SavedModel version; record why an unblessed one is not.
+    """Export a blessed model as a verified SavedModel; record why an unblessed one is not.
 
     Args:
         params: params.yaml, validated, each model's block typed
@@ -24,7 +24,7 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
         model_dir: the train stage's output folder
         evaluation: the evaluate stage's output folder
         data: folder of the prepared arrays
-        out: TF Serving model folder: <out>/<version>/
+        out: folder for saved_model/, export.json and timings.json
         tensorboard: TensorBoard run folder
     """
     logger = get_run_logger()
@@ -35,23 +35,23 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
         logger.warning(reason)
         record = export.refused_record(model, metrics, reason)
         artifacts.write_export_record(out, record)
-        export.write_summaries(tensorboard, record, signature=None)
+        export.write_summaries(tensorboard, record, None, signature=None)
         return
-    version = export.next_version(out)
-    staging = export.staging_folder(out, version)
+    staging = export.staging_folder(out)
     keras_model = as_task(artifacts.read_model, "load model")(model_dir)
     as_task(export.save_servable, "write SavedModel")(keras_model, staging)
     check = as_task(export.verify_in_fresh_process, "verify in fresh process")(
         staging, data, evaluation, params.export.latency_repeats
     )
-    folder = export.publish(staging, out, version)  # published only now, complete and verified
-    record = export.published_record(model, version, folder, check)
+    folder = export.finish(staging, out)  # final only now, complete and verified
+    record, timings = export.exported_record(model, folder, check), export.latency_timings(check)
     artifacts.write_export_record(out, record)
+    artifacts.write_timings(out, timings)
     logger.info(
-        "%s exported as version %d (%.1f MB); fresh-process check: %d test predictions identical; latency %.2f ms (batch 1), %.2f ms (batch 256)",
-        model, version, record["bytes"] / 1e6, check["test_images"], check["latency_ms_batch_1"], check["latency_ms_batch_256"],
+        "%s exported to %s (%.1f MB); fresh-process check: %d test predictions identical; latency %.2f ms (batch 1), %.2f ms (batch 256)",
+        model, folder, record["bytes"] / 1e6, check["test_images"], timings["latency_ms_batch_1"], timings["latency_ms_batch_256"],
     )
-    export.write_summaries(tensorboard, record, export.describe_signature(folder))
+    export.write_summaries(tensorboard, record, timings, export.describe_signature(folder))
 
 
 if __name__ == "__main__":

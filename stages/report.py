@@ -16,18 +16,21 @@ from pipeline.models.registry import PARAM_TYPES
 
 
 @flow(name="report")
-def report_flow(params: Params, evaluations: Path, data_report: Path, leaderboard: Path, out: Path, tensorboard: Path) -> None:
+def report_flow(
+    params: Params, models: Path, evaluations: Path, data_report: Path, leaderboard: Path, out: Path, tensorboard: Path
+) -> None:
     """The leaderboard of all models: metrics file, markdown report, Prefect table, TensorBoard HParams.
 
     Args:
         params: params.yaml, validated, each model's block typed
+        models: folder holding one train output folder per model
         evaluations: folder holding one evaluate folder per model
         data_report: the preprocess stage's data report
         leaderboard: the leaderboard metrics file (JSON)
         out: the markdown report
         tensorboard: TensorBoard folder for the HParams view
     """
-    rows = report.read_metrics(evaluations, list(params.models))
+    rows = report.read_rows(models, evaluations, list(params.models))
     as_task(report.write_outputs, "write leaderboard")(rows, artifacts.read_data_report(data_report), params.seed, leaderboard, out)
     as_task(report.write_hparams, "tensorboard hparams")(rows, params.models, tensorboard)
     create_table_artifact(report.leaderboard_table(rows), key="leaderboard", description="test accuracy of every model, best first")

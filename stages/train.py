@@ -47,19 +47,19 @@ def train_flow(params: Params, model: str, data: Path, out: Path, resume: Path, 
         model: a model name from params.yaml's models section
         data: folder of the prepared arrays
         out: folder for model.keras, history.csv, meta.json
-        resume: folder for per-epoch checkpoints (not a DVC output)
-        tensorboard: TensorBoard run folder
+        resume: folder for per-epoch checkpoints and the TensorBoard events of the run in progress (not a DVC output)
+        tensorboard: TensorBoard run folder, filled when training completes
     """
     p = params.model(model)
     splits = as_task(artifacts.load_prepared, "load data")(data)
     result = as_task(train_model, f"fit {model}")(
-        model, p, params.seed, params.train, splits, data, resume, tensorboard, callbacks=[PrefectProgress(model, p.epochs)]
+        model, p, params.seed, params.train, splits, data, resume, callbacks=[PrefectProgress(model, p.epochs)]
     )
-    as_task(save_trained, "save model")(result, model, p, params.seed, out, resume)
-    meta = artifacts.read_meta(out)
+    as_task(save_trained, "save model")(result, model, p, params.seed, out, resume, tensorboard)
+    meta, timings = artifacts.read_meta(out), artifacts.read_timings(out, "train")
     summary = tables.markdown(
         ["epochs", "parameters", "val_accuracy", "seconds"],
-        [[meta["epochs"], f"{meta['parameters']:,}", f"{meta['val_accuracy']:.4f}", meta["train_seconds"]]],
+        [[meta["epochs"], f"{meta['parameters']:,}", f"{meta['val_accuracy']:.4f}", timings["train_seconds"]]],
     )
     create_markdown_artifact(
         f"### {model}: training\n\n{REGISTRY[model].description}\n\n{summary}\n",

@@ -122,7 +122,7 @@ class SmallRun:
         return list(yaml.safe_load((self.project / "params.yaml").read_text())["models"])
 
     def metrics(self, model: str) -> dict:
-        return json.loads((self.project / "data" / "evaluate" / model / "metrics.json").read_text())
+        return json.loads((self.project / "data" / "evaluate" / model / "metrics.json").read_text())[model]
 
 
 @pytest.fixture(scope="session")

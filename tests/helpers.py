@@ -208,7 +208,9 @@ def train_tiny(name: str, splits: dict[str, Split], out: Path, seed: int = 1) ->
     seconds = time.perf_counter() - start
     hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     hist["seconds"] = [seconds / p.epochs] * p.epochs
-    loop.save_trained(loop.TrainResult(model, hist, 0, seconds), name, p, params.seed, out, out.parent / f'.resume-{name}')
+    loop.save_trained(
+        loop.TrainResult(model, hist, 0, seconds), name, p, params.seed, out, out.parent / f".resume-{name}", out.parent / f"tensorboard-{name}"
+    )
     return out
 
 
@@ -424,13 +426,11 @@ def _worker(job_file: str) -> None:
     extra = [KillAfterEpoch()] if job.get("kill_after_epoch") is not None else []
     p = params.model(name)
     resume = Path(job["resume"])
-    result = train_model(
-        name, p, params.seed, params.train, artifacts.load_prepared(data), data, resume, Path(job["tensorboard"]), callbacks=extra
-    )
+    result = train_model(name, p, params.seed, params.train, artifacts.load_prepared(data), data, resume, callbacks=extra)
     _save_arrays(Path(job["weights"]), [np.asarray(w) for w in result.model.get_weights()])
     _save_arrays(Path(job["optimizer"]), [np.asarray(v) for v in result.model.optimizer.variables])
     if job.get("out"):
-        save_trained(result, name, p, params.seed, Path(job["out"]), resume)
+        save_trained(result, name, p, params.seed, Path(job["out"]), resume, Path(job["tensorboard"]))
     Path(job["result"]).write_text(json.dumps({"history": result.history, "epochs_resumed": result.epochs_resumed}))
 
 

@@ -11,6 +11,8 @@ import yaml
 
 from conftest import SMALL_LIMIT, SMALL_VAL, SmallRun, dvc, edit_params
 
+from pipeline import artifacts
+
 
 def test_every_stage_ran_and_is_locked(small_run: SmallRun) -> None:
     lock = yaml.safe_load((small_run.project / "dvc.lock").read_text())["stages"]
@@ -65,11 +67,13 @@ def test_metrics_show_lists_every_model(small_run: SmallRun) -> None:
     shown = json.loads(dvc(small_run.project, "metrics", "show", "--json").stdout)
     files = shown[""]["data"]
     for model in small_run.models():
-        data = files[f"data/evaluate/{model}/metrics.json"]["data"]
+        data = files[f"data/evaluate/{model}/metrics.json"]["data"][model]  # under the model's name: unique column names
         assert 0.0 <= data["accuracy"] <= 1.0
-        assert data["model"] == model
-    board = files["data/leaderboard.json"]["data"]["models"]
-    assert set(board) == set(small_run.models())
+        assert set(data) == {"accuracy", "loss", "macro_f1", "gate", "blessed"}  # quality only, no timings
+    board = files["data/leaderboard.json"]["data"]
+    assert set(board["accuracy"]) == set(board["blessed"]) == set(small_run.models())
+    for model in small_run.models():
+        assert board["accuracy"][model] == small_run.metrics(model)["accuracy"]
 
 
 def test_plots_show_renders_confusion_curves_and_per_class(small_run: SmallRun) -> None:
@@ -86,14 +90,28 @@ def test_gate_blocks_export_and_the_rest_goes_on(small_run: SmallRun) -> None:
     linear = json.loads((small_run.project / "data" / "export" / "linear" / "export.json").read_text())
     assert linear["blessed"] is False
     assert "linear" in linear["reason"] and "gate" in linear["reason"]
-    assert not [p for p in (small_run.project / "data" / "export" / "linear").iterdir() if p.name.isdigit()]
+    assert not (small_run.project / "data" / "export" / "linear" / "saved_model").exists()
+    assert not (small_run.project / "data" / "serving" / "linear").exists()
     for model in small_run.models():
         if model == "linear":
             continue
         record = json.loads((small_run.project / "data" / "export" / model / "export.json").read_text())
         assert record["blessed"] is True
-        assert (small_run.project / "data" / "export" / model / str(record["version"]) / "saved_model.pb").is_file()
+        assert (small_run.project / "data" / "export" / model / record["saved_model"] / "saved_model.pb").is_file()
     assert "not exported" in small_run.output
+
+
+def test_publish_stage_puts_each_blessed_model_into_the_serving_folder(small_run: SmallRun) -> None:
+    serving = small_run.project / "data" / "serving"
+    for model in small_run.models():
+        if model == "linear":
+            continue
+        versions = sorted(p.name for p in (serving / model).iterdir())
+        assert versions and all(v.isdigit() for v in versions), versions  # no staging or deleted leftovers
+        newest = serving / model / str(max(map(int, versions)))
+        assert (newest / "saved_model.pb").is_file()
+        record = json.loads((small_run.project / "data" / "export" / model / "export.json").read_text())
+        assert artifacts.tree_digest(newest) == record["sha256"], model
 
 
 def test_saved_models_reproduce_evaluate_in_a_fresh_process(small_run: SmallRun) -> None:
@@ -104,7 +122,7 @@ test = np.load(root + '/data/prepared/mnist.npz')
 x, y = test['x_test'], test['y_test']
 for model in sys.argv[2:]:
     record = json.load(open(f'{root}/data/export/{model}/export.json'))
-    loaded = tf.saved_model.load(f"{root}/data/export/{model}/{record['version']}")
+    loaded = tf.saved_model.load(f"{root}/data/export/{model}/{record['saved_model']}")
     pred = np.concatenate([loaded.signatures['serving_default'](images=tf.constant(x[i:i+2500]))['class'].numpy() for i in range(0, len(y), 2500)])
     print(model, float((pred == y).mean()))
 """
@@ -127,10 +145,14 @@ def test_changing_one_models_params_reruns_only_its_stages(small_run: SmallRun) 
         assert set(status) == {"train@cnn", "report"}, status
         done = dvc(project, "repro").stdout
         ran = {line.split("'")[1] for line in done.splitlines() if line.startswith("Running stage")}
-        assert ran == {"train@cnn", "evaluate@cnn", "export@cnn", "report"}, ran
+        assert ran == {"train@cnn", "evaluate@cnn", "export@cnn", "report", "publish"}, ran
     finally:
         (project / "params.yaml").write_text(before)
-        dvc(project, "repro")  # back to the small run's state for the tests that follow
+        back = dvc(project, "repro").stdout  # back to the small run's state for the tests that follow
+    # put back, cnn's stages come from DVC's run-cache: nothing is trained again
+    for stage in ("train@cnn", "evaluate@cnn", "export@cnn"):
+        assert f"Stage '{stage}' is cached - skipping run" in back, back[-3000:]
+    assert "Running stage 'train@cnn'" not in back
 
 
 def test_report_shows_the_leaderboard(small_run: SmallRun) -> None:
@@ -139,3 +161,30 @@ def test_report_shows_the_leaderboard(small_run: SmallRun) -> None:
         assert re.search(rf"^\| {model} +\|", report, re.M), model  # a leaderboard row (tabulate pads the cells)
         assert f"evaluate/{model}/confusion.png" in report
         assert (small_run.project / "data" / "evaluate" / model / "confusion.png").stat().st_size > 1000
+
+
+def test_forced_rerun_of_a_model_gives_the_same_hashes(small_run: SmallRun) -> None:
+    """Same inputs, same bytes: model.keras, metrics, predictions and the SavedModel hash the same after --force."""
+    project = small_run.project
+
+    def outs() -> dict[str, str]:
+        stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for name in ("train@logreg", "evaluate@logreg", "export@logreg") for o in stages[name]["outs"]}
+
+    record = project / "data" / "export" / "logreg" / "export.json"
+    before, saved_before = outs(), json.loads(record.read_text())["sha256"]
+    try:
+        dvc(project, "repro", "--force", "--single-item", "train@logreg", "evaluate@logreg", "export@logreg")
+        after, saved_after = outs(), json.loads(record.read_text())["sha256"]
+    finally:
+        dvc(project, "repro")  # the report and publish stages read the new timings: bring them up to date
+    differs = sorted(path for path in before if before[path] != after[path])
+    expected = {  # wall times and durations, as the README lists
+        "data/models/logreg/timings.json", "data/evaluate/logreg/timings.json", "data/export/logreg",
+        "data/tensorboard/train/logreg", "data/tensorboard/evaluate/logreg", "data/tensorboard/export/logreg",
+    }
+    assert set(differs) <= expected, differs
+    for path in ("data/models/logreg/model.keras", "data/models/logreg/meta.json", "data/evaluate/logreg/metrics.json",
+                 "data/evaluate/logreg/predictions.csv", "data/models/logreg/history.csv"):
+        assert before[path] == after[path], path
+    assert saved_before == saved_after  # the SavedModel's files, bytes and names (the folder also holds timings.json)

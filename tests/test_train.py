@@ -34,8 +34,8 @@ from helpers import (
     start_worker,
     write_data,
 )
-from pipeline import tutorials
-from pipeline.artifacts import CHECKPOINT_STATE, HISTORY_FILE, META_FILE, MODEL_FILE
+from pipeline import artifacts, tutorials
+from pipeline.artifacts import CHECKPOINT_STATE, HISTORY_FILE, LIVE_TENSORBOARD, META_FILE, MODEL_FILE
 from pipeline.errors import TrainingDiverged
 from pipeline.models.linear import LinearParams
 from pipeline.train.callbacks import dead_fraction
@@ -152,8 +152,7 @@ def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
     runs = {}
     for tag, overrides in (("resumed", dict(SMALL_CNN)), ("other_lr", {**SMALL_CNN, "learning_rate": 0.002})):
         resume, tensorboard = base / tag / "resume", base / tag / "tensorboard"
-        shutil.copytree(killed.resume, resume)
-        shutil.copytree(killed.job["tensorboard"], tensorboard)
+        shutil.copytree(killed.resume, resume)  # its checkpoint and the TensorBoard events of epoch 1
         # other_lr writes no final outputs, so its resume folder (deleted once they are written) can be inspected
         out = {"out": None} if tag == "other_lr" else {}
         runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, overrides=overrides, **out)
@@ -177,7 +176,7 @@ def test_two_fresh_runs_give_identical_weights_and_history(first_runs):
 def test_killed_run_leaves_the_epoch_1_checkpoint_and_no_final_outputs(first_runs):
     killed = first_runs["killed"]
     assert killed.rc == -signal.SIGKILL, killed.tail()
-    assert sorted(p.name for p in killed.resume.iterdir()) == ["epoch-0001"]
+    assert sorted(p.name for p in killed.resume.iterdir()) == ["epoch-0001", LIVE_TENSORBOARD]
     ckpt = killed.resume / "epoch-0001"
     assert (ckpt / MODEL_FILE).is_file()
     state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
@@ -185,6 +184,7 @@ def test_killed_run_leaves_the_epoch_1_checkpoint_and_no_final_outputs(first_run
     assert len(state["history"]["loss"]) == 1
     assert not killed.out.exists()
     assert not Path(killed.job["weights"]).exists()
+    assert not Path(killed.job["tensorboard"]).exists()  # the TensorBoard output appears only with the model
 
 
 def test_resumed_run_continues_after_epoch_1_and_ends_as_the_uninterrupted_run(first_runs, second_runs):
@@ -195,13 +195,18 @@ def test_resumed_run_continues_after_epoch_1_and_ends_as_the_uninterrupted_run(f
     assert_same_arrays(a.weights(), resumed.weights())
     assert_same_arrays(a.optimizer(), resumed.optimizer())
     assert without_seconds(resumed.result()["history"]) == without_seconds(a.result()["history"])
-    # the final outputs exist only now, and record the resume
-    meta = json.loads((resumed.out / META_FILE).read_text())
-    assert meta["epochs_resumed"] == 1 and meta["epochs"] == EPOCHS
-    assert (resumed.out / MODEL_FILE).is_file()
+    # the final outputs exist only now: the same bytes as the uninterrupted run's, the resume in timings.json alone
+    for name in (MODEL_FILE, META_FILE, HISTORY_FILE):
+        assert (resumed.out / name).read_bytes() == (a.out / name).read_bytes(), name
+    assert artifacts.read_timings(resumed.out, "train")["epochs_resumed"] == 1
+    assert len(artifacts.read_timings(resumed.out, "train")["epoch_seconds"]) == EPOCHS
+    assert json.loads((resumed.out / META_FILE).read_text())["epochs"] == EPOCHS
     saved = keras.models.load_model(resumed.out / MODEL_FILE)
     assert_same_arrays(a.weights(), [np.asarray(w) for w in saved.get_weights()])
     assert (resumed.out / HISTORY_FILE).read_text().count("\n") == EPOCHS + 1
+    # the TensorBoard run holds every epoch once: the killed run's epoch 1 and the resumed epochs
+    loss_steps = sorted(e.step for e in accumulator(Path(resumed.job["tensorboard"]) / "train").Tensors("epoch_loss"))
+    assert loss_steps == list(range(EPOCHS))
     # with the final outputs written, nothing is left to resume: the checkpoints are gone
     assert not resumed.resume.exists()
     assert not a.resume.exists()
@@ -214,7 +219,7 @@ def test_checkpoint_made_with_other_params_is_discarded(first_runs, second_runs)
     assert "discarding checkpoint" in other.stderr
     assert "resuming" not in other.stderr
     assert len(other.result()["history"]["loss"]) == EPOCHS
-    assert sorted(p.name for p in other.resume.iterdir()) == [f"epoch-{EPOCHS:04d}"]
+    assert sorted(p.name for p in other.resume.iterdir()) == [f"epoch-{EPOCHS:04d}", LIVE_TENSORBOARD]
     assert json.loads((other.resume / f"epoch-{EPOCHS:04d}" / CHECKPOINT_STATE).read_text())["epochs_done"] == EPOCHS
     # trained from scratch at the other rate: not the weights of the learning rate 0.001 run
     assert not all(np.array_equal(x, y) for x, y in zip(a.weights(), other.weights()))
@@ -232,8 +237,7 @@ def test_nan_guard_raises_training_diverged_naming_model_epoch_and_learning_rate
     params = params_with("linear", **DIVERGING)
     with pytest.raises(TrainingDiverged) as err:
         train_model(
-            "linear", params.model("linear"), params.seed, params.train, splits, tmp_path / "data",
-            tmp_path / "resume", tmp_path / "tb",
+            "linear", params.model("linear"), params.seed, params.train, splits, tmp_path / "data", tmp_path / "resume",
         )
     message = str(err.value)
     assert "model 'linear' diverged" in message
@@ -340,12 +344,12 @@ def tb_run(tmp_path_factory):
     steps = -(-len(splits["train"].y) // overrides["batch_size"])
     try:
         result = train_model(
-            "cnn", params.model("cnn"), params.seed, params.train, splits, tmp / "data", tmp / "resume", tmp / "tb",
+            "cnn", params.model("cnn"), params.seed, params.train, splits, tmp / "data", tmp / "resume",
             callbacks=[KillConv2Units(steps - 1)],
         )
     finally:
         tf_config.disable_op_determinism()
-    return tmp / "tb", result, splits, params
+    return artifacts.live_tensorboard(tmp / "resume"), result, splits, params
 
 
 def accumulator(folder: Path) -> EventAccumulator:

@@ -71,23 +71,23 @@ def compile_model(name: str, p: ModelParams, steps_per_epoch: int, steps_per_exe
 @dataclass
 class TrainResult:
     model: keras.Model
-    history: dict[str, list[float]]
+    history: dict[str, list[float]]  # per epoch: the Keras logs, plus "seconds" (see EpochLog)
     epochs_resumed: int
     seconds: float
 
 
 def start_or_resume(
-    name: str, p: ModelParams, steps: int, per_call: int, resume_dir: Path, tensorboard: Path, expected: str
+    name: str, p: ModelParams, steps: int, per_call: int, resume_dir: Path, expected: str
 ) -> tuple[keras.Model, int, dict[str, list[float]]]:
     """The model to fit, the epoch to start at and the history so far: from the newest checkpoint
-    with fingerprint `expected`, else a new model (clearing old checkpoints and the old TensorBoard run)."""
+    with fingerprint `expected`, else a new model (clearing the resume folder: old checkpoints and
+    the old run's TensorBoard events)."""
     found = latest_checkpoint(resume_dir, expected)
     if found:
         ckpt, state = found
         log.info("%s: resuming after epoch %d from %s", name, state["epochs_done"], ckpt)
         return artifacts.read_model(ckpt), state["epochs_done"], state["history"]
     shutil.rmtree(resume_dir, ignore_errors=True)
-    shutil.rmtree(tensorboard, ignore_errors=True)  # a fresh run replaces the old TensorBoard run
     return compile_model(name, p, steps, per_call), 0, {}
 
 
@@ -99,12 +99,13 @@ def train_model(
     splits: dict[str, Split],
     data: Path,
     resume_dir: Path,
-    tensorboard: Path,
     callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainResult:
     """Train model `name` on the train split, validating on val; resume from `resume_dir` if possible.
 
-    `data` is the prepared-data folder the splits came from: a checkpoint made from other data is not resumed.
+    `data` is the prepared-data folder the splits came from: a checkpoint made from other data is not
+    resumed. TensorBoard events go to the resume folder (artifacts.live_tensorboard) until save_trained
+    moves them into place, so that a resumed run keeps the events of the epochs before the interruption.
     """
     seed_everything(seed, train.deterministic)
     train_split, val = splits["train"], splits["val"]
@@ -113,8 +114,9 @@ def train_model(
     strategy = tf.distribute.MirroredStrategy() if train.strategy == "mirrored" else tf.distribute.get_strategy()
     expected = fingerprint(name, p, seed, train, Path(data) / artifacts.PREPARED_FILE)
     with strategy.scope():
-        model, first_epoch, history = start_or_resume(name, p, steps, per_call, resume_dir, tensorboard, expected)
+        model, first_epoch, history = start_or_resume(name, p, steps, per_call, resume_dir, expected)
     resume_dir.mkdir(parents=True, exist_ok=True)
+    tensorboard = artifacts.live_tensorboard(resume_dir)
     if first_epoch == 0:
         write_model_text(model, p, tensorboard / "train")
 
@@ -154,7 +156,7 @@ def write_model_text(model: keras.Model, p: ModelParams, logdir: Path) -> None:
 
 
 def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> dict:
-    """meta.json: what was trained, with which params and versions, for how long."""
+    """meta.json: what was trained, with which params and versions (the same for the same inputs)."""
     spec = registry.REGISTRY[name]
     return {
         "model": name,
@@ -165,16 +167,26 @@ def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> 
         "loss": spec.loss,
         "parameters": int(result.model.count_params()),
         "epochs": p.epochs,
-        "epochs_resumed": result.epochs_resumed,
-        "train_seconds": round(sum(result.history.get("seconds", [])), 2),
         "val_accuracy": result.history.get("val_accuracy", [None])[-1],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
 
 
-def save_trained(result: TrainResult, name: str, p: ModelParams, seed: int, out: Path, resume_dir: Path) -> None:
-    """Write the model folder (model.keras, history.csv, meta.json) as one atomic folder; then delete the
-    checkpoints in `resume_dir`: the outputs are complete, nothing is left to resume."""
-    artifacts.write_model_folder(out, result.model, result.history, training_meta(name, p, seed, result))
+def training_timings(result: TrainResult) -> dict:
+    """timings.json: seconds per epoch and in all (including epochs run before a resume)."""
+    epoch_seconds = [round(s, 3) for s in result.history.get("seconds", [])]
+    return {"train_seconds": round(sum(epoch_seconds), 2), "epoch_seconds": epoch_seconds, "epochs_resumed": result.epochs_resumed}
+
+
+def save_trained(
+    result: TrainResult, name: str, p: ModelParams, seed: int, out: Path, resume_dir: Path, tensorboard: Path
+) -> None:
+    """Write the model folder (model.keras, history.csv, meta.json, timings.json) as one atomic folder, move
+    the run's TensorBoard events to `tensorboard`, then delete `resume_dir`: nothing is left to resume."""
+    artifacts.write_model_folder(out, result.model, result.history, training_meta(name, p, seed, result), training_timings(result))
+    shutil.rmtree(tensorboard, ignore_errors=True)
+    tensorboard.parent.mkdir(parents=True, exist_ok=True)
+    live = artifacts.live_tensorboard(resume_dir)
+    live.rename(tensorboard) if live.is_dir() else tensorboard.mkdir()
     shutil.rmtree(resume_dir, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Publish exported SavedModels into a serving folder, as TFX's Pusher does: `<base>/<model>/<version>/`.
+
+The folder is TF Serving's model base path, outside DVC's outputs, so that versions accumulate
+across runs. A SavedModel becomes a new integer version only when it differs from the newest
+one there. It is copied under a temporary name and made visible by one rename, and old versions
+are renamed away before they are deleted: a server watching the folder never sees a missing or
+partial version.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import artifacts
+from pipeline.data import remove_leftovers
+
+
+@dataclass(frozen=True)
+class Published:
+    model: str
+    version: int
+    new: bool  # False: the newest version already held this SavedModel
+    removed: list[int]  # old versions deleted to keep the last `keep`
+
+
+def publish(model: str, saved_model: Path, folder: Path, keep: int) -> Published:
+    """Make `saved_model` the newest version in `folder` unless it already is; keep the last `keep` versions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+    held = artifacts.versions(folder)
+    if held and artifacts.tree_digest(folder / str(held[-1])) == artifacts.tree_digest(saved_model):
+        return Published(model, held[-1], False, prune(folder, keep))
+    version = held[-1] + 1 if held else 1
+    staging = folder / f".tmp-{version}"
+    shutil.copytree(saved_model, staging)
+    staging.rename(folder / str(version))
+    return Published(model, version, True, prune(folder, keep))
+
+
+def prune(folder: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` versions, each renamed away first so that no half-deleted version is seen."""
+    old = artifacts.versions(folder)[:-keep]
+    for version in old:
+        doomed = folder / f".tmp-old-{version}"
+        (folder / str(version)).rename(doomed)
+        shutil.rmtree(doomed)
+    return old
+
+
+def newest(folder: Path) -> Path | None:
+    """The newest version folder in `folder`, if any."""
+    held = artifacts.versions(folder)
+    return folder / str(held[-1]) if held else None
