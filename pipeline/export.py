@@ -43,9 +43,13 @@ class ServingModule(tf.Module):
 
 
 def prepare(out: Path, logdir: Path) -> None:
-    """Make the export folder ready: create it, delete what an interrupted export left in it, clear the TensorBoard run."""
+    """Make the export folder ready: create it, delete what an earlier or interrupted export left in it
+    (DVC does this before it runs the stage; a run by hand does it here), clear the TensorBoard run."""
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
+    shutil.rmtree(out / artifacts.SAVED_MODEL, ignore_errors=True)
+    for name in (artifacts.EXPORT_RECORD, artifacts.TIMINGS_FILE):
+        (out / name).unlink(missing_ok=True)
     shutil.rmtree(logdir, ignore_errors=True)
 
 

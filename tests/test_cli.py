@@ -1,15 +1,18 @@
-"""`mnist predict` and latest_version: classify PNG and IDX files with an exported SavedModel."""
+"""`mnist predict` and newest_saved_model: classify PNG and IDX files with an exported SavedModel."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from helpers import PYTHON, REPO, learnable_splits, train_tiny
-from pipeline import artifacts, cli, export
+from helpers import PYTHON, REPO, learnable_splits, raw_params, train_tiny
+from pipeline import artifacts, cli, export, serving
 from pipeline.data import write_idx
 from pipeline.errors import PipelineError
 
@@ -18,15 +21,32 @@ LINE = re.compile(r"^(?P<label>.+): (?P<digit>\d) \(probability (?P<p>[01]\.\d{4
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A project folder whose data/export/logreg/7/ holds a SavedModel of a tiny logreg."""
+    """A SavedModel of a tiny logreg, as the export stage writes it, and `other`: the same model
+    with its classes shifted by one, so that every prediction of the two differs."""
     import tensorflow as tf
 
     root = tmp_path_factory.mktemp("cli")
     splits = learnable_splits(seed=0)
-    model_dir = train_tiny("logreg", splits, root / "models" / "logreg")
-    version = root / "data" / "export" / "logreg" / "7"
-    export.save_servable(artifacts.read_model(model_dir), version)
-    return {"root": root, "version": version, "loaded": tf.saved_model.load(str(version)), "test": splits["test"]}
+    model = artifacts.read_model(train_tiny("logreg", splits, root / "models" / "logreg"))
+    saved_model = root / "export" / artifacts.SAVED_MODEL
+    export.save_servable(model, saved_model)
+    model.set_weights([np.roll(w, 1, axis=-1) if w.shape[-1:] == (10,) else w for w in model.get_weights()])
+    other = root / "other"
+    export.save_servable(model, other)
+    return {
+        "saved_model": saved_model, "loaded": tf.saved_model.load(str(saved_model)),
+        "other": other, "loaded_other": tf.saved_model.load(str(other)), "test": splits["test"],
+    }
+
+
+def make_project(root, exported, serving_base: str = "data/serving"):
+    """A project folder: params.yaml (serving.base edited) and data/export/logreg/saved_model/."""
+    root.mkdir(parents=True)
+    raw = raw_params()
+    raw["serving"]["base"] = serving_base
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(exported["saved_model"], root / "data" / "export" / "logreg" / artifacts.SAVED_MODEL)
+    return root
 
 
 def write_png(path, image: np.ndarray):
@@ -68,7 +88,7 @@ def smooth_digit() -> np.ndarray:
 def test_predict_a_28x28_png(exported, capsys, tmp_path):
     image = exported["test"].x[0]
     png = write_png(tmp_path / "digit.png", image)
-    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["saved_model"]))
     assert code == 0, err
     digit, p = expected_line(exported["loaded"], image)
     assert out == f"{png}: {digit} (probability {p:.4f})\n"
@@ -81,7 +101,7 @@ def test_predict_resizes_a_56x56_png(exported, capsys, tmp_path):
     read = cli.read_images(png, invert=False)
     assert read.shape == (1, 28, 28) and read.dtype == np.uint8
     assert np.abs(read[0].astype(int) - small.astype(int)).mean() < 8  # the same picture, at 28x28
-    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["saved_model"]))
     assert code == 0, err
     digit, p = expected_line(exported["loaded"], read[0])
     assert out == f"{png}: {digit} (probability {p:.4f})\n"
@@ -90,7 +110,7 @@ def test_predict_resizes_a_56x56_png(exported, capsys, tmp_path):
 def test_predict_inverts_dark_on_light_digits(exported, capsys, tmp_path):
     image = exported["test"].x[1]
     png = write_png(tmp_path / "dark.png", 255 - image)
-    code, out, err = predict(capsys, str(png), "--invert", "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(png), "--invert", "--saved-model", str(exported["saved_model"]))
     assert code == 0, err
     digit, p = expected_line(exported["loaded"], image)
     assert out == f"{png}: {digit} (probability {p:.4f})\n"
@@ -100,7 +120,7 @@ def test_predict_an_idx_file_prints_one_line_per_image(exported, capsys, tmp_pat
     images = exported["test"].x[:3]
     idx = tmp_path / "three-images-idx3-ubyte"
     idx.write_bytes(write_idx(images))
-    code, out, err = predict(capsys, str(idx), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(idx), "--saved-model", str(exported["saved_model"]))
     assert code == 0, err
     expected = export.predict(exported["loaded"], images)
     lines = parse(out)
@@ -114,23 +134,65 @@ def test_predict_an_idx_file_prints_one_line_per_image(exported, capsys, tmp_pat
 def test_predict_several_files_in_order(exported, capsys, tmp_path):
     a = write_png(tmp_path / "a.png", exported["test"].x[2])
     b = write_png(tmp_path / "b.png", exported["test"].x[3])
-    code, out, err = predict(capsys, str(a), str(b), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(a), str(b), "--saved-model", str(exported["saved_model"]))
     assert code == 0, err
     assert [label for label, _, _ in parse(out)] == [str(a), str(b)]
 
 
-def test_predict_uses_the_newest_export_of_the_model_by_default(exported, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(exported["root"])  # data/export/logreg/7 is relative to the project root
+def test_predict_uses_the_export_then_the_newest_published_version(exported, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path / "project", exported))  # params.yaml and data/ are relative to it
     image = exported["test"].x[4]
     png = write_png(tmp_path / "d.png", image)
-    code, out, err = predict(capsys, str(png), "--model", "logreg")
+    mine, others = expected_line(exported["loaded"], image), expected_line(exported["loaded_other"], image)
+    assert mine[0] != others[0]
+
+    code, out, err = predict(capsys, str(png), "--model", "logreg")  # nothing published yet: the export
+    assert code == 0, err
+    assert out == f"{png}: {mine[0]} (probability {mine[1]:.4f})\n"
+
+    serving.publish("logreg", exported["other"], tmp_path / "project" / "data" / "serving" / "logreg", keep=3)
+    code, out, err = predict(capsys, str(png), "--model", "logreg")  # data/serving/logreg/1
+    assert code == 0, err
+    assert out == f"{png}: {others[0]} (probability {others[1]:.4f})\n"
+
+    code, out, err = predict(capsys, str(png), "--model", "cnn")  # nothing exported for cnn here
+    assert code == 1 and out == ""
+    assert err.startswith("error: No SavedModel of cnn in data/serving/cnn/ or data/export/cnn/saved_model/")
+
+
+def test_predict_reads_the_serving_folder_from_params(exported, capsys, tmp_path, monkeypatch):
+    """--params: its serving.base, not the project's, is where the versions are."""
+    published = tmp_path / "elsewhere" / "models"
+    serving.publish("logreg", exported["other"], published / "logreg", keep=3)
+    other_params = make_project(tmp_path / "other-params", exported, serving_base=str(published)) / "params.yaml"
+    monkeypatch.chdir(make_project(tmp_path / "project", exported))
+    image = exported["test"].x[6]
+    png = write_png(tmp_path / "e.png", image)
+
+    code, out, err = predict(capsys, str(png), "--model", "logreg")  # ./params.yaml: data/serving, empty
     assert code == 0, err
     digit, p = expected_line(exported["loaded"], image)
     assert out == f"{png}: {digit} (probability {p:.4f})\n"
 
-    code, out, err = predict(capsys, str(png), "--model", "cnn")  # nothing exported for cnn here
+    code, out, err = predict(capsys, str(png), "--model", "logreg", "--params", str(other_params))
+    assert code == 0, err
+    digit, p = expected_line(exported["loaded_other"], image)
+    assert out == f"{png}: {digit} (probability {p:.4f})\n"
+
+
+def test_predict_with_a_missing_params_file_is_one_error_line(exported, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    png = write_png(tmp_path / "f.png", exported["test"].x[7])
+    code, out, err = predict(capsys, str(png), "--model", "logreg")
     assert code == 1 and out == ""
-    assert err.startswith("error: No exported SavedModel in data/export/cnn/")
+    assert err.startswith("error: params.yaml not found") and "Traceback" not in err
+    code, out, err = predict(capsys, str(png), "--model", "logreg", "--params", "other.yaml")
+    assert code == 1 and err.startswith("error: other.yaml not found")
+
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["saved_model"]))  # needs no params
+    assert code == 0, err
+    digit, p = expected_line(exported["loaded"], exported["test"].x[7])
+    assert out == f"{png}: {digit} (probability {p:.4f})\n"
 
 
 def test_predict_in_a_subprocess_prints_then_stops_at_a_missing_file(exported, tmp_path):
@@ -139,7 +201,7 @@ def test_predict_in_a_subprocess_prints_then_stops_at_a_missing_file(exported, t
     png = write_png(tmp_path / "five.png", image)
     missing = tmp_path / "nothing.png"
     done = subprocess.run(
-        [str(PYTHON), "-m", "pipeline.cli", "predict", str(png), str(missing), "--saved-model", str(exported["version"])],
+        [str(PYTHON), "-m", "pipeline.cli", "predict", str(png), str(missing), "--saved-model", str(exported["saved_model"])],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )
     digit, p = expected_line(exported["loaded"], image)
@@ -167,7 +229,7 @@ def bad_inputs(tmp_path) -> dict:
 @pytest.mark.parametrize("case", ["missing", "text", "label IDX", "20x20 IDX"])
 def test_predict_reports_a_bad_file_in_one_line(exported, capsys, tmp_path, case):
     path, message = bad_inputs(tmp_path)[case]
-    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["saved_model"]))
     assert code == 1
     assert out == ""
     assert err.startswith("error: ") and message in err
@@ -177,7 +239,7 @@ def test_predict_reports_a_bad_file_in_one_line(exported, capsys, tmp_path, case
 
 def test_predict_names_the_file_whose_images_are_not_28x28(exported, capsys, tmp_path):
     path, _ = bad_inputs(tmp_path)["20x20 IDX"]
-    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["saved_model"]))
     assert code == 1 and path.name in err
 
 
@@ -186,36 +248,63 @@ def test_predict_reports_a_corrupt_png_in_one_line(exported, capsys, tmp_path):
 
     png = tmp_path / "cut.png"
     png.write_bytes(tf.io.encode_png(exported["test"].x[0][:, :, None]).numpy()[:40])  # the PNG signature, then garbage
-    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["version"]))
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["saved_model"]))
     assert code == 1 and out == ""
     assert err.startswith("error: ") and "cut.png" in err
 
 
-# --- latest_version ----------------------------------------------------------------------------
+# --- newest_saved_model: the newest published version, else the export, else an error -----------
 
 
-def test_latest_version_is_the_highest_integer_folder(tmp_path):
-    model = tmp_path / "cnn"
-    for name in ("9", "10", "100", "1700000000", ".tmp-1800000000", "latest", "99a"):
-        (model / name).mkdir(parents=True)
-    (model / artifacts.EXPORT_RECORD).write_text("{}")
-    assert cli.latest_version("cnn", root=tmp_path) == model / "1700000000"
-    (model / "1700000000").rmdir()
-    assert cli.latest_version("cnn", root=tmp_path) == model / "100"  # numerically, not as text ("9" > "100")
+def serving_and_exports(tmp_path, model: str, setup: str):
+    """A serving base and an export root; the serving folder of `model` as `setup` says, with no version in it."""
+    base, exports = tmp_path / "serving", tmp_path / "export"
+    if setup != "no folder":
+        (base / model).mkdir(parents=True)
+    if setup == "only leftovers":
+        (base / model / ".tmp-4").mkdir()  # a version being copied in
+        (base / model / ".tmp-old-2").mkdir()  # a version being deleted
+        (base / model / "3").write_text("a file, not a version")
+    return base, exports
+
+
+def test_newest_saved_model_is_the_highest_published_version(tmp_path):
+    base, exports = tmp_path / "serving", tmp_path / "export"
+    for name in ("9", "10", "100", ".tmp-101", ".tmp-old-8", "latest", "99a"):
+        (base / "cnn" / name).mkdir(parents=True)
+    (base / "cnn" / "200").write_text("a file, not a version")
+    (exports / "cnn" / artifacts.SAVED_MODEL).mkdir(parents=True)  # published versions come first
+    assert cli.newest_saved_model("cnn", base, exports) == base / "cnn" / "100"  # numerically ("9" > "100" as text)
+    (base / "cnn" / "100").rmdir()
+    assert cli.newest_saved_model("cnn", base, exports) == base / "cnn" / "10"
 
 
 @pytest.mark.parametrize("setup", ["no folder", "empty folder", "only leftovers"])
-def test_latest_version_without_a_version_is_a_clear_error(tmp_path, setup):
-    if setup != "no folder":
-        (tmp_path / "mlp").mkdir()
-    if setup == "only leftovers":
-        (tmp_path / "mlp" / ".tmp-1700000000").mkdir()
-        (tmp_path / "mlp" / artifacts.EXPORT_RECORD).write_text('{"blessed": false}')
+def test_newest_saved_model_without_a_version_is_the_export(tmp_path, setup):
+    base, exports = serving_and_exports(tmp_path, "cnn", setup)
+    (exports / "cnn" / artifacts.SAVED_MODEL).mkdir(parents=True)
+    (exports / "cnn" / ".tmp-saved_model").mkdir()  # an interrupted export is never taken
+    assert cli.newest_saved_model("cnn", base, exports) == exports / "cnn" / artifacts.SAVED_MODEL
+
+
+@pytest.mark.parametrize("setup", ["no folder", "empty folder", "only leftovers"])
+def test_newest_saved_model_without_either_is_a_clear_error(tmp_path, setup):
+    base, exports = serving_and_exports(tmp_path, "mlp", setup)
+    (exports / "mlp" / ".tmp-saved_model").mkdir(parents=True)  # an interrupted export is no SavedModel
+    artifacts.write_export_record(exports / "mlp", {"model": "mlp", "blessed": False})
     with pytest.raises(PipelineError) as info:
-        cli.latest_version("mlp", root=tmp_path)
+        cli.newest_saved_model("mlp", base, exports)
     message = str(info.value)
-    assert f"No exported SavedModel in {tmp_path / 'mlp'}/" in message
-    assert "export.json" in message and "quality gate" in message
+    assert f"No SavedModel of mlp in {base / 'mlp'}/ or {exports / 'mlp' / artifacts.SAVED_MODEL}/" in message
+    assert f"{exports / 'mlp' / artifacts.EXPORT_RECORD}" in message and "quality gate" in message
+    assert "dvc pull" in message
+
+
+def test_newest_saved_model_defaults_to_the_export_stage_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "export" / "cnn" / artifacts.SAVED_MODEL).mkdir(parents=True)
+    assert cli.EXPORT_ROOT == Path("data/export")
+    assert cli.newest_saved_model("cnn", tmp_path / "serving") == Path("data/export/cnn/saved_model")
 
 
 @pytest.mark.parametrize(

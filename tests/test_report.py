@@ -1,41 +1,92 @@
-"""pipeline.report on hand-written metrics.json files for three models: leaderboard, report.md, HParams."""
+"""pipeline.report on hand-written stage outputs for three models: leaderboard, report.md, HParams.
+
+Each model has what the train stage writes (meta.json, timings.json) and what the evaluate
+stage writes (metrics.json, per_class.csv, timings.json); the report merges them into one row per model.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 
+import numpy as np
 import pytest
 
 from helpers import load_stage, load_test_params, prefect_settings
 from pipeline import artifacts, report
+from pipeline.errors import DataError
 
 # Written in an order that is not the accuracy order; mlp is under its gate.
 METRICS = {
-    "logreg": {"accuracy": 0.9251, "gate": 0.92, "blessed": True, "loss": 0.2712, "parameters": 7850, "epochs": 20,
-               "train_seconds": 41.7, "eval_images_per_s": 910.5, "val_accuracy": 0.9302},
-    "mlp": {"accuracy": 0.9712, "gate": 0.98, "blessed": False, "loss": 0.0981, "parameters": 497_260, "epochs": 30,
-            "train_seconds": 250.25, "eval_images_per_s": 640.0, "val_accuracy": 0.9733},
-    "cnn": {"accuracy": 0.9935, "gate": 0.993, "blessed": True, "loss": 0.0207, "parameters": 1_475_306, "epochs": 8,
-            "train_seconds": 1312.0, "eval_images_per_s": 120.5, "val_accuracy": 0.9941},
+    "logreg": {"accuracy": 0.9251, "gate": 0.92, "blessed": True, "loss": 0.2712},
+    "mlp": {"accuracy": 0.9712, "gate": 0.98, "blessed": False, "loss": 0.0981},
+    "cnn": {"accuracy": 0.9935, "gate": 0.993, "blessed": True, "loss": 0.0207},
+}
+META = {  # what the report takes from meta.json
+    "logreg": {"parameters": 7850, "epochs": 20, "val_accuracy": 0.9302},
+    "mlp": {"parameters": 497_260, "epochs": 30, "val_accuracy": 0.9733},
+    "cnn": {"parameters": 1_475_306, "epochs": 8, "val_accuracy": 0.9941},
+}
+MACRO = {  # per_class.csv's mean precision and recall
+    "logreg": {"macro_precision": 0.9243, "macro_recall": 0.9248},
+    "mlp": {"macro_precision": 0.9714, "macro_recall": 0.9709},
+    "cnn": {"macro_precision": 0.9936, "macro_recall": 0.9934},
+}
+TRAIN_TIMINGS = {
+    "logreg": {"train_seconds": 41.7, "epoch_seconds": [2.1] * 20, "epochs_resumed": 0},
+    "mlp": {"train_seconds": 250.4, "epoch_seconds": [8.3] * 30, "epochs_resumed": 12},
+    "cnn": {"train_seconds": 1312.0, "epoch_seconds": [164.0] * 8, "epochs_resumed": 0},
+}
+EVAL_TIMINGS = {
+    "logreg": {"eval_seconds": 10.983, "eval_images_per_s": 910.7},
+    "mlp": {"eval_seconds": 15.625, "eval_images_per_s": 640.0},
+    "cnn": {"eval_seconds": 82.988, "eval_images_per_s": 120.5},
 }
 BEST_FIRST = ["cnn", "mlp", "logreg"]
-DATA_REPORT = {"splits": {"train": {"images": 55_000}, "val": {"images": 5_000}, "test": {"images": 10_000}}}
+# 9,876 test images: a number that appears nowhere else, so the report must take it from here
+DATA_REPORT = {"splits": {"train": {"images": 55_000}, "val": {"images": 5_000}, "test": {"images": 9_876}}}
 
 
-def metrics_file(name: str) -> dict:
-    m = {"model": name, **METRICS[name], "test_images": 10_000}
-    m.update(macro_precision=round(m["accuracy"] - 0.001, 6), macro_recall=m["accuracy"], macro_f1=round(m["accuracy"] - 0.002, 6))
-    return m
+def metrics(name: str) -> dict:
+    """A model's metrics as the evaluate stage writes them: quality figures only."""
+    return {**METRICS[name], "macro_f1": round(METRICS[name]["accuracy"] - 0.002, 6)}
+
+
+def meta_file(name: str) -> dict:
+    """meta.json as the train stage writes it (the report reads parameters, epochs and val_accuracy)."""
+    return {"model": name, "optimizer": "adam", **META[name], "tensorflow": "2.x"}
+
+
+def per_class(name: str) -> dict[str, np.ndarray]:
+    """Per-digit scores whose means are MACRO's; digit d is off the mean by (d - 4.5) / 1000."""
+    spread = (np.arange(10) - 4.5) / 1000
+    scores = {
+        "precision": MACRO[name]["macro_precision"] + spread,
+        "recall": MACRO[name]["macro_recall"] - spread,
+    }
+    return {**scores, "f1": scores["precision"], "accuracy": scores["recall"]}
+
+
+def expected_row(name: str) -> dict:
+    return {"model": name, **metrics(name), **MACRO[name], **META[name], **TRAIN_TIMINGS[name], **EVAL_TIMINGS[name]}
 
 
 @pytest.fixture
-def evaluations(tmp_path):
-    root = tmp_path / "evaluate"
+def stage_outputs(tmp_path):
+    """data/models/<m>/ and data/evaluate/<m>/ of the three models, as the train and evaluate stages leave them."""
+    models, evaluate = tmp_path / "models", tmp_path / "evaluate"
     for name in METRICS:
-        (root / name).mkdir(parents=True)
-        (root / name / artifacts.METRICS_FILE).write_text(json.dumps(metrics_file(name), indent=2))
-    return root
+        (models / name).mkdir(parents=True)
+        (models / name / artifacts.META_FILE).write_text(json.dumps(meta_file(name), indent=2))
+        artifacts.write_timings(models / name, TRAIN_TIMINGS[name])
+        labels = np.arange(20) % 10
+        artifacts.write_evaluation(evaluate / name, name, metrics(name), EVAL_TIMINGS[name], labels, labels, per_class(name))
+    return models, evaluate
+
+
+@pytest.fixture
+def rows(stage_outputs):
+    return report.read_rows(*stage_outputs, list(METRICS))
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +104,42 @@ def table(markdown: str) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def test_read_metrics_sorts_best_accuracy_first(evaluations):
-    rows = report.read_metrics(evaluations, ["logreg", "mlp", "cnn"])
+def test_read_rows_merges_metrics_per_class_meta_and_timings_best_accuracy_first(rows):
     assert [r["model"] for r in rows] == BEST_FIRST
-    assert rows[0] == metrics_file("cnn")
+    for row in rows:
+        expected = expected_row(row["model"])
+        macro = {k: row.pop(k) for k in ("macro_precision", "macro_recall")}  # means of 6-decimal CSV values
+        assert macro == pytest.approx({k: expected.pop(k) for k in macro}, abs=1e-9), row["model"]
+        assert row == expected
+    assert rows[1]["val_accuracy"] == 0.9733 and rows[1]["epochs_resumed"] == 12 and rows[1]["eval_seconds"] == 15.625
 
 
-def test_read_metrics_reads_only_the_models_asked_for(evaluations):
-    assert [r["model"] for r in report.read_metrics(evaluations, ["logreg", "mlp"])] == ["mlp", "logreg"]
+def test_read_rows_reads_only_the_models_asked_for(stage_outputs):
+    assert [r["model"] for r in report.read_rows(*stage_outputs, ["logreg", "mlp"])] == ["mlp", "logreg"]
 
 
-def test_leaderboard_json_has_one_entry_per_model(evaluations):
-    board = report.leaderboard_json(report.read_metrics(evaluations, list(METRICS)))
-    assert list(board["models"]) == BEST_FIRST
-    for name, entry in board["models"].items():
-        assert "model" not in entry
-        for key in ("accuracy", "gate", "blessed", "loss", "macro_f1", "parameters", "epochs"):
-            assert entry[key] == metrics_file(name)[key], (name, key)
+@pytest.mark.parametrize("missing, stage", [("models", "train"), ("evaluate", "evaluate")])
+def test_read_rows_names_a_missing_timings_file_and_its_stage(stage_outputs, missing, stage):
+    models, evaluate = stage_outputs
+    gone = (models if missing == "models" else evaluate) / "mlp" / artifacts.TIMINGS_FILE
+    gone.unlink()
+    with pytest.raises(DataError, match=f"run the {stage} stage first") as info:
+        report.read_rows(models, evaluate, list(METRICS))
+    assert str(gone) in str(info.value)
+
+
+def test_leaderboard_json_holds_only_accuracy_and_gate_verdict(rows):
+    board = report.leaderboard_json(rows)
+    assert board == {  # DVC names them accuracy.cnn, blessed.cnn, ...
+        "accuracy": {"cnn": 0.9935, "mlp": 0.9712, "logreg": 0.9251},
+        "blessed": {"cnn": True, "mlp": False, "logreg": True},
+    }
+    assert list(board["accuracy"]) == BEST_FIRST and list(board["blessed"]) == BEST_FIRST
+    assert report.LEADERBOARD_KEYS == ("accuracy", "blessed")
     json.dumps(board)  # a valid DVC metrics file
 
 
-def test_report_markdown_table_and_sections(evaluations, params):
-    rows = report.read_metrics(evaluations, list(METRICS))
+def test_report_markdown_table_and_sections(rows, params):
     md = report.report_markdown(rows, DATA_REPORT, params.seed)
     header, body = table(md)
     assert header[:4] == ["model", "test accuracy", "gate", "gate passed"]
@@ -87,12 +152,16 @@ def test_report_markdown_table_and_sections(evaluations, params):
     assert by_model["mlp"]["test accuracy"] == "97.12%" and by_model["mlp"]["gate"] == "98.00%"
     assert by_model["cnn"]["test accuracy"] == "99.35%" and by_model["cnn"]["gate"] == "99.30%"
     assert by_model["cnn"]["parameters"] == "1,475,306"
-    assert "10,000" in md and "55,000" in md and "5,000" in md and f"seed {params.seed}" in md
+    assert by_model["mlp"]["epochs"] == "30" and by_model["mlp"]["training s"] == "250.4"
+    assert by_model["logreg"]["eval images/s"] == "911"
+    assert "Test accuracy on the 9,876 MNIST test images" in md
+    assert "55,000" in md and "5,000" in md and f"seed {params.seed}" in md
     for name in METRICS:
         assert f"## {name}" in md
         assert f"(evaluate/{name}/confusion.png)" in md and f"(evaluate/{name}/curves.png)" in md
     mlp_section = md.split("## mlp")[1].split("## ")[0]
     assert "NOT passed, not exported" in mlp_section
+    assert "macro precision 0.9714, recall 0.9709, F1 0.9692" in mlp_section  # per_class.csv's means, metrics' F1
     assert md.index("## cnn") < md.index("## mlp") < md.index("## logreg")
 
 
@@ -128,8 +197,7 @@ def test_cell_formats_each_leaderboard_value(key, value, shown):
     assert report.cell(key, value) == shown
 
 
-def test_leaderboard_table_has_one_row_per_model_in_order(evaluations):
-    rows = report.read_metrics(evaluations, list(METRICS))
+def test_leaderboard_table_has_one_row_per_model_in_order(rows):
     shown = report.leaderboard_table(rows)
     assert [r["model"] for r in shown] == BEST_FIRST
     assert list(shown[0])[:4] == ["model", "test accuracy", "gate", "gate passed"]
@@ -155,10 +223,9 @@ def hparams_data(acc, tag):
     return plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content)
 
 
-def test_write_hparams_writes_one_session_per_model(evaluations, params, tmp_path):
+def test_write_hparams_writes_one_session_per_model(rows, params, tmp_path):
     from tensorboard.util import tensor_util
 
-    rows = report.read_metrics(evaluations, list(METRICS))
     logdir = tmp_path / "tb"
     report.write_hparams(rows, params.models, logdir)
 
@@ -177,29 +244,39 @@ def test_write_hparams_writes_one_session_per_model(evaluations, params, tmp_pat
         assert hp["learning_rate"].number_value == pytest.approx(block.learning_rate)
         assert hp["batch_size"].number_value == block.batch_size
         assert hp["epochs"].number_value == block.epochs
-        assert hp["parameters"].number_value == METRICS[name]["parameters"]
+        assert hp["parameters"].number_value == META[name]["parameters"]
         assert hp["dropout"].number_value == pytest.approx(report.dropout(block))
-        for tag, key in (("test/accuracy", "accuracy"), ("test/loss", "loss"), ("validation/accuracy", "val_accuracy")):
+        for tag, value in (
+            ("test/accuracy", METRICS[name]["accuracy"]),
+            ("test/loss", METRICS[name]["loss"]),
+            ("validation/accuracy", META[name]["val_accuracy"]),
+            ("train/seconds", TRAIN_TIMINGS[name]["train_seconds"]),
+        ):
             (event,) = acc.Tensors(tag)
-            assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(METRICS[name][key], abs=1e-6)
+            assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(value, rel=1e-6), (name, tag)
     assert hparams_data(load_events(logdir / "cnn"), "_hparams_/session_start_info").session_start_info.hparams["dropout"].number_value == pytest.approx(0.5)
 
 
 # --- the flow, as the DVC stage runs it --------------------------------------------------
 
 
-def test_report_flow_writes_leaderboard_report_and_hparams(evaluations, params, tmp_path):
+def test_report_flow_writes_leaderboard_report_and_hparams(stage_outputs, params, tmp_path):
     report_flow = load_stage("report").report_flow
     data_report = tmp_path / "data_report.json"
     data_report.write_text(json.dumps(DATA_REPORT))
     leaderboard, out, tb = tmp_path / "leaderboard.json", tmp_path / "report.md", tmp_path / "tb" / "report"
     tb.mkdir(parents=True)
     (tb / "stale").mkdir()  # an earlier run's session: replaced, not mixed in
+    models, evaluations = stage_outputs
     with prefect_settings():
-        report_flow(params=params, evaluations=evaluations, data_report=data_report, leaderboard=leaderboard, out=out, tensorboard=tb)
-    rows = report.read_metrics(evaluations, list(METRICS))
-    assert json.loads(leaderboard.read_text()) == report.leaderboard_json(rows)
+        report_flow(
+            params=params, models=models, evaluations=evaluations, data_report=data_report, leaderboard=leaderboard,
+            out=out, tensorboard=tb,
+        )
+    assert json.loads(leaderboard.read_text()) == report.leaderboard_json(report.read_rows(models, evaluations, list(METRICS)))
+    assert set(json.loads(leaderboard.read_text())) == {"accuracy", "blessed"}
     md = out.read_text()
     assert [r[0] for r in table(md)[1]] == BEST_FIRST and md.count("**no**") == 1
+    assert "9,876 MNIST test images" in md
     assert sorted(p.name for p in tb.iterdir() if p.is_dir()) == sorted(METRICS)
     assert "test/accuracy" in load_events(tb / "cnn").Tags()["tensors"]
