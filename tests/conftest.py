@@ -105,7 +105,9 @@ def project_env(**extra: str) -> dict[str, str]:
 
 
 def dvc(project: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(["dvc", *args], cwd=project, env=env or project_env(), capture_output=True, text=True)
+    """`dvc ARGS` in `project`; its stages import the project copy's `pipeline`, not the editable install's."""
+    env = {**(env or project_env()), "PYTHONPATH": str(project)}
+    done = subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done

@@ -51,7 +51,8 @@ def run_dvc(project: Path, *args: str, env: dict[str, str] | None = None) -> sub
     """Run `dvc ARGS` in `project` under a deadline; fail, showing DVC's output, if it fails."""
     try:
         done = subprocess.run(
-            ["dvc", *args], cwd=project, env=env or project_env(), capture_output=True, text=True, timeout=DVC_TIMEOUT
+            ["dvc", *args], cwd=project, env={**(env or project_env()), "PYTHONPATH": str(project)},  # the clone's own code
+            capture_output=True, text=True, timeout=DVC_TIMEOUT,
         )
     except subprocess.TimeoutExpired as exc:
         output = "".join(s if isinstance(s, str) else s.decode(errors="replace") for s in (exc.stdout, exc.stderr) if s)
