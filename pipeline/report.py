@@ -26,11 +26,11 @@ COLUMNS = [
 ]
 
 
-LEADERBOARD_KEYS = ("accuracy", "blessed")  # the rest of each model's metrics is in its own metrics.json
+LEADERBOARD_KEYS = ("accuracy",)  # the rest of each model's metrics is in its own metrics.json
 
 
 def read_rows(models_dir: Path, evaluate_dir: Path, models: list[str]) -> list[dict]:
-    """One row per model, best test accuracy first: its metrics.json and macro precision and recall
+    """One row per model, best test accuracy first: its metrics.json and macro precision, recall and F1
     (per_class.csv), with its size, epochs and validation accuracy (meta.json) and its timings (the
     train and evaluate stages' timings.json)."""
     rows = []
@@ -42,6 +42,7 @@ def read_rows(models_dir: Path, evaluate_dir: Path, models: list[str]) -> list[d
                 **artifacts.read_metrics(evaluate_dir / name),
                 "macro_precision": float(per_class["precision"].mean()),
                 "macro_recall": float(per_class["recall"].mean()),
+                "macro_f1": float(per_class["f1"].mean()),
                 "parameters": meta["parameters"],
                 "epochs": meta["epochs"],
                 "val_accuracy": meta["val_accuracy"],
@@ -53,8 +54,8 @@ def read_rows(models_dir: Path, evaluate_dir: Path, models: list[str]) -> list[d
 
 
 def leaderboard_json(rows: list[dict]) -> dict:
-    """The leaderboard as DVC metrics, kept in git: each model's test accuracy and gate verdict, best first,
-    so that `dvc metrics show` on a fresh clone shows them before any `dvc pull` (as `accuracy.cnn`, ...)."""
+    """The leaderboard as DVC metrics, kept in git: each model's test accuracy, best first, so that
+    `dvc metrics show` on a fresh clone shows them before any `dvc pull` (as `accuracy.cnn`, ...)."""
     return {key: {r["model"]: r[key] for r in rows} for key in LEADERBOARD_KEYS}
 
 
