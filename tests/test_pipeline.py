@@ -16,7 +16,7 @@ from pipeline import artifacts
 
 def test_every_stage_ran_and_is_locked(small_run: SmallRun) -> None:
     lock = yaml.safe_load((small_run.project / "dvc.lock").read_text())["stages"]
-    expected = {"fetch", "preprocess", "report"}
+    expected = {"fetch", "preprocess", "report", "publish"}
     for model in small_run.models():
         expected |= {f"train@{model}", f"evaluate@{model}", f"export@{model}"}
     assert expected <= set(lock), expected - set(lock)
