@@ -11,6 +11,11 @@ A clone gets by copy what a clone of the real project gets from git but the smal
 does not commit: params.yaml, and where the test says so dvc.lock, the outputs DVC leaves to git
 (`cache: false`) and the .gitignore files DVC writes beside its outputs. Remotes are added with `--local` (.dvc/config.local), so the small run's
 committed config and its default remote stay as they are for the other tests.
+
+This module runs before test_pipeline and test_prefect (file order), which force stages of the
+shared small run to run again: a forced re-run of a stage whose outputs are not byte-identical
+(TensorBoard events, timings) adds a second run-cache entry for the same inputs, and a clone's
+`dvc repro --pull` then ran such a stage (fetch, evaluate@logreg) instead of restoring it.
 """
 
 from __future__ import annotations
