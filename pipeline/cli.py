@@ -92,8 +92,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_flow(args: argparse.Namespace) -> int:
-    """The end-to-end Prefect flow: every DVC stage as a task, run through DVC."""
+    """The end-to-end Prefect flow: every DVC stage as a task, run through DVC; with a work pool,
+    each stale model chain runs on the pool's workers (pipeline/fanout.py)."""
+    if args.work_pool:
+        if not check_prefect_api():
+            raise PipelineError(
+                "The chains run on workers that report to one Prefect server: set PREFECT_API_URL to it "
+                "(and PREFECT_API_AUTH_STRING if it asks for one). See the README, 'Beyond one machine'."
+            )
+        return _run_with_prefect([sys.executable, "-m", "pipeline.fanout", args.work_pool])
     return _run_with_prefect([sys.executable, "-m", "pipeline.dag"])
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Register the model-chain deployment on a work pool, its code cloned from the project's git origin."""
+    from pipeline import fanout
+
+    if not check_prefect_api():
+        raise PipelineError("Set PREFECT_API_URL to the Prefect server the workers poll (see the README, 'Beyond one machine').")
+    repo = args.repo or fanout.command(["git", "remote", "get-url", "origin"], Path.cwd()).strip()
+    name = fanout.deploy(args.work_pool, repo, args.zombie_after)
+    print(f"Registered {name} (code from {repo}). Start workers with: prefect worker start --pool {args.work_pool} --limit 1")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,11 +123,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
     """The Prefect UI and TensorBoard together, until Ctrl-C or SIGTERM."""
+    if not servers.is_loopback(args.host) and not os.environ.get(servers.AUTH_ENV):
+        raise PipelineError(
+            f"--host {args.host} lets other machines reach the Prefect server: set {servers.AUTH_ENV}=user:password "
+            f"first (and PREFECT_API_AUTH_STRING to the same on every client and worker), or bind 127.0.0.1."
+        )
     # SIGTERM is Ctrl-C from the first moment, start-up included: a `kill` during start-up
     # still stops whichever server has started, and leaves none running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with servers.prefect_server(args.host, args.prefect_port) as api, servers.tensorboard_server(
+        with servers.prefect_server(args.host, args.prefect_port, database_url=args.database_url) as api, servers.tensorboard_server(
             TENSORBOARD_LOGDIR, args.host, args.tensorboard_port, live=TRAINING_NOW
         ) as tb:
             print(
@@ -212,7 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(fn=cmd_run)
 
     fl = sub.add_parser("flow", help="the end-to-end Prefect flow (each DVC stage a task)")
+    fl.add_argument("--work-pool", help="run each stale model chain on this Prefect work pool (see `mnist deploy`)")
     fl.set_defaults(fn=cmd_flow)
+
+    dep = sub.add_parser("deploy", help="register the model-chain deployment on a Prefect work pool")
+    dep.add_argument("--work-pool", required=True, help="the pool (created as a process pool if missing)")
+    dep.add_argument("--repo", help="git URL the workers clone (default: this clone's origin)")
+    dep.add_argument("--zombie-after", type=int, default=120, metavar="S",
+                     help="mark a chain run Crashed after S seconds without a heartbeat from its worker (default 120)")
+    dep.set_defaults(fn=cmd_deploy)
 
     serve = sub.add_parser("serve", help="serve the end-to-end flow as a scheduled Prefect deployment")
     serve.add_argument("--name", default="scheduled", help="deployment name")
@@ -223,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     dash.add_argument("--prefect-port", type=int, default=4200)
     dash.add_argument("--tensorboard-port", type=int, default=6006)
+    dash.add_argument("--database-url", help="Prefect's database, e.g. postgresql+asyncpg://user:pw@host:5432/prefect "
+                      "(default: SQLite under PREFECT_HOME)")
     dash.set_defaults(fn=cmd_dashboards)
 
     pred = sub.add_parser("predict", help="classify PNG or IDX images with an exported SavedModel")

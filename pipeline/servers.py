@@ -16,6 +16,20 @@ from pipeline.errors import PipelineError
 
 PREFECT_PORT = 4200
 TENSORBOARD_PORT = 6006
+AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # Prefect's basic authentication: "user:password"
+DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+
+
+def is_loopback(host: str) -> bool:
+    """True if binding `host` keeps a server reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def answers(url: str, timeout_s: float = 2.0) -> bool:
@@ -50,12 +64,15 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def prefect_server(host: str = "127.0.0.1", port: int = PREFECT_PORT, log: Path | None = None) -> Iterator[str]:
+def prefect_server(
+    host: str = "127.0.0.1", port: int = PREFECT_PORT, log: Path | None = None, database_url: str | None = None
+) -> Iterator[str]:
     """Yield the API URL of a Prefect server on host:port, starting one unless one already answers.
 
     A server started here is stopped on exit; one that was already running is left alone.
-    Its database is Prefect's default SQLite file under PREFECT_HOME, or the PostgreSQL URL
-    in PREFECT_SERVER_DATABASE_CONNECTION_URL when that is set.
+    Its database is `database_url` (a PostgreSQL URL, postgresql+asyncpg://...) if given, else
+    PREFECT_SERVER_DATABASE_CONNECTION_URL if set, else Prefect's SQLite file under PREFECT_HOME.
+    With PREFECT_SERVER_API_AUTH_STRING set, the server asks every client for it.
     """
     api = f"http://{host}:{port}/api"
     if answers(f"{api}/health"):
@@ -66,6 +83,8 @@ def prefect_server(host: str = "127.0.0.1", port: int = PREFECT_PORT, log: Path 
     # The UI calls the API at PREFECT_SERVER_API_HOST/PORT; --port alone leaves it calling 4200.
     env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
     env.pop("PREFECT_API_URL", None)
+    if database_url:
+        env[DATABASE_ENV] = database_url
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with open(log, "ab") as out:
         process = subprocess.Popen(

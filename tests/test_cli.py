@@ -328,3 +328,29 @@ def test_unknown_options_of_other_commands_are_refused(capsys: pytest.CaptureFix
         cli.main(["describe", "--bogus"])
     assert exit_info.value.code == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::"])
+def test_dashboards_beyond_loopback_need_the_auth_string(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, host: str
+) -> None:
+    started = []
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    monkeypatch.setattr(cli.servers, "prefect_server", lambda *a, **k: started.append(a))
+    assert cli.main(["dashboards", "--host", host]) == 1
+    assert "PREFECT_SERVER_API_AUTH_STRING" in capsys.readouterr().err
+    assert not started, "a server was started without authentication beyond loopback"
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.5", True),
+                                            ("0.0.0.0", False), ("10.0.0.1", False), ("build-host", False)])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert cli.servers.is_loopback(host) is loopback
+
+
+def test_flow_on_a_work_pool_needs_a_prefect_server(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    called = []
+    monkeypatch.setattr(cli, "check_prefect_api", lambda: None)
+    monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd: called.append(cmd) or 0)
+    assert cli.main(["flow", "--work-pool", "pool"]) == 1
+    assert "PREFECT_API_URL" in capsys.readouterr().err and not called

@@ -1,0 +1,341 @@
+"""Beyond one machine: each model's chain (train -> evaluate -> export) on a Prefect work pool.
+
+The coordinator (`mnist flow --work-pool POOL`) runs where the user is. It runs or restores
+fetch and preprocess, pushes them to the default DVC remote, and starts one `model-chain`
+flow run per stale model on the pool. Each chain runs on a worker, in a fresh clone of the
+coordinator's commit: it pulls its inputs, runs or restores its three stages, and pushes
+their outputs and run-cache entries. Nothing passes through Prefect results; the DVC remote
+is the exchange. The coordinator then restores every chain from the run-cache (a chain
+stage that runs on its side is a failure naming the chain), runs the report and publish
+stages, pushes, and leaves dvc.lock, of which it is the only writer, ready to commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
+
+from pipeline.errors import PipelineError
+from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, run_tag
+
+CHAIN_FLOW = "model-chain"  # deployed once per work pool, as model-chain/<pool>, by `mnist deploy`
+CHAIN_STAGES = ("train", "evaluate", "export")
+HEARTBEAT_S = 30  # a chain run's heartbeat (Prefect's minimum)
+ZOMBIE_AFTER_S = 120  # a chain run without a heartbeat this long is marked Crashed
+ZOMBIE_AUTOMATION = "mnist-chain-zombies"
+LEASE_S = 60  # the lease on a chain's concurrency slot, renewed while it runs
+# What DVC rewrites in the coordinator (dvc.lock, and under data/ the outputs kept in git and the
+# .gitignore files it keeps beside its outputs): a tree where only these differ from the commit is clean.
+WRITTEN_BY_DVC = ("dvc.lock", "data/")
+COMMAND_TIMEOUT_S = 6 * 3600  # one dvc command; a chain trains a model
+
+
+def command(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run `args` in `cwd`; return what it printed; raise PipelineError with its output's tail if it fails."""
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise PipelineError(f"`{' '.join(args)}` failed ({done.returncode}) in {cwd}:\n{output[-3000:]}")
+    return output
+
+
+def dvc_env(workspace: Path, run_id: str) -> dict[str, str]:
+    """The environment of `dvc` in `workspace`: its stages import that workspace's own `pipeline`
+    (and send no heartbeats: the chain run's own tell whether its worker is alive)."""
+    env = {**os.environ, "PYTHONPATH": str(workspace), RUN_ID_ENV: run_id}
+    env.pop(HEARTBEAT_ENV, None)
+    return env
+
+
+def ran_stages(output: str) -> list[str]:
+    """The stages DVC's `output` says it ran (not restored, not up to date)."""
+    marker = "Running stage '"
+    return [line.split(marker, 1)[1].split("'", 1)[0] for line in output.splitlines() if marker in line]
+
+
+def chain_targets(model: str) -> list[str]:
+    return [f"{stage}@{model}" for stage in CHAIN_STAGES]
+
+
+# --- the coordinator's checks ----------------------------------------------------------------
+
+
+def pushed_commit(root: Path) -> tuple[str, str]:
+    """The commit checked out in `root` and the URL of its `origin`; PipelineError unless it is clean and pushed.
+
+    Workers clone that commit from origin, so it must be there, and the workspace must be
+    exactly that commit (what DVC writes aside: dvc.lock and files under data/).
+    """
+    dirty = [
+        line[3:] for line in command(["git", "status", "--porcelain", "--untracked-files=no"], root).splitlines()
+        if not line[3:].startswith(WRITTEN_BY_DVC)
+    ]
+    if dirty:
+        raise PipelineError(
+            f"Uncommitted changes in {', '.join(dirty)}: the workers run the committed code and params. "
+            "Commit them and `git push` (or stash them) first."
+        )
+    commit = command(["git", "rev-parse", "HEAD"], root).strip()
+    try:
+        origin = command(["git", "remote", "get-url", "origin"], root).strip()
+    except PipelineError:
+        raise PipelineError("This clone has no git remote `origin`: the workers clone the commit from there.") from None
+    command(["git", "fetch", "--quiet", "origin"], root)
+    if not command(["git", "branch", "--remotes", "--contains", commit], root).strip():
+        raise PipelineError(f"Commit {commit[:12]} is not on origin ({origin}): `git push` it first.")
+    return commit, origin
+
+
+def default_remote(root: Path) -> str:
+    """The URL of the workspace's default DVC remote; PipelineError naming the fix if there is none."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        url = repo.config["remote"].get(name, {}).get("url") if name else None
+    if not url:
+        raise PipelineError(
+            "No default DVC remote: the workers exchange data through it. Add one that every worker "
+            "reaches, e.g. `dvc remote add -d shared ssh://host/path` (see the README, 'Share and reuse')."
+        )
+    return url
+
+
+def stale_models(root: Path, models: list[str], run_id: str) -> list[str]:
+    """The models whose chain `dvc status` reports changed or missing in `root`."""
+    stale = []
+    for model in models:
+        output = command(["dvc", "status", *chain_targets(model)], root, dvc_env(root, run_id))
+        if "up to date" not in output:
+            stale.append(model)
+    return stale
+
+
+# --- one chain, on a worker --------------------------------------------------------------------
+
+
+def ensure_limit(name: str) -> None:
+    """A global concurrency limit of one slot named `name` (created once)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+
+
+def chain_limit(model: str, commit: str) -> str:
+    """The concurrency limit that keeps a chain from running twice at once for one commit."""
+    return f"mnist-chain-{model}-{commit[:12]}"
+
+
+@flow(name=CHAIN_FLOW, flow_run_name="{model}", log_prints=True)
+def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> dict[str, list[str]]:
+    """Run or restore one model's train, evaluate and export stages in a fresh clone, and push them.
+
+    Args:
+        model: the registry model whose chain to run
+        repo: the git URL to clone the project from
+        commit: the commit to check out (the coordinator's)
+        remote: the URL of the DVC remote to pull inputs from and push outputs to
+        run_id: the pipeline run id: every stage's flow run is tagged with it
+    """
+    logger = get_run_logger()
+    worker = os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname()
+    with get_client(sync_client=True) as client:  # the dashboard shows who ran it
+        run = client.read_flow_run(flow_run.get_id())
+        client.update_flow_run(run.id, name=f"{model}@{worker}", tags=sorted({*run.tags, f"worker:{worker}"}))
+    logger.info("chain %s of commit %s on worker %s (host %s)", model, commit[:12], worker, socket.gethostname())
+    name = chain_limit(model, commit)
+    ensure_limit(name)
+    # The slot is leased and renewed while the chain runs: a killed worker's slot frees itself after LEASE_S.
+    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S), tempfile.TemporaryDirectory(prefix=f"mnist-{model}-") as tmp:
+        workspace = Path(tmp) / "workspace"
+        command(["git", "clone", "--quiet", repo, str(workspace)], Path(tmp))
+        command(["git", "checkout", "--quiet", "--detach", commit], workspace)
+        env = dvc_env(workspace, run_id)
+        command(["dvc", "remote", "add", "--local", "--default", "exchange", remote], workspace, env)
+        output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, env)
+        logger.info("dvc repro --pull:\n%s", output[-3000:])
+        command(["dvc", "push", "--run-cache"], workspace, env)
+    ran = ran_stages(output)
+    return {"ran": ran, "restored": [s for s in chain_targets(model) if f"Stage '{s}' is cached" in output]}
+
+
+# --- the coordinator ----------------------------------------------------------------------------
+
+
+@task(cache_policy=NO_CACHE, task_run_name="chain-{model}")
+def run_chain(model: str, deployment: str, parameters: dict, run_id: str) -> State:
+    """Start `model`'s chain on the work pool as a subflow of this run and wait for it to end."""
+    child = run_deployment(
+        deployment, parameters=parameters, timeout=None, tags=[run_tag(run_id), f"model:{model}"], as_subflow=True
+    )
+    if child.state is None or not child.state.is_completed():
+        state = child.state.name if child.state else "no state"
+        message = child.state.message if child.state else ""
+        return Failed(message=f"chain {model} ended {state}: {message} (flow run {child.name})")
+    return Completed(message=f"chain {model} done (flow run {child.name})")
+
+
+def restore_chains(root: Path, models: list[str], run_id: str) -> tuple[list[str], dict[str, list[str]]]:
+    """`dvc repro --pull` of each model's chain in `root`; the models restored, and those where a stage ran."""
+    restored, trained = [], {}
+    env = dvc_env(root, run_id)
+    for model in models:
+        output = command(["dvc", "repro", "--pull", *chain_targets(model)], root, env)
+        get_run_logger().info("restoring chain %s: dvc repro --pull\n%s", model, output.strip())
+        ran = [stage for stage in ran_stages(output) if stage in chain_targets(model)]
+        if ran:
+            trained[model] = ran
+        else:
+            restored.append(model)
+    return restored, trained
+
+
+@flow(name="pipeline-fanout")
+def fanout_flow(pool: str, root: str = ".") -> dict[str, str]:
+    """The whole pipeline with each stale model chain on a Prefect work pool, through the DVC remote.
+
+    Args:
+        pool: the work pool; its chain deployment (model-chain/<pool>) was registered by `mnist deploy`
+        root: the coordinator's workspace (a clone of the project at a pushed commit)
+    """
+    from pipeline.config import load_params
+
+    logger = get_run_logger()
+    path = Path(root).resolve()
+    run_id = os.environ.get(RUN_ID_ENV) or f"fanout-{flow_run.get_name()}"
+    commit, origin = pushed_commit(path)
+    remote = default_remote(path)
+    env = dvc_env(path, run_id)
+    start = time.perf_counter()
+    command(["dvc", "repro", "--pull", "preprocess"], path, env)
+    command(["dvc", "push", "--run-cache"], path, env)
+    logger.info("fetch and preprocess ready and pushed in %.1f s", time.perf_counter() - start)
+
+    load_params(path / "params.yaml")  # a bad params.yaml stops here, named
+    models = list(yaml.safe_load((path / "params.yaml").read_text())["models"])
+    stale = stale_models(path, models, run_id)
+    logger.info("commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none")
+    deployment = f"{CHAIN_FLOW}/{pool}"
+    parameters = {"repo": origin, "commit": commit, "remote": remote, "run_id": run_id}
+    futures = {m: run_chain.submit(m, deployment, {"model": m, **parameters}, run_id) for m in stale}
+    outcome = {m: "up to date" for m in models if m not in stale}
+    failed = {}
+    for model, future in futures.items():
+        future.wait()
+        if not future.state.is_completed():
+            failed[model] = future.state.message or future.state.name
+    done = [m for m in stale if m not in failed]
+    restored, trained = restore_chains(path, done, run_id)
+    outcome.update({m: "restored" for m in restored})
+    for model, stages in trained.items():
+        failed[model] = f"ran on the coordinator instead of being restored from the run-cache: {', '.join(stages)}"
+    for model, why in failed.items():
+        outcome[model] = "failed"
+        logger.error("chain %s failed: %s", model, why)
+
+    # --single-item: every chain is restored by now, and nothing upstream may run here.
+    report = command(["dvc", "repro", "--single-item", "report", "publish"], path, env) if not failed else ""
+    command(["dvc", "push", "--run-cache"], path, env)
+    logger.info("report: %s; dvc.lock is ready to commit", "done" if report else "not run (a chain failed)")
+    if failed:
+        return Failed(message="; ".join(f"{m}: {why.splitlines()[0]}" for m, why in failed.items()))
+    return outcome
+
+
+# --- registering the chain deployment, and the command line -------------------------------------
+
+
+def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> str:
+    """Register `chain_flow` as the deployment model-chain/<pool>, its code cloned from `repo` by each
+    flow run; create `pool` as a process work pool if it does not exist. Returns the deployment's name."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.runner.storage import GitRepository
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+    source = flow.from_source(source=GitRepository(url=repo), entrypoint="pipeline/fanout.py:chain_flow")
+    deployment_id = source.deploy(
+        name=pool, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,
+        job_variables={"env": {HEARTBEAT_ENV: str(HEARTBEAT_S)}},
+    )
+    ensure_zombie_automation(pool, deployment_id, zombie_after_s)
+    return f"{CHAIN_FLOW}/{pool}"
+
+
+def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> None:
+    """Prefect's answer to a worker that dies mid-run: chain runs send a heartbeat every HEARTBEAT_S,
+    and this automation marks a run of the deployment Crashed when none came for `after_s` (one
+    automation per pool, replaced by each `mnist deploy`)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    name = f"{ZOMBIE_AUTOMATION}-{pool}"
+    try:
+        Automation.read(name=name).delete()
+    except ValueError:  # not there yet
+        pass
+    Automation(
+        name=name,
+        description=f"Marks a model-chain flow run of pool {pool} Crashed when its worker stops sending heartbeats.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match_related={"prefect.resource.role": "deployment", "prefect.resource.id": f"prefect.deployment.{deployment_id}"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_s),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED, force=True,
+            message=f"no heartbeat for {after_s} s: the worker running this chain stopped or was killed",
+        )],
+    ).create()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.fanout POOL`: the fan-out flow once, tagged with the pipeline run."""
+    import argparse
+
+    from prefect import tags
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pool", help="the Prefect work pool whose workers run the chains")
+    args = parser.parse_args(argv)
+    logging.getLogger("prefect.flow_runs").addFilter(HidePipelineTracebacks())
+    run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("fanout-%Y%m%d-%H%M%S"))
+    with tags(run_tag(run_id)):
+        state = fanout_flow(args.pool, root=".", return_state=True)
+    if not state.is_completed():
+        print(f"error: {state.message}", flush=True)
+    raise SystemExit(0 if state.is_completed() else 1)
+
+
+if __name__ == "__main__":
+    main()

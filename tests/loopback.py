@@ -1,0 +1,209 @@
+"""A throwaway cluster on 127.0.0.1 for the fan-out (tests/test_fanout.py, benchmarks/fanout.py).
+
+PostgreSQL 15 (Debian's `postgresql`), a Prefect server on it with basic authentication, and
+per project: a bare git origin at one commit, a local-folder DVC remote, the coordinator's
+clone and `prefect worker start` processes, each in its own clone. Everything is stopped and
+removed on exit.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from unittest import mock
+
+import httpx
+
+from conftest import copy_project, edit_params, free_port, project_env
+
+BIN = Path(sys.executable).parent
+AUTH = "mnist:loopback-secret"
+COMMAND_TIMEOUT = 3600  # seconds for one command (a distributed run trains models)
+WORKER_START_TIMEOUT = 120.0
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = COMMAND_TIMEOUT) -> str:
+    """Run a command; raise AssertionError showing its output unless it exits 0."""
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}) in {cwd}:\n{output[-5000:]}"
+    return output
+
+
+def auth_header() -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()}
+
+
+def postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: `apt-get install postgresql` (.ci/run does it)")
+    return found[-1].parent
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A PostgreSQL cluster on a free port of 127.0.0.1, removed on exit; yields Prefect's URL for its database."""
+    pg = postgres_bin()
+    folder = Path(tempfile.mkdtemp(prefix="mnist-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(folder, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    try:
+        run([*as_postgres, str(pg / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust", "-E", "UTF8"], folder, env)
+        options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+        run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o", options, "start"], folder, env)
+        psql = [str(pg / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-v", "ON_ERROR_STOP=1"]
+        run([*psql, "-d", "postgres", "-c", "CREATE DATABASE prefect"], folder, env)
+        run([*psql, "-d", "prefect", "-c", "CREATE EXTENSION IF NOT EXISTS pg_trgm"], folder, env)
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], env=env, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def psql_value(database_url: str, query: str) -> str:
+    """One value from the PostgreSQL database behind `database_url`."""
+    port = database_url.split("@127.0.0.1:")[1].split("/")[0]
+    psql = [str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", port, "-U", "prefect", "-d", "prefect", "-tAc", query]
+    return run(psql, Path.cwd(), dict(os.environ)).strip()
+
+
+def stop_tree(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM, wait_s: float = 20) -> None:
+    """Send `sig` to a worker and every process under it (Prefect starts each flow run in a session
+    of its own), then SIGKILL whatever is left after `wait_s`."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=wait_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    process.poll()
+
+
+@dataclass
+class Project:
+    """One commit of the project on a bare origin, a DVC remote, and the coordinator's clone."""
+
+    root: Path
+    origin: Path
+    remote: Path
+    commit: str
+    coordinator: Path
+
+
+@dataclass
+class Loopback:
+    """A Prefect server (PostgreSQL, basic auth) and what a fan-out needs around it."""
+
+    root: Path
+    api: str
+    database_url: str
+    stack: ExitStack
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def env(self, workspace: Path | None = None, **extra: str) -> dict[str, str]:
+        """A client's environment: this server, with its auth string."""
+        env = project_env(PREFECT_API_URL=self.api, PREFECT_API_AUTH_STRING=AUTH, **extra)
+        if workspace is not None:
+            env["PYTHONPATH"] = str(workspace)
+        return env
+
+    def project(self, name: str, edit: Callable[[dict], dict]) -> Project:
+        """The project with params edited by `edit`, committed without dvc.lock, on a bare origin; the coordinator's clone."""
+        root = self.root / name
+        source = copy_project(root / "source")
+        edit_params(source, edit)
+        subprocess.run(["git", "rm", "-q", "--cached", "dvc.lock"], cwd=source, check=True)
+        (source / "dvc.lock").unlink()
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", name], cwd=source, check=True)
+        origin = root / "origin.git"
+        subprocess.run(["git", "clone", "-q", "--bare", str(source), str(origin)], check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True).stdout.strip()
+        remote = root / "remote"
+        remote.mkdir()
+        coordinator = clone(origin, root / "coordinator")
+        run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], coordinator, self.env(coordinator))
+        return Project(root, origin, remote, commit, coordinator)
+
+    def start_workers(self, project: Project, pool: str, names: list[str]) -> None:
+        """`prefect worker start --pool POOL --limit 1` per name, each in its own clone; wait until all have reported."""
+        for name in names:
+            folder = clone(project.origin, project.root / name)
+            log = open(project.root / f"{name}.log", "wb")
+            self.stack.callback(log.close)
+            self.workers[name] = subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", name],
+                cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env(PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_HOME=str(self.root / "prefect-home")),
+            )
+            self.stack.callback(stop_tree, self.workers[name])
+        wait_for_workers(self.api, pool, names, WORKER_START_TIMEOUT)
+
+    def flow_runs(self, tag: str | None = None) -> list[dict]:
+        """The server's flow runs (with `tag`, if given), as the API returns them."""
+        body: dict = {"limit": 200}
+        if tag:
+            body["flow_runs"] = {"tags": {"all_": [tag]}}
+        reply = httpx.post(f"{self.api}/flow_runs/filter", json=body, headers=auth_header(), timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+
+def clone(origin: Path, dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(origin), str(dest)], check=True, capture_output=True)
+    return dest
+
+
+def wait_for_workers(api: str, pool: str, names: list[str], timeout_s: float) -> None:
+    """Until every named worker has reported to `pool` (its first heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        reply = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, headers=auth_header(), timeout=10)
+        if reply.status_code == 200:
+            seen = {w["name"] for w in reply.json()}
+            if set(names) <= seen:
+                return
+        time.sleep(1)
+    raise AssertionError(f"workers {sorted(set(names) - seen)} did not report to pool {pool} within {timeout_s:.0f} s")
+
+
+@contextmanager
+def loopback(root: Path) -> Iterator[Loopback]:
+    """PostgreSQL and a Prefect server on it with basic authentication, both on 127.0.0.1; stopped on exit."""
+    from pipeline import servers
+
+    with ExitStack() as stack:
+        database_url = stack.enter_context(postgres())
+        with mock.patch.dict(os.environ, {servers.AUTH_ENV: AUTH, "PREFECT_HOME": str(root / "prefect-home")}):
+            api = stack.enter_context(
+                servers.prefect_server("127.0.0.1", free_port(), log=root / "server.log", database_url=database_url)
+            )
+        yield Loopback(root, api, database_url, stack)

@@ -1,0 +1,230 @@
+"""Beyond one machine, on loopback: the model chains fanned out over two Prefect process workers.
+
+Everything is real and throwaway (tests/loopback.py): a PostgreSQL 15 cluster, a Prefect
+server on it with basic authentication, a bare git origin, a local-folder DVC remote, two
+`prefect worker start` processes each in its own clone, and the coordinator's clone running
+`mnist deploy` and `mnist flow --work-pool`. The quick configuration, with two models.
+A sequential `dvc repro` of the same commit is the reference.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import project_env, small_params
+from loopback import BIN, Loopback, Project, auth_header, clone, loopback, psql_value, run, stop_tree
+
+MODELS = ("logreg", "mlp")
+POOL = "loopback"
+WORKERS = ["worker-1", "worker-2"]
+ZOMBIE_AFTER_S = 45  # a killed worker's chain is marked Crashed this long after its last heartbeat (30 s apart)
+
+
+def two_models(raw: dict) -> dict:
+    """The quick configuration with two models only."""
+    raw = small_params(raw)
+    raw["models"] = {name: raw["models"][name] for name in MODELS}
+    raw["gates"] = {name: raw["gates"][name] for name in MODELS}
+    return raw
+
+
+@dataclass
+class Runs:
+    cluster: Loopback
+    project: Project
+    sequential: Path
+    first: str
+    second: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
+    with loopback(tmp_path_factory.mktemp("fanout")) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def runs(cluster: Loopback) -> Runs:
+    project = cluster.project("quick", two_models)
+    print(run([str(BIN / "mnist"), "deploy", "--work-pool", POOL], project.coordinator, cluster.env()))
+    cluster.start_workers(project, POOL, WORKERS)
+    start = time.perf_counter()
+    first = run([str(BIN / "mnist"), "flow", "--work-pool", POOL], project.coordinator, cluster.env())
+    seconds = time.perf_counter() - start
+    print(f"\ndistributed run, {len(MODELS)} chains on {len(WORKERS)} workers: {seconds:.1f} s")
+    second = run([str(BIN / "mnist"), "flow", "--work-pool", POOL], project.coordinator, cluster.env())
+    sequential = clone(project.origin, project.root / "sequential")
+    run(["dvc", "repro"], sequential, project_env(PYTHONPATH=str(sequential)))
+    return Runs(cluster, project, sequential, first, second, seconds)
+
+
+def test_the_server_refuses_a_client_without_the_auth_string(cluster: Loopback) -> None:
+    assert httpx.get(f"{cluster.api}/health", timeout=10).status_code == 200  # health stays open for probes
+    refused = httpx.post(f"{cluster.api}/flow_runs/filter", json={}, timeout=10)
+    assert refused.status_code == 401, f"a client without the auth string got {refused.status_code}"
+    allowed = httpx.post(f"{cluster.api}/flow_runs/filter", json={}, headers=auth_header(), timeout=10)
+    assert allowed.status_code == 200, allowed.text
+
+
+def test_the_server_keeps_its_records_in_postgresql(runs: Runs) -> None:
+    count = int(psql_value(runs.cluster.database_url, "SELECT count(*) FROM flow_run"))
+    assert count >= len(runs.cluster.flow_runs()) > 0, f"the Prefect server wrote {count} flow runs into PostgreSQL"
+
+
+def test_every_chain_ran_on_a_worker_and_was_restored_by_the_coordinator(runs: Runs) -> None:
+    flows = runs.cluster.flow_runs()
+    chains = [f for f in flows if f["deployment_id"]]
+    seen = [(f["name"], f["state_type"], f["tags"]) for f in chains]
+    assert len(chains) == len(MODELS), f"expected one chain run per model, found {seen}"
+    assert all(f["state_type"] == "COMPLETED" for f in chains), seen
+    assert sorted(f["name"].split("@")[0] for f in chains) == sorted(MODELS), seen
+    assert all(f["name"].split("@")[1] in WORKERS and f"worker:{f['name'].split('@')[1]}" in f["tags"] for f in chains), seen
+    parents = {f["parent_task_run_id"] for f in chains}
+    assert None not in parents, f"a chain run is not a subflow of the coordinator's run: {seen}"
+    assert "Running stage 'train@" not in runs.first, runs.first[-4000:]
+    stages = [f"{stage}@{m}" for m in MODELS for stage in ("train", "evaluate", "export")]
+    not_restored = [s for s in stages if f"Stage '{s}' is cached - skipping run" not in runs.first]
+    assert not not_restored, f"the coordinator did not restore {not_restored} from the run-cache:\n{runs.first[-4000:]}"
+
+
+def test_stage_runs_inside_the_chains_carry_the_pipeline_run_tag(runs: Runs) -> None:
+    flows = runs.cluster.flow_runs()
+    trains = [f for f in flows if f["name"] in {f"train-{m}" for m in MODELS}]
+    assert len(trains) == len(MODELS), [f["name"] for f in flows]
+    coordinator_tags = {t for f in flows if f["name"] and not f["deployment_id"] for t in f["tags"] if t.startswith("pipeline-run:")}
+    for train in trains:
+        tags = [t for t in train["tags"] if t.startswith("pipeline-run:")]
+        assert tags and set(tags) <= coordinator_tags, (train["name"], train["tags"])
+
+
+def test_a_second_distributed_run_trains_nothing(runs: Runs) -> None:
+    assert "0 of 2 chains" in runs.second, runs.second[-4000:]
+    for stage in ("fetch", "preprocess", "train@", "evaluate@", "export@"):
+        assert f"Running stage '{stage}" not in runs.second, runs.second[-4000:]
+
+
+def test_distributed_equals_sequential(runs: Runs) -> None:
+    import keras
+
+    coordinator = runs.project.coordinator
+    for model in MODELS:
+        for name in ("metrics.json", "predictions.csv"):
+            got = (coordinator / "data" / "evaluate" / model / name).read_bytes()
+            want = (runs.sequential / "data" / "evaluate" / model / name).read_bytes()
+            assert got == want, f"{model}'s {name} differs between the distributed and the sequential run"
+        a = keras.models.load_model(coordinator / "data" / "models" / model / "model.keras", compile=False)
+        b = keras.models.load_model(runs.sequential / "data" / "models" / model / "model.keras", compile=False)
+        for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+            assert np.array_equal(wa, wb), f"{model}'s weights differ between the distributed and the sequential run"
+    status = run(["dvc", "status", "--json"], coordinator, project_env(PYTHONPATH=str(coordinator)))
+    assert status.strip().splitlines()[-1] == "{}", f"dvc status in the coordinator is not clean:\n{status[-3000:]}"
+    lock = (coordinator / "dvc.lock").read_text()
+    assert all(f"export@{m}" in lock for m in MODELS) and "report:" in lock, lock[-2000:]
+
+
+def chain_running_on(cluster: Loopback, worker: str, timeout_s: float) -> str:
+    """The model whose chain runs on `worker` (named <model>@<worker> once it started), once it does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for flow in cluster.flow_runs():
+            if flow["deployment_id"] and flow["name"].endswith(f"@{worker}") and flow["state_type"] == "RUNNING":
+                return flow["name"].split("@")[0]
+        time.sleep(1)
+    raise AssertionError(f"no chain started on {worker} within {timeout_s:.0f} s")
+
+
+def test_a_killed_worker_fails_its_chain_only_and_a_second_run_completes_it(cluster: Loopback) -> None:
+    project = cluster.project("fault", two_models)
+    pool = "fault"
+    run([str(BIN / "mnist"), "deploy", "--work-pool", pool, "--zombie-after", str(ZOMBIE_AFTER_S)], project.coordinator, cluster.env())
+    cluster.start_workers(project, pool, ["fault-1", "fault-2"])
+    coordinator = subprocess.Popen(
+        [str(BIN / "mnist"), "flow", "--work-pool", pool], cwd=project.coordinator, env=cluster.env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    victim = chain_running_on(cluster, "fault-2", 600)
+    stop_tree(cluster.workers["fault-2"], signal.SIGKILL, 0)  # the machine is gone: no clean-up, no last report
+    output, _ = coordinator.communicate(timeout=1800)
+    survivor = next(m for m in MODELS if m != victim)
+    assert coordinator.returncode == 1, output[-4000:]
+    assert f"chain {victim} failed" in output and "no heartbeat" in output, output[-4000:]
+    for stage in ("train", "evaluate", "export"):
+        assert f"Stage '{stage}@{survivor}' is cached - skipping run" in output, output[-4000:]
+    # Again, with a worker back: only the killed chain runs; the survivor is up to date.
+    cluster.start_workers(project, pool, ["fault-3"])
+    again = run([str(BIN / "mnist"), "flow", "--work-pool", pool], project.coordinator, cluster.env())
+    assert f"1 of 2 chains to run on the pool: {victim}" in again, again[-4000:]
+    assert f"Stage 'train@{victim}' is cached - skipping run" in again, again[-4000:]
+    status = run(["dvc", "status", "--json"], project.coordinator, project_env(PYTHONPATH=str(project.coordinator)))
+    assert status.strip().splitlines()[-1] == "{}", status[-3000:]
+
+
+# --- the coordinator's checks, without a cluster --------------------------------------------------
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pushed_clone(tmp_path: Path) -> Path:
+    """A clone whose one commit (params.yaml, dvc.lock, data/.gitignore) is on its bare origin."""
+    source = tmp_path / "source"
+    (source / "data").mkdir(parents=True)
+    for name in ("params.yaml", "dvc.lock", "data/.gitignore"):
+        (source / name).write_text("x\n")
+    git(tmp_path, "init", "-q", str(source))
+    git(source, "add", "-A")
+    git(source, "commit", "-qm", "one")
+    git(tmp_path, "clone", "-q", "--bare", str(source), str(tmp_path / "origin.git"))
+    return clone(tmp_path / "origin.git", tmp_path / "clone")
+
+
+def test_the_coordinator_runs_a_pushed_commit(pushed_clone: Path) -> None:
+    from pipeline import fanout
+
+    (pushed_clone / "dvc.lock").write_text("written by dvc\n")  # what DVC writes is not a change of the commit
+    (pushed_clone / "data" / ".gitignore").write_text("/raw\n")
+    commit, origin = fanout.pushed_commit(pushed_clone)
+    assert len(commit) == 40 and origin.endswith("origin.git")
+
+
+def test_the_coordinator_refuses_uncommitted_changes(pushed_clone: Path) -> None:
+    from pipeline import fanout
+    from pipeline.errors import PipelineError
+
+    (pushed_clone / "params.yaml").write_text("changed\n")
+    with pytest.raises(PipelineError, match=r"Uncommitted changes in params.yaml.*Commit them and `git push`"):
+        fanout.pushed_commit(pushed_clone)
+
+
+def test_the_coordinator_refuses_an_unpushed_commit(pushed_clone: Path) -> None:
+    from pipeline import fanout
+    from pipeline.errors import PipelineError
+
+    (pushed_clone / "params.yaml").write_text("changed\n")
+    git(pushed_clone, "commit", "-qam", "not pushed")
+    with pytest.raises(PipelineError, match=r"is not on origin .*`git push` it first"):
+        fanout.pushed_commit(pushed_clone)
+
+
+def test_ran_stages_reads_dvc_output() -> None:
+    from pipeline import fanout
+
+    output = (
+        "Stage 'fetch' is cached - skipping run, checking out outputs\n"
+        "Running stage 'train@mlp':\n> python stages/train.py mlp\n"
+        "Stage 'evaluate@mlp' didn't change, skipping\n"
+        "Running stage 'report':\n"
+    )
+    assert fanout.ran_stages(output) == ["train@mlp", "report"]
