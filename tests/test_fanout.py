@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -128,8 +129,23 @@ def test_distributed_equals_sequential(runs: Runs) -> None:
             assert np.array_equal(wa, wb), f"{model}'s weights differ between the distributed and the sequential run"
     status = run(["dvc", "status", "--json"], coordinator, project_env(PYTHONPATH=str(coordinator)))
     assert status.strip().splitlines()[-1] == "{}", f"dvc status in the coordinator is not clean:\n{status[-3000:]}"
-    lock = (coordinator / "dvc.lock").read_text()
-    assert all(f"export@{m}" in lock for m in MODELS) and "report:" in lock, lock[-2000:]
+    leaderboard = "data/leaderboard.json"
+    assert (coordinator / leaderboard).read_bytes() == (runs.sequential / leaderboard).read_bytes()
+    got, want = locked_hashes(coordinator), locked_hashes(runs.sequential)
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    differ = sorted(path for path in got if got[path] != want[path] and path.endswith(SAME_BYTES))
+    assert not differ, f"dvc.lock hashes differ between the distributed and the sequential run: {differ}"
+
+
+SAME_BYTES = ("model.keras", "meta.json", "metrics.json", "predictions.csv", "per_class.csv", "data/raw", "data/prepared")
+
+
+def locked_hashes(project: Path) -> dict[str, str]:
+    """Each output path in `project`'s dvc.lock, with its md5."""
+    import yaml
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for entry in lock["stages"].values() for out in entry.get("outs", [])}
 
 
 def chain_running_on(cluster: Loopback, worker: str, timeout_s: float) -> str:
@@ -228,3 +244,19 @@ def test_ran_stages_reads_dvc_output() -> None:
         "Running stage 'report':\n"
     )
     assert fanout.ran_stages(output) == ["train@mlp", "report"]
+
+
+def test_a_chain_holds_the_only_slot_of_its_model_and_commit(prefect_api: str) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from pipeline import fanout
+
+    name = fanout.chain_limit("mlp", uuid.uuid4().hex * 2)  # a commit of its own
+    fanout.ensure_limit(name)
+    fanout.ensure_limit(name)  # a second chain of the same commit finds the limit there
+    with concurrency(name, occupy=1, strict=True):
+        with pytest.raises(TimeoutError):
+            with concurrency(name, occupy=1, strict=True, timeout_seconds=3):
+                pass
+    with concurrency(name, occupy=1, strict=True, timeout_seconds=30):
+        pass  # released when the first chain ended
