@@ -127,6 +127,19 @@ def stale_models(root: Path, models: list[str], run_id: str) -> list[str]:
     return stale
 
 
+def check_deployment(pool: str) -> str:
+    """The name of the pool's chain deployment; PipelineError naming the command that registers it."""
+    from prefect.exceptions import ObjectNotFound
+
+    name = f"{CHAIN_FLOW}/{pool}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise PipelineError(f"No deployment {name} on this Prefect server: run `mnist deploy --work-pool {pool}` first.") from None
+    return name
+
+
 # --- one chain, on a worker --------------------------------------------------------------------
 
 
@@ -223,6 +236,7 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str]:
     run_id = os.environ.get(RUN_ID_ENV) or f"fanout-{flow_run.get_name()}"
     commit, origin = pushed_commit(path)
     remote = default_remote(path)
+    deployment = check_deployment(pool)
     env = dvc_env(path, run_id)
     start = time.perf_counter()
     command(["dvc", "repro", "--pull", "preprocess"], path, env)
@@ -233,7 +247,6 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str]:
     models = list(yaml.safe_load((path / "params.yaml").read_text())["models"])
     stale = stale_models(path, models, run_id)
     logger.info("commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none")
-    deployment = f"{CHAIN_FLOW}/{pool}"
     parameters = {"repo": origin, "commit": commit, "remote": remote, "run_id": run_id}
     futures = {m: run_chain.submit(m, deployment, {"model": m, **parameters}, run_id) for m in stale}
     outcome = {m: "up to date" for m in models if m not in stale}

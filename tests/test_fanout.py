@@ -260,3 +260,11 @@ def test_a_chain_holds_the_only_slot_of_its_model_and_commit(prefect_api: str) -
                 pass
     with concurrency(name, occupy=1, strict=True, timeout_seconds=30):
         pass  # released when the first chain ended
+
+
+def test_a_pool_without_the_chain_deployment_is_named_with_the_fix(prefect_api: str) -> None:
+    from pipeline import fanout
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"No deployment model-chain/no-such-pool .*mnist deploy --work-pool no-such-pool"):
+        fanout.check_deployment("no-such-pool")
