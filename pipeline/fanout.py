@@ -157,7 +157,7 @@ def chain_limit(model: str, commit: str) -> str:
     return f"mnist-chain-{model}-{commit[:12]}"
 
 
-@flow(name=CHAIN_FLOW, flow_run_name="{model}", log_prints=True)
+@flow(name=CHAIN_FLOW, flow_run_name="{model}")
 def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> dict[str, list[str]]:
     """Run or restore one model's train, evaluate and export stages in a fresh clone, and push them.
 
