@@ -299,7 +299,9 @@ def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> str:
 def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> None:
     """Prefect's answer to a worker that dies mid-run: chain runs send a heartbeat every HEARTBEAT_S,
     and this automation marks a run of the deployment Crashed when none came for `after_s` (one
-    automation per pool, replaced by each `mnist deploy`)."""
+    automation per pool, replaced by each `mnist deploy`). The server's own Pending and Running
+    events start the clock too, so a worker killed before its run's first heartbeat reached the
+    server is caught as well."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -316,8 +318,8 @@ def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> 
         name=name,
         description=f"Marks a model-chain flow run of pool {pool} Crashed when its worker stops sending heartbeats.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+            after={"prefect.flow-run.Pending", "prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.Running", "prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                     "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
             match_related={"prefect.resource.role": "deployment", "prefect.resource.id": f"prefect.deployment.{deployment_id}"},
             for_each={"prefect.resource.id"},

@@ -170,7 +170,7 @@ def test_a_killed_worker_fails_its_chain_only_and_a_second_run_completes_it(clus
     )
     victim = chain_running_on(cluster, "fault-2", 600)
     stop_tree(cluster.workers["fault-2"], signal.SIGKILL, 0)  # the machine is gone: no clean-up, no last report
-    output, _ = coordinator.communicate(timeout=1800)
+    output, _ = coordinator.communicate(timeout=900)
     survivor = next(m for m in MODELS if m != victim)
     assert coordinator.returncode == 1, output[-4000:]
     assert f"chain {victim} failed" in output and "no heartbeat" in output, output[-4000:]
@@ -183,6 +183,34 @@ def test_a_killed_worker_fails_its_chain_only_and_a_second_run_completes_it(clus
     assert f"Stage 'train@{victim}' is cached - skipping run" in again, again[-4000:]
     status = run(["dvc", "status", "--json"], project.coordinator, project_env(PYTHONPATH=str(project.coordinator)))
     assert status.strip().splitlines()[-1] == "{}", status[-3000:]
+
+
+def test_a_chain_run_that_never_sent_a_heartbeat_is_marked_crashed(cluster: Loopback, tmp_path: Path) -> None:
+    """A worker killed between starting its run and the run's first heartbeat: the server's own
+    Running event starts the automation's clock. No worker here: the run is set Running by hand."""
+    pool, after_s = "silent", 10
+    origin = tmp_path / "origin.git"  # deploying loads the chain flow from the repo
+    subprocess.run(["git", "clone", "-q", "--bare", str(Path(__file__).parents[1]), str(origin)], check=True)
+    run([str(BIN / "mnist"), "deploy", "--work-pool", pool, "--repo", str(origin), "--zombie-after", str(after_s)],
+        tmp_path, cluster.env())
+    api, headers = cluster.api, auth_header()
+    deployment = httpx.get(f"{api}/deployments/name/model-chain/{pool}", headers=headers, timeout=30).json()
+    parameters = {"model": "logreg", "repo": str(origin), "commit": "0" * 40, "remote": str(tmp_path), "run_id": "silent"}
+    created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters},
+                         headers=headers, timeout=30)
+    assert created.status_code == 201, created.text
+    flow_run = created.json()
+    for state in ("PENDING", "RUNNING"):
+        reply = httpx.post(f"{api}/flow_runs/{flow_run['id']}/set_state",
+                           json={"state": {"type": state}, "force": True}, headers=headers, timeout=30)
+        assert reply.json()["status"] == "ACCEPT", reply.text
+    deadline = time.monotonic() + after_s + 120
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{api}/flow_runs/{flow_run['id']}", headers=headers, timeout=30).json()["state"]
+        if state["type"] != "RUNNING":
+            break
+        time.sleep(1)
+    assert state["type"] == "CRASHED" and "no heartbeat" in state["message"], state
 
 
 # --- the coordinator's checks, without a cluster --------------------------------------------------
