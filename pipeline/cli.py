@@ -31,7 +31,7 @@ TRAINING_NOW = Path("data/resume")  # the TensorBoard events of training runs in
 
 
 @contextmanager
-def prefect_api() -> Iterator[str]:
+def prefect_api(signals: servers.Signals | None = None) -> Iterator[str]:
     """The Prefect API for one pipeline run: $PREFECT_API_URL if set (it must answer), else a local
     server on 127.0.0.1:4200 — the one already running, or one started now and stopped afterwards.
     One server for the whole run: no stage pays Prefect's temporary-server start (~8 s)."""
@@ -40,17 +40,39 @@ def prefect_api() -> Iterator[str]:
         yield url
         return
     print(f"Prefect: using or starting a server on 127.0.0.1:{servers.PREFECT_PORT} ...", flush=True)
-    with servers.prefect_server() as api:
+    with servers.prefect_server(signals=signals) as api:
         yield api
 
 
+def exit_status(returncode: int) -> int:
+    """A child's return code as a shell reports it: 128 + N for a child ended by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def _run_with_prefect(cmd: list[str]) -> int:
+    """Run `cmd` (dvc repro, a flow) with every stage reporting to one Prefect server.
+
+    SIGINT and SIGTERM, sent to this command alone or to its process group, reach `cmd` and its
+    stages; this command then marks the stages that could not report as crashed, stops the server
+    it started, and exits with `cmd`'s status (130 or 143 for a child ended by SIGINT or SIGTERM).
+    """
     run_id = time.strftime("run-%Y%m%d-%H%M%S")
-    with prefect_api() as api:
-        print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
-        code = subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
-        _mark_killed_runs(api, run_id)
-        return code
+    with servers.Signals() as signals:
+        try:
+            with prefect_api(signals) as api:
+                signals.check()
+                print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
+                child = subprocess.Popen(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
+                signals.adopt(child)
+                code = exit_status(child.wait())
+                _mark_killed_runs(api, run_id)
+        except servers.Stopped as stop:
+            print(f"stopped by {stop} before the run started; nothing ran.", file=sys.stderr)
+            return 128 + int(signals.received or 0)
+    if signals.received is not None:
+        print(f"stopped by {signal.Signals(signals.received).name}: run the same command again to go on "
+              "(DVC restores or re-runs what did not finish).", file=sys.stderr)
+    return code
 
 
 def mark_killed_runs(run_id: str) -> list[str]:
@@ -128,22 +150,25 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
             f"--host {args.host} lets other machines reach the Prefect server: set {servers.AUTH_ENV}=user:password "
             f"first (and PREFECT_API_AUTH_STRING to the same on every client and worker), or bind 127.0.0.1."
         )
-    # SIGTERM is Ctrl-C from the first moment, start-up included: a `kill` during start-up
-    # still stops whichever server has started, and leaves none running.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with servers.prefect_server(args.host, args.prefect_port, database_url=args.database_url) as api, servers.tensorboard_server(
-            TENSORBOARD_LOGDIR, args.host, args.tensorboard_port, live=TRAINING_NOW
-        ) as tb:
-            print(
-                f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
-                f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
-                flush=True,
-            )
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopped.", flush=True)
+    # From the first moment to the last, SIGINT and SIGTERM only ask for a stop: a signal during
+    # start-up or shut-down cuts nothing halfway, and every server started is stopped.
+    with servers.Signals() as signals:
+        try:
+            with servers.prefect_server(
+                args.host, args.prefect_port, database_url=args.database_url, signals=signals
+            ) as api, servers.tensorboard_server(
+                TENSORBOARD_LOGDIR, args.host, args.tensorboard_port, live=TRAINING_NOW, signals=signals
+            ) as tb:
+                print(
+                    f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
+                    f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
+                    flush=True,
+                )
+                while signals.received is None:
+                    time.sleep(0.5)
+        except servers.Stopped:
+            pass
+    print("stopped.", flush=True)
     return 0
 
 

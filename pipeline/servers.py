@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Iterator
 
 import httpx
@@ -32,6 +34,78 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived while a server was starting; the ones started are stopped."""
+
+
+class Signals:
+    """While in use, SIGINT and SIGTERM only record that a stop was asked for and pass the signal
+    on to the process trees of the registered children. No start or stop of a server is cut
+    halfway by an exception, so none is left running; the command then ends in its own time."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.children: list[int] = []
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> "Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        for pid in self.children:
+            forward(pid, signum)
+
+    def adopt(self, process: subprocess.Popen) -> None:
+        """Pass later signals on to `process` and its descendants (and one that came already)."""
+        self.children.append(process.pid)
+        if self.received is not None:
+            forward(process.pid, self.received)
+
+    def check(self) -> None:
+        """Raise Stopped if a signal came."""
+        if self.received is not None:
+            raise Stopped(signal.Signals(self.received).name)
+
+
+def forward(pid: int, signum: int) -> None:
+    """Send `signum` to process `pid` and its descendants, those that are still there."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        tree = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _die_with_parent() -> None:
+    """Run in a server's process before it starts (Linux): the kernel sends it SIGTERM when the
+    command that started it dies, even by SIGKILL, so no server outlives its command."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+if sys.platform == "linux":  # looked up here: after fork, the child only calls it
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+    DIE_WITH_PARENT = _die_with_parent
+else:
+    DIE_WITH_PARENT = None
+
+
 def answers(url: str, timeout_s: float = 2.0) -> bool:
     """True if an HTTP GET of `url` succeeds."""
     try:
@@ -40,9 +114,13 @@ def answers(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _wait_until(url: str, process: subprocess.Popen, what: str, timeout_s: float, log: Path) -> None:
+def _wait_until(
+    url: str, process: subprocess.Popen, what: str, timeout_s: float, log: Path, signals: Signals | None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if signals:
+            signals.check()
         if answers(url, 1.0):
             return
         if process.poll() is not None:
@@ -65,14 +143,19 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def prefect_server(
-    host: str = "127.0.0.1", port: int = PREFECT_PORT, log: Path | None = None, database_url: str | None = None
+    host: str = "127.0.0.1",
+    port: int = PREFECT_PORT,
+    log: Path | None = None,
+    database_url: str | None = None,
+    signals: Signals | None = None,
 ) -> Iterator[str]:
     """Yield the API URL of a Prefect server on host:port, starting one unless one already answers.
 
     A server started here is stopped on exit; one that was already running is left alone.
     Its database is `database_url` (a PostgreSQL URL, postgresql+asyncpg://...) if given, else
     PREFECT_SERVER_DATABASE_CONNECTION_URL if set, else Prefect's SQLite file under PREFECT_HOME.
-    With PREFECT_SERVER_API_AUTH_STRING set, the server asks every client for it.
+    With PREFECT_SERVER_API_AUTH_STRING set, the server asks every client for it. With `signals`,
+    a SIGINT or SIGTERM during start-up stops it and raises Stopped.
     """
     api = f"http://{host}:{port}/api"
     if answers(f"{api}/health"):
@@ -89,10 +172,10 @@ def prefect_server(
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
         )
     try:
-        _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log)
+        _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log, signals)
         yield api
     finally:
         _stop(process)
@@ -100,12 +183,18 @@ def prefect_server(
 
 @contextmanager
 def tensorboard_server(
-    logdir: Path, host: str = "127.0.0.1", port: int = TENSORBOARD_PORT, log: Path | None = None, live: Path | None = None
+    logdir: Path,
+    host: str = "127.0.0.1",
+    port: int = TENSORBOARD_PORT,
+    log: Path | None = None,
+    live: Path | None = None,
+    signals: Signals | None = None,
 ) -> Iterator[str]:
     """Yield the URL of a TensorBoard serving `logdir` on host:port; stopped on exit.
 
     `live`, if given, is served too, its runs named `training/...`: the TensorBoard events of
-    training runs in progress, which move into `logdir` when they complete.
+    training runs in progress, which move into `logdir` when they complete. With `signals`, a
+    SIGINT or SIGTERM during start-up stops it and raises Stopped.
     """
     url = f"http://{host}:{port}"
     log = log or Path(logdir).parent / f".tensorboard-{port}.log"
@@ -115,10 +204,10 @@ def tensorboard_server(
         process = subprocess.Popen(
             [sys.executable, "-m", "tensorboard.main", *where, "--host", host, "--port", str(port),
              "--reload_interval", "5"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
         )
     try:
-        _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log)
+        _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log, signals)
         yield url
     finally:
         _stop(process)

@@ -325,3 +325,104 @@ def test_dashboards_sigterm_during_start_up_leaves_no_server(tmp_path: Path) -> 
     assert not alive, f"left running: {alive}"
     assert not answers(prefect_url, timeout_s=1.0)
     assert not answers(f"http://127.0.0.1:{tensorboard_port}/data/logdir", timeout_s=1.0)
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("moment", ["a server process exists", "both answer, then SIGTERM twice"])
+def test_dashboards_sigterm_at_another_moment_leaves_no_server(tmp_path: Path, moment: str) -> None:
+    """SIGTERM before anything answers, and a second SIGTERM in the middle of shut-down: exit 0, no child left."""
+    import psutil
+
+    from pipeline.servers import answers
+
+    command, prefect_port, tensorboard_port = start_dashboards(tmp_path)
+    urls = [f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{tensorboard_port}/data/logdir"]
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            seen.update((p.pid, p) for p in descendants(command.pid))
+            ready = bool(seen) if moment == "a server process exists" else all(answers(url) for url in urls)
+            if ready:
+                break
+            assert command.poll() is None and time.monotonic() < deadline, f"never reached: {moment}"
+            time.sleep(0.2)
+        command.terminate()
+        if moment != "a server process exists":
+            while command.poll() is None and not any(not p.is_running() for p in seen.values()):
+                time.sleep(0.05)  # shut-down has begun: a server is gone
+            command.terminate()
+    finally:
+        output, _ = command.communicate(timeout=90)
+    assert command.returncode == 0, output
+    assert "stopped." in output, output
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
+    assert not alive, f"left running: {alive}"
+    assert not any(answers(url, timeout_s=1.0) for url in urls)
+
+
+def test_dashboards_killed_outright_take_their_servers_with_them(tmp_path: Path) -> None:
+    """SIGKILL gives the command no clean-up at all: the kernel stops its servers (parent-death signal)."""
+    import psutil
+
+    from pipeline.servers import answers
+
+    command, prefect_port, _ = start_dashboards(tmp_path)
+    url = f"http://127.0.0.1:{prefect_port}/api/health"
+    deadline = time.monotonic() + 180
+    while not answers(url):
+        assert command.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+        time.sleep(0.5)
+    children = descendants(command.pid)
+    command.kill()
+    command.communicate(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"left running: {alive}"
+    assert not answers(url, timeout_s=1.0)
+
+
+def test_sigterm_to_the_run_command_alone_stops_dvc_and_its_stage(tmp_path: Path) -> None:
+    """`kill PID` of `mnist run`: dvc and the running stage stop too, the stage's flow run is marked
+    Crashed, the exit status is 143, and no partial output is left."""
+    import psutil
+
+    project = copy_project(tmp_path / "project")
+    env = {k: v for k, v in project_env().items() if k != "MNIST_MIRROR"}
+    with silent_server() as url:  # fetch waits on it
+        edit_params(project, lambda raw: {**raw, "fetch": {**raw["fetch"], "mirrors": [url], "timeout_s": 300, "retries": 0}})
+        command = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", "fetch"], cwd=project, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(command.stdout), daemon=True)
+        reader.start()
+        try:
+            deadline, tag = time.monotonic() + 180, ""
+            while not (tag and any(run.state.type == StateType.RUNNING for run, _ in flow_runs(tag))):
+                assert command.poll() is None and time.monotonic() < deadline, "the fetch flow run never started"
+                tag = next((line.split("runs tagged ")[1].split(")")[0] for line in lines if "runs tagged " in line), "")
+                time.sleep(0.5)
+            tree = descendants(command.pid)
+            command.terminate()
+            command.wait(timeout=120)
+        finally:
+            if command.poll() is None:
+                command.kill()
+            reader.join(timeout=10)
+    output = "".join(lines)
+    assert command.returncode == 143, output
+    assert "stopped by SIGTERM" in output, output
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"left running: {alive}"
+    runs = flow_runs(tag)
+    assert runs and all(run.state.type in (StateType.CRASHED, StateType.FAILED) for run, _ in runs), runs
+    assert not any((project / "data" / "raw").glob("*")), list((project / "data" / "raw").glob("*"))
