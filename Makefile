@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test dashboards bench flow serve
+.PHONY: setup run test dashboards bench chaos flow serve
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,6 @@ dashboards: setup ## Prefect UI on 127.0.0.1:4200 and TensorBoard on 127.0.0.1:6
 
 bench: setup      ## benchmarks: prints a table, writes benchmarks/results.json
 	python -m benchmarks $(ARGS)
+
+chaos: setup      ## faults injected into quick runs, compared with a clean run: prints a table, writes benchmarks/chaos.json
+	python -m benchmarks.chaos $(ARGS)

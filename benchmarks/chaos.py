@@ -1,0 +1,301 @@
+"""Chaos: faults injected into runs of the quick configuration, each recovered the way the README
+says, and compared with an uninterrupted run of the same commit.
+
+    python -m benchmarks.chaos [--kills N] [--seed S] [--models logreg,cnn] [--out FILE]
+    make chaos ARGS="--kills 3"
+
+Each case works in its own copy of the project (its own DVC cache, so nothing is restored from
+another case), on one Prefect server started here:
+
+- sigkill, sigterm: `mnist run` or a bare `dvc repro` (alternately) started and its whole process
+  group sent the signal at N random moments, then `mnist run` again until it completes;
+- two-at-once: two `mnist run` started together in one workspace, then `mnist run` again;
+- dashboards: `mnist dashboards` sent SIGTERM at N random moments of its start-up, half of the
+  times a second SIGTERM during its shut-down (no comparison: it computes nothing).
+
+After each case: every model's model.keras, metrics.json and predictions.csv (their md5 in
+dvc.lock) equal the clean run's, `dvc status` is clean, no `.tmp-*` file and no training
+resume folder is left under data/, and no process of the case is still running.
+The seed is printed; the same seed gives the same moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+from benchmarks.common import REPO, environ, free_port, machine
+
+sys.path.insert(0, str(REPO / "tests"))  # the quick configuration and the project copy are the tests'
+
+from conftest import copy_project, edit_params, small_params  # noqa: E402
+
+BIN = Path(sys.executable).parent
+COMPARED = ("data/models/{m}/model.keras", "data/evaluate/{m}/metrics.json", "data/evaluate/{m}/predictions.csv")
+RUN_TIMEOUT_S = 1200
+
+
+@dataclass
+class Case:
+    """One row of the table."""
+
+    name: str
+    faults: int = 0  # faults injected (a kill that came after the run had ended is not one)
+    recovered: bool = False  # the recovery run completed
+    mismatches: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def quick(models: list[str]):
+    """The tests' quick configuration with these models only."""
+
+    def edit(raw: dict) -> dict:
+        raw = small_params(raw)
+        raw["models"] = {m: raw["models"][m] for m in models}
+        raw["gates"] = {m: raw["gates"][m] for m in models}
+        return raw
+
+    return edit
+
+
+def workspace(root: Path, name: str, models: list[str]) -> Path:
+    project = copy_project(root / name)
+    edit_params(project, quick(models))
+    subprocess.run(["git", "-c", "user.name=chaos", "-c", "user.email=chaos@localhost", "commit", "-qam", "quick"],
+                   cwd=project, check=True)
+    return project
+
+
+def env_for(project: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(project), "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def start(args: list[str], project: Path, log: Path) -> subprocess.Popen:
+    """`args` in `project`, in a process group of its own (the one a terminal would give it)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, cwd=project, env=env_for(project), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def run_to_end(project: Path, log: Path, tries: int = 3) -> bool:
+    """`mnist run` until it exits 0 (at most `tries` times)."""
+    for _ in range(tries):
+        if start([str(BIN / "mnist"), "run"], project, log).wait(timeout=RUN_TIMEOUT_S) == 0:
+            return True
+    return False
+
+
+def group_gone(pgid: int, timeout_s: float = 60) -> bool:
+    """Until no process of group `pgid` is left; False if some still are after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not [p for p in psutil.process_iter() if _pgid(p) == pgid]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except (ProcessLookupError, psutil.Error):
+        return None
+
+
+def processes_in(project: Path) -> list[psutil.Process]:
+    """Processes running with their working directory inside `project`."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if Path(proc.cwd()).is_relative_to(project):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def locked_md5(project: Path) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for entry in lock["stages"].values() for out in entry.get("outs", [])}
+
+
+def compare(case: Case, project: Path, reference: dict[str, str], models: list[str]) -> None:
+    """Fill in the case's mismatches, leftovers and orphans."""
+    got = locked_md5(project) if (project / "dvc.lock").exists() else {}
+    for m in models:
+        for pattern in COMPARED:
+            path = pattern.format(m=m)
+            if got.get(path) != reference[path]:
+                case.mismatches.append(f"{path}: {got.get(path)} != {reference[path]}")
+    status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=env_for(project), capture_output=True, text=True)
+    if status.stdout.strip().splitlines()[-1:] != ["{}"]:
+        case.mismatches.append(f"dvc status: {status.stdout.strip()[-300:]}")
+    data = project / "data"
+    case.leftovers += [str(p.relative_to(project)) for p in data.rglob(".tmp-*")]
+    resume = data / "resume"
+    if resume.exists() and any(resume.iterdir()):
+        case.leftovers += [str(p.relative_to(project)) for p in resume.iterdir()]
+    for proc in processes_in(project):
+        case.orphans.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+        proc.kill()
+
+
+def reference_run(root: Path, models: list[str]) -> tuple[dict[str, str], float]:
+    project = workspace(root, "clean", models)
+    begin = time.monotonic()
+    if not run_to_end(project, root / "clean.log", tries=1):
+        raise SystemExit(f"the clean run failed: see {root / 'clean.log'}")
+    return locked_md5(project), time.monotonic() - begin
+
+
+def kill_case(root: Path, sig: signal.Signals, kills: int, rng: random.Random, clean_s: float, models: list[str],
+              reference: dict[str, str]) -> Case:
+    """Start a run, send `sig` to its process group at a random moment, `kills` times; then run to the end."""
+    case = Case(sig.name.lower())
+    project = workspace(root, case.name, models)
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    for i in range(kills):
+        command = [str(BIN / "mnist"), "run"] if i % 2 == 0 else ["dvc", "repro"]
+        moment = rng.uniform(1.0, max(5.0, 0.9 * clean_s * (1 - i / kills)))
+        proc = start(command, project, log)
+        try:
+            proc.wait(timeout=moment)
+            case.notes.append(f"{Path(command[0]).name} {command[1]} ended before the kill at {moment:.1f} s")
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, sig)
+        case.faults += 1
+        proc.wait()
+        if not group_gone(proc.pid):
+            case.orphans.append(f"process group of kill {i + 1} still running 60 s after {sig.name}")
+            os.killpg(proc.pid, signal.SIGKILL)
+        case.notes.append(f"kill {i + 1}: {Path(command[0]).name} {command[1]} at {moment:.1f} s, exit {proc.returncode}")
+    case.recovered = run_to_end(project, log)
+    compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def two_at_once(root: Path, models: list[str], reference: dict[str, str]) -> Case:
+    """Two `mnist run` started together in one workspace; then one more to the end."""
+    case = Case("two-at-once", faults=1)
+    project = workspace(root, case.name, models)
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    procs = [start([str(BIN / "mnist"), "run"], project, log) for _ in range(2)]
+    codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+    case.notes.append(f"exit codes {codes}")
+    if "is busy, it is being blocked by" in log.read_text():
+        case.notes.append("one stopped at once: 'is busy, it is being blocked by (PID ...)'")
+    case.recovered = run_to_end(project, log)
+    compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def dashboards_case(root: Path, kills: int, rng: random.Random) -> Case:
+    """`mnist dashboards` sent SIGTERM at random moments of start-up (and, half of the times, again in shut-down)."""
+    case = Case("dashboards")
+    folder = root / "dashboards"
+    (folder / "data" / "tensorboard").mkdir(parents=True)
+    begin = time.monotonic()
+    for i in range(kills):
+        ports = [free_port(), free_port()]
+        args = [str(BIN / "mnist"), "dashboards", "--prefect-port", str(ports[0]), "--tensorboard-port", str(ports[1])]
+        env = {**env_for(folder), "PREFECT_HOME": str(folder / "prefect-home")}
+        env.pop("PREFECT_API_URL", None)
+        with open(root / "dashboards.log", "ab") as out:
+            proc = subprocess.Popen(args, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        moment, seen = rng.uniform(0.0, 25.0), {}
+        deadline = time.monotonic() + moment
+        while time.monotonic() < deadline and proc.poll() is None:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                seen[p.pid] = p
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        case.faults += 1
+        twice = rng.random() < 0.5
+        if twice:
+            time.sleep(rng.uniform(0.0, 2.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                case.faults += 1
+        code = proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
+        case.orphans += [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in alive]
+        for p in alive:
+            p.kill()
+        if code not in (0, -signal.SIGTERM):
+            case.mismatches.append(f"start-up {i + 1}: exit {code}")
+        case.notes.append(f"SIGTERM at {moment:.1f} s{' and again' if twice else ''}: exit {code}, {len(seen)} server process(es) seen")
+    case.recovered = True
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def table(cases: list[Case]) -> str:
+    head = f"{'case':<12} {'faults':>6} {'recovered':>9} {'mismatches':>10} {'leftovers':>9} {'orphans':>7} {'seconds':>8}"
+    rows = [f"{c.name:<12} {c.faults:>6} {'yes' if c.recovered else 'NO':>9} {len(c.mismatches):>10} "
+            f"{len(c.leftovers):>9} {len(c.orphans):>7} {c.seconds:>8.0f}" for c in cases]
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=3, help="kills per signal, and dashboards start-ups (default 3)")
+    parser.add_argument("--seed", type=int, help="random seed of the moments (default: a new one, printed)")
+    parser.add_argument("--models", default="logreg,cnn", help="models of the quick configuration (default logreg,cnn)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "chaos.json")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    rng, models = random.Random(seed), args.models.split(",")
+    info = machine()
+    print(f"chaos: seed {seed}, {args.kills} kills per signal, models {', '.join(models)}; "
+          f"{info['cpu_model']}, {', '.join(info['simd'])}, {info['cores']} cores", flush=True)
+    from pipeline.servers import prefect_server
+
+    with tempfile.TemporaryDirectory(prefix="mnist-chaos-") as tmp:
+        root = Path(tmp)
+        home = root / "prefect-home"
+        with environ(PREFECT_HOME=str(home)), prefect_server("127.0.0.1", free_port(), log=root / "prefect.log") as api, \
+                environ(PREFECT_API_URL=api):
+            begin = time.monotonic()
+            reference, clean_s = reference_run(root, models)
+            print(f"clean run: {clean_s:.0f} s", flush=True)
+            cases = [kill_case(root, sig, args.kills, rng, clean_s, models, reference)
+                     for sig in (signal.SIGKILL, signal.SIGTERM)]
+            cases.append(two_at_once(root, models, reference))
+            cases.append(dashboards_case(root, args.kills, rng))
+            total = time.monotonic() - begin
+        for case in cases:
+            for what in ("notes", "mismatches", "leftovers", "orphans"):
+                for line in getattr(case, what):
+                    print(f"  {case.name}: {what[:-1] if what != 'notes' else 'note'}: {line}")
+        print(table(cases))
+        print(f"total {total:.0f} s (clean run {clean_s:.0f} s)")
+        args.out.write_text(json.dumps({"seed": seed, "models": models, "kills": args.kills, "machine": info,
+                                        "clean_s": clean_s, "total_s": total, "cases": [asdict(c) for c in cases]},
+                                       indent=1) + "\n")
+    failed = [c for c in cases if not c.recovered or c.mismatches or c.leftovers or c.orphans]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The short form of `make chaos`: one kill per signal, one start-up of the dashboards, two runs at
+once, on the quick configuration with one model; a new seed each time, printed on failure."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, project_env
+
+
+def test_short_chaos_recovers_every_case_with_nothing_left_over(tmp_path: Path) -> None:
+    seed = random.randrange(1_000_000)
+    out = tmp_path / "chaos.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chaos", "--kills", "1", "--models", "logreg", "--seed", str(seed), "--out", str(out)],
+        cwd=REPO, env=project_env(), capture_output=True, text=True, timeout=1800,
+    )
+    report = done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, f"seed {seed}:\n{report}"
+    cases = {case["name"]: case for case in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {"sigkill", "sigterm", "two-at-once", "dashboards"}, report
+    for case in cases.values():
+        assert case["recovered"] and not (case["mismatches"] or case["leftovers"] or case["orphans"]), f"seed {seed}: {case}"
+    assert cases["dashboards"]["faults"] >= 1, report
