@@ -16,6 +16,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
@@ -77,9 +78,11 @@ def test_every_stage_is_a_completed_flow_run_with_names_and_tags(small_run: Smal
 
 
 def test_artifacts_leaderboard_metrics_progress_and_links(small_run: SmallRun) -> None:
+    # The small run's own artifacts: other tests' runs (test_fanout's sequential run) report to this server too.
+    ours = ArtifactFilterFlowRunId(any_=[run.id for run, _ in flow_runs(f"pipeline-run:{small_run.run_id}")])
     with get_client(sync_client=True) as client:
         def latest(key: str):
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ours))
             assert found, f"no artifact {key}"
             return found[-1]
 
