@@ -88,15 +88,13 @@ def stop_tree(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM, w
     of its own), then SIGKILL whatever is left after `wait_s`."""
     import psutil
 
+    from pipeline.servers import forward
+
     try:
         tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    for proc in tree:
-        try:
-            proc.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
+    forward(process.pid, sig)
     _, alive = psutil.wait_procs(tree, timeout=wait_s)
     for proc in alive:
         try:
