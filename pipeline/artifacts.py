@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.data import Split, atomic_path, atomic_write
+from pipeline.data import Split, atomic_path, atomic_write, remove_leftovers
 from pipeline.errors import DataError
 
 if TYPE_CHECKING:  # Keras loads only where a model is read: the publish stage and the CLI do without it
@@ -99,6 +99,14 @@ def tree_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -115,7 +123,8 @@ def save_prepared(folder: Path, splits: dict[str, Split]) -> None:
     arrays = {}
     for name, split in splits.items():
         arrays[f"x_{name}"], arrays[f"y_{name}"] = split.x, split.y
-    with atomic_path(Path(folder) / PREPARED_FILE) as tmp:
+    needed = sum(a.nbytes for a in arrays.values())
+    with atomic_path(Path(folder) / PREPARED_FILE, needed) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -148,6 +157,12 @@ def history_rows(history: dict[str, list[float]]) -> tuple[list[str], list[list[
     keys = [k for k in HISTORY_COLUMNS if k in history]
     epochs = len(history.get("loss", []))
     return ["epoch", *keys], [[str(i + 1), *(f"{history[k][i]:.6g}" for k in keys)] for i in range(epochs)]
+
+
+def model_bytes(model: keras.Model) -> int:
+    """The bytes of a model's variables and its optimizer's: about what saving it writes."""
+    variables = list(model.weights) + (list(model.optimizer.variables) if model.optimizer else [])
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
 
 
 def save_keras(model: keras.Model, path: Path) -> None:
@@ -188,7 +203,8 @@ def _stable_config(node: Any, numbers: dict[int, int]) -> Any:
 
 def write_model_folder(out: Path, model: keras.Model, history: dict[str, list[float]], meta: dict, timings: dict) -> None:
     """model.keras, history.csv, meta.json and timings.json, published together as one folder."""
-    with atomic_path(out) as tmp:
+    remove_leftovers(out.parent, out.name)  # from an earlier write that was killed
+    with atomic_path(out, model_bytes(model)) as tmp:
         tmp.mkdir(parents=True)
         save_keras(model, tmp / MODEL_FILE)
         (tmp / HISTORY_FILE).write_bytes(_csv_bytes(*history_rows(history)))
@@ -225,11 +241,14 @@ def live_tensorboard(resume_dir: Path) -> Path:
 
 
 def write_checkpoint(folder: Path, epochs_done: int, model: keras.Model, state: dict) -> Path:
-    """Save the model and `state` as checkpoint `epoch-NNNN` atomically; delete the older ones."""
+    """Save the model and `state` as checkpoint `epoch-NNNN` atomically; delete the older ones.
+
+    The state records the model file's SHA-256, so that a checkpoint damaged later is never resumed."""
     target = Path(folder) / f"{CHECKPOINT_PREFIX}{epochs_done:04d}"
-    with atomic_path(target) as tmp:
+    with atomic_path(target, model_bytes(model)) as tmp:
         tmp.mkdir()
         model.save(tmp / MODEL_FILE)
+        state = {**state, "model_sha256": file_sha256(tmp / MODEL_FILE)}
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
     for old in Path(folder).glob(f"{CHECKPOINT_PREFIX}*"):
         if old != target:
@@ -238,15 +257,18 @@ def write_checkpoint(folder: Path, epochs_done: int, model: keras.Model, state: 
 
 
 def checkpoints(folder: Path) -> list[tuple[Path, dict | None]]:
-    """Each checkpoint folder, newest first, with its state (None if unreadable or without its model)."""
+    """Each checkpoint folder, newest first, with its state: None if the state is unreadable, or the
+    model file is missing or not the one the state recorded (truncated or damaged since)."""
     found = []
     for ckpt in sorted(Path(folder).glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
         try:
             state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+            intact = isinstance(state, dict) and state.get("model_sha256") == file_sha256(ckpt / MODEL_FILE)
         except (OSError, ValueError):
-            state = None
-        found.append((ckpt, state if (ckpt / MODEL_FILE).is_file() else None))
+            intact = False
+        found.append((ckpt, state if intact else None))
     return found
+
 
 
 # --- data/evaluate/<model> ----------------------------------------------------------------
@@ -261,6 +283,7 @@ def write_evaluation(
     `data/evaluate/cnn/metrics.json:accuracy` in `dvc exp show` and `dvc metrics diff`.
     """
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)  # from an earlier write that was killed
     write_json(out / METRICS_FILE, {model: metrics})
     write_timings(out, timings)
     atomic_write(out / PREDICTIONS_FILE, _csv_bytes(["actual", "predicted"], zip(actual.tolist(), predicted.tolist())))

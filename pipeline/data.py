@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -13,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, DiskFull
 from pipeline.mnist import IMAGE_SHAPE
 
 _IDX_UBYTE = 0x08
@@ -24,22 +25,70 @@ def sha256(data: bytes) -> str:
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, needed: int = 0, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it into place, else delete it.
 
     A reader never sees a half-written `final`: it either does not exist or is complete.
     The temporary name starts with '.tmp-' so that a crash leaves nothing that looks final.
+    A full disk becomes DiskFull naming `final` and the space it needs: at least `needed`
+    bytes (the caller's estimate) and more than was written before the disk filled.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp = tmp or final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, final)
+    except Exception as exc:
+        written = disk_bytes(tmp)
+        _remove(tmp)
+        if is_disk_full(exc):
+            raise disk_full(final, max(needed, written + 1)) from exc
+        raise
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def disk_bytes(path: Path) -> int:
+    """The bytes of a file, or of all files under a folder (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it was raised from, says the disk is full (ENOSPC).
+
+    Python raises OSError with errno 28; TensorFlow and shutil.copytree only say it in their message.
+    """
+    while exc is not None:
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full(final: Path, needed: int) -> DiskFull:
+    """The error for a write of `final` that found its disk full."""
+    mount = final.parent.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    free = shutil.disk_usage(mount).free
+    return DiskFull(
+        f"the disk is full: writing {final} needs at least {megabytes(needed)}, and the file system "
+        f"mounted at {mount} has {megabytes(free)} free. Nothing partial was kept. Free some space there "
+        "(see `df -h`), then run again: finished stages and the last training checkpoint are kept."
+    )
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
 
 
 def atomic_write(final: Path, data: bytes) -> None:
@@ -51,9 +100,9 @@ def atomic_write(final: Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
-def remove_leftovers(folder: Path) -> None:
-    """Delete temporary files that an interrupted write left in `folder`."""
-    for leftover in folder.glob(".tmp-*"):
+def remove_leftovers(folder: Path, name: str = "") -> None:
+    """Delete the temporary files that interrupted writes left in `folder` (only those of `final` name `name`, if given)."""
+    for leftover in folder.glob(f".tmp-{name}-*" if name else ".tmp-*"):
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 

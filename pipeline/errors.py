@@ -23,3 +23,7 @@ class TrainingDiverged(PipelineError):
 
 class ExportError(PipelineError):
     """An exported model failed its own check or was fed bad input."""
+
+
+class DiskFull(PipelineError):
+    """A write ran out of space; nothing partial was kept."""

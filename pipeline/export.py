@@ -16,13 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from pipeline import artifacts, summaries
-from pipeline.data import remove_leftovers
+from pipeline.data import atomic_path, disk_bytes, remove_leftovers
 from pipeline.errors import ExportError
 from pipeline.mnist import IMAGE_SHAPE
 
@@ -68,6 +70,14 @@ def staging_folder(out: Path) -> Path:
     return out / f".tmp-{artifacts.SAVED_MODEL}"
 
 
+@contextmanager
+def staged(out: Path, model) -> Iterator[Path]:
+    """Yield the staging folder; when the block ends without error it becomes `<out>/saved_model` by
+    one rename, else it is deleted (a full disk is reported with the space the model's weights need)."""
+    with atomic_path(out / artifacts.SAVED_MODEL, artifacts.model_bytes(model), tmp=staging_folder(out)) as staging:
+        yield staging
+
+
 def refused_record(model: str, metrics: dict, reason: str) -> dict:
     """export.json of a model under its gate: not exported, and why."""
     return {"model": model, "blessed": False, "reason": reason, "accuracy": metrics["accuracy"], "gate": metrics["gate"]}
@@ -79,18 +89,11 @@ def exported_record(model: str, folder: Path, check: dict) -> dict:
         "model": model,
         "blessed": True,
         "saved_model": folder.name,
-        "bytes": folder_bytes(folder),
+        "bytes": disk_bytes(folder),
         "sha256": artifacts.tree_digest(folder),
         "test_images": check["test_images"],
         "accuracy": check["accuracy"],
     }
-
-
-def finish(staging: Path, out: Path) -> Path:
-    """Give the written and verified SavedModel its final name, by one rename."""
-    final = out / artifacts.SAVED_MODEL
-    staging.rename(final)
-    return final
 
 
 def save_servable(model, folder: Path) -> None:
@@ -156,10 +159,6 @@ def latency_ms(loaded, images: np.ndarray, repeats: int) -> float:
         predict(loaded, images)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _verify_main(folder: str, data: str, evaluation: str, repeats: str) -> None:

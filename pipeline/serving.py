@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import artifacts
-from pipeline.data import remove_leftovers
+from pipeline.data import atomic_path, disk_bytes, remove_leftovers
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,8 @@ def publish(model: str, saved_model: Path, folder: Path, keep: int) -> Published
     if held and artifacts.tree_digest(folder / str(held[-1])) == artifacts.tree_digest(saved_model):
         return Published(model, held[-1], False, prune(folder, keep))
     version = held[-1] + 1 if held else 1
-    staging = folder / f".tmp-{version}"
-    shutil.copytree(saved_model, staging)
-    staging.rename(folder / str(version))
+    with atomic_path(folder / str(version), disk_bytes(saved_model)) as staging:  # deleted if the copy fails
+        shutil.copytree(saved_model, staging)
     return Published(model, version, True, prune(folder, keep))
 
 

@@ -11,6 +11,7 @@ import argparse
 import gc
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
 from pydantic import ValidationError
 
 from pipeline.config import ModelParams, load_params
+from pipeline.data import is_disk_full
 from pipeline.errors import PipelineError
 
 
@@ -46,6 +48,7 @@ except PipelineError as _exc:
     sys.exit(1)
 
 from prefect import Flow, tags, task  # noqa: E402 - only once the settings are known to be readable
+from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 RUN_ID_ENV = "PIPELINE_RUN_ID"
@@ -97,11 +100,24 @@ def check_prefect_api(timeout_s: float = 3.0) -> str | None:
     return url
 
 
+def this_process() -> str:
+    """`host:pid`, as Prefect's workers record a flow run's process in its infrastructure_pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def record_process(flow: Flow, flow_run, state) -> None:
+    """on_running hook: note the stage process on its flow run, so that a run whose process is gone
+    can be told from one still running (pipeline.cli.mark_orphaned_runs), whoever looks."""
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, infrastructure_pid=this_process())
+
+
 class HidePipelineTracebacks(logging.Filter):
-    """Prefect logs a failed task's or flow's exception with its traceback; a PipelineError's message says it all."""
+    """Prefect logs a failed task's or flow's exception with its traceback; a PipelineError's message says it
+    all, and so does a full disk's (the stage then stops with DiskFull, naming the path and the space needed)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+        if record.exc_info and (isinstance(record.exc_info[1], PipelineError) or is_disk_full(record.exc_info[1])):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -165,7 +181,7 @@ def run_stage(
         labels = [f"stage:{stage}", run_tag(pipeline_run_id())] + ([f"model:{model}"] if model else [])
         run_name = f"{stage}-{model}" if model else stage
         with temporary_settings(updates=prefect_settings()), tags(*labels):
-            state = flow.with_options(flow_run_name=run_name)(params=params, **arguments, return_state=True)
+            state = flow.with_options(flow_run_name=run_name, on_running=[record_process])(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):

@@ -37,13 +37,13 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
         artifacts.write_export_record(out, record)
         export.write_summaries(tensorboard, record, None, signature=None)
         return
-    staging = export.staging_folder(out)
     keras_model = as_task(artifacts.read_model, "load model")(model_dir)
-    as_task(export.save_servable, "write SavedModel")(keras_model, staging)
-    check = as_task(export.verify_in_fresh_process, "verify in fresh process")(
-        staging, data, evaluation, params.export.latency_repeats
-    )
-    folder = export.finish(staging, out)  # final only now, complete and verified
+    with export.staged(out, keras_model) as staging:  # final only once complete and verified
+        as_task(export.save_servable, "write SavedModel")(keras_model, staging)
+        check = as_task(export.verify_in_fresh_process, "verify in fresh process")(
+            staging, data, evaluation, params.export.latency_repeats
+        )
+    folder = out / artifacts.SAVED_MODEL
     record, timings = export.exported_record(model, folder, check), export.latency_timings(check)
     artifacts.write_export_record(out, record)
     artifacts.write_timings(out, timings)

@@ -51,6 +51,57 @@ WORKER = Path(__file__).resolve()
 
 # --- data ---------------------------------------------------------------------------------
 
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_kb: int) -> Iterator[Path]:
+    """A tmpfs of `size_kb` KiB mounted on `folder` (created if needed) while the block runs.
+
+    Mounting needs root: the test is skipped without it (CI runs as root). resize_disk gives
+    it more room, as a user who frees space would.
+    """
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def resize_disk(folder: Path, size_kb: int) -> None:
+    """Give the tmpfs mounted on `folder` a new size, keeping its files."""
+    subprocess.run(["mount", "-o", f"remount,size={size_kb}k", str(folder)], check=True)
+
+
+
+def flip_a_bit(path: Path, offset: int) -> None:
+    """Damage `path` in place as a failing disk would: one bit, with its size, mode and times kept."""
+    st = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    path.chmod(st.st_mode & 0o777)
+
+
+def cache_object_of(project: Path, path: str) -> Path:
+    """The DVC cache object of workspace file `path`: a file output of dvc.lock, or a file in a folder output."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    cache = project / ".dvc" / "cache" / "files" / "md5"
+    if path in outs:
+        md5 = outs[path]
+    else:
+        folder = next(f for f in outs if path.startswith(f + "/"))
+        listing = json.loads((cache / outs[folder][:2] / outs[folder][2:]).read_text())
+        md5 = next(e["md5"] for e in listing if e["relpath"] == path[len(folder) + 1 :])
+    return cache / md5[:2] / md5[2:]
+
+
 def random_images(rng: np.random.Generator, n: int) -> np.ndarray:
     """`n` distinct-by-chance 28x28 uint8 images, none of them blank."""
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from helpers import random_images
+from helpers import random_images, small_disk
 from pipeline.artifacts import PREPARED_FILE, load_prepared, save_prepared
 from pipeline.data import Split, atomic_path, atomic_write, parse_idx, read_images, read_labels, remove_leftovers, write_idx
-from pipeline.errors import DataError
+from pipeline.errors import DataError, DiskFull
 
 
 def leftovers(folder):
@@ -167,6 +169,40 @@ def test_atomic_path_failure_removes_a_tmp_folder(tmp_path):
             (tmp / "part").write_bytes(b"x")
             raise RuntimeError("writer failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_reports_a_full_disk_naming_the_file_and_the_space_it_needs(tmp_path):
+    final = tmp_path / "model.bin"
+    with pytest.raises(DiskFull) as err:
+        with atomic_path(final, needed=5_000_000) as tmp:
+            tmp.write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    message = str(err.value)
+    assert str(final) in message and "needs at least 5.00 MB" in message and "MB free" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_tmpfs_gives_disk_full_with_more_than_was_written_and_keeps_nothing(tmp_path):
+    with small_disk(tmp_path / "disk", 64) as disk:
+        final = disk / "big.bin"
+        with pytest.raises(DiskFull) as err:
+            atomic_write(final, os.urandom(200_000))
+        assert f"writing {final}" in str(err.value) and f"mounted at {disk}" in str(err.value)
+        assert list(disk.iterdir()) == []  # neither the final name nor the temporary file
+        source = tmp_path / "tree"
+        (source / "sub").mkdir(parents=True)
+        (source / "sub" / "a.bin").write_bytes(os.urandom(200_000))
+        with pytest.raises(DiskFull, match="needs at least 0.20 MB"):  # copytree only says ENOSPC in its message
+            with atomic_path(disk / "copy", needed=200_000) as tmp:
+                shutil.copytree(source, tmp)
+        assert list(disk.iterdir()) == []
+
+
+def test_remove_leftovers_of_one_name_keeps_the_others(tmp_path):
+    for name in (".tmp-mlp-12", ".tmp-deep_mlp-12", ".tmp-mlp2-12"):
+        (tmp_path / name).mkdir()
+    remove_leftovers(tmp_path, "mlp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-deep_mlp-12", ".tmp-mlp2-12"]
 
 
 def test_remove_leftovers_deletes_only_tmp_entries(tmp_path):

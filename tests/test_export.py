@@ -37,6 +37,7 @@ from helpers import (
 )
 from pipeline import artifacts, export, serving
 from pipeline.artifacts import save_prepared
+from pipeline.data import disk_bytes
 from pipeline.errors import ExportError
 from pipeline.evaluate.scores import evaluate_model
 
@@ -375,18 +376,31 @@ def test_latency_timings_are_the_latency_figures_only():
     assert export.latency_timings(CHECK) == {"latency_ms_batch_1": 1.5, "latency_ms_batch_256": 9.0}
 
 
-def test_staging_folder_is_a_leftover_until_finish_renames_it(tmp_path):
+def test_staging_folder_is_a_leftover_until_the_staged_block_ends(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     staging = export.staging_folder(out)
     assert staging.parent == out and staging.name.startswith(".tmp-")  # what prepare deletes
     assert staging.name != artifacts.SAVED_MODEL and not staging.name.isdigit()
-    staging.mkdir()
-    (staging / "saved_model.pb").write_bytes(b"model")
-    assert not (out / artifacts.SAVED_MODEL).exists()  # written but not final
-    final = export.finish(staging, out)
-    assert final == out / artifacts.SAVED_MODEL and (final / "saved_model.pb").read_bytes() == b"model"
+    model = SimpleNamespace(weights=[], optimizer=None)
+    with export.staged(out, model) as folder:
+        assert folder == staging
+        staging.mkdir()
+        (staging / "saved_model.pb").write_bytes(b"model")
+        assert not (out / artifacts.SAVED_MODEL).exists()  # written but not final
+    final = out / artifacts.SAVED_MODEL
+    assert (final / "saved_model.pb").read_bytes() == b"model"
     assert not staging.exists()
+
+
+def test_a_failed_staged_export_leaves_nothing(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    with pytest.raises(ExportError), export.staged(out, SimpleNamespace(weights=[], optimizer=None)) as staging:
+        staging.mkdir()
+        (staging / "saved_model.pb").write_bytes(b"model")
+        raise ExportError("the check failed")
+    assert list(out.iterdir()) == []
 
 
 def test_prepare_creates_the_folder_removes_leftovers_and_clears_tensorboard(tmp_path):
@@ -516,7 +530,7 @@ def test_an_interrupted_publish_leaves_no_version_and_the_next_one_recovers(tmp_
 
     def crash_after_two_files(src, dst):
         if len(copied) == 2:
-            raise OSError("disk full")
+            raise OSError("disk full")  # not ENOSPC: passed on as it is
         copied.append(src)
         return shutil.copy2(src, dst)
 
@@ -526,7 +540,9 @@ def test_an_interrupted_publish_leaves_no_version_and_the_next_one_recovers(tmp_
         serving.publish(MODEL, b, folder, keep=3)
     monkeypatch.undo()
     assert artifacts.versions(folder) == [1] and serving.newest(folder) == folder / "1"
-    assert [n for n in names(folder) if n != "1"] == [".tmp-2"]  # the partial copy, under a name no reader takes
+    assert names(folder) == ["1"]  # the partial copy was deleted
+    fake_saved_model(folder / ".tmp-2-4321", b"half")  # what a SIGKILLed copy leaves, under a name no reader takes
+    assert serving.newest(folder) == folder / "1"
     assert serving.publish(MODEL, b, folder, keep=3) == serving.Published(MODEL, 2, True, [])
     assert names(folder) == ["1", "2"]
     assert artifacts.tree_digest(folder / "2") == artifacts.tree_digest(b)
@@ -644,7 +660,7 @@ def test_sigkilled_export_leaves_no_saved_model_and_the_next_run_recovers(projec
     assert names(out) == sorted([artifacts.EXPORT_RECORD, artifacts.SAVED_MODEL, artifacts.TIMINGS_FILE])
     record = artifacts.read_export_record(out)
     assert record["blessed"] is True and record["saved_model"] == artifacts.SAVED_MODEL
-    assert record["bytes"] == export.folder_bytes(saved) and record["sha256"] == artifacts.tree_digest(saved)
+    assert record["bytes"] == disk_bytes(saved) and record["sha256"] == artifacts.tree_digest(saved)
     assert record["test_images"] == 200
     assert record["accuracy"] == pytest.approx(project["ev"].metrics["accuracy"], abs=1e-6)
     timings = artifacts.read_timings(out, "export")

@@ -145,14 +145,18 @@ def first_runs(tmp_path_factory, data_dir) -> dict[str, Run]:
 
 @pytest.fixture(scope="module")
 def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
-    """On copies of the killed run's folders: the same config again, and one with another learning rate."""
+    """On copies of the killed run's folders: the same config again, one with another learning rate, and
+    the same config on a copy whose checkpoint was damaged since (its model file cut in half)."""
     killed = first_runs["killed"]
     assert killed.rc == -signal.SIGKILL, killed.tail()
     base = tmp_path_factory.mktemp("again")
     runs = {}
-    for tag, overrides in (("resumed", dict(SMALL_CNN)), ("other_lr", {**SMALL_CNN, "learning_rate": 0.002})):
+    for tag, overrides in (("resumed", dict(SMALL_CNN)), ("other_lr", {**SMALL_CNN, "learning_rate": 0.002}), ("damaged", dict(SMALL_CNN))):
         resume, tensorboard = base / tag / "resume", base / tag / "tensorboard"
         shutil.copytree(killed.resume, resume)  # its checkpoint and the TensorBoard events of epoch 1
+        if tag == "damaged":
+            model_file = resume / "epoch-0001" / MODEL_FILE
+            model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
         # other_lr writes no final outputs, so its resume folder (deleted once they are written) can be inspected
         out = {"out": None} if tag == "other_lr" else {}
         runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, overrides=overrides, **out)
@@ -223,6 +227,16 @@ def test_checkpoint_made_with_other_params_is_discarded(first_runs, second_runs)
     assert json.loads((other.resume / f"epoch-{EPOCHS:04d}" / CHECKPOINT_STATE).read_text())["epochs_done"] == EPOCHS
     # trained from scratch at the other rate: not the weights of the learning rate 0.001 run
     assert not all(np.array_equal(x, y) for x, y in zip(a.weights(), other.weights()))
+
+
+def test_a_damaged_checkpoint_is_discarded_and_the_run_ends_as_the_uninterrupted_one(first_runs, second_runs):
+    a, damaged = first_runs["a"], second_runs["damaged"]
+    assert damaged.rc == 0, damaged.tail()
+    assert "discarding checkpoint" in damaged.stderr and "resuming" not in damaged.stderr
+    assert damaged.result()["epochs_resumed"] == 0  # trained from the start, never from the damaged file
+    assert_same_arrays(a.weights(), damaged.weights())
+    for name in (MODEL_FILE, META_FILE, HISTORY_FILE):
+        assert (damaged.out / name).read_bytes() == (a.out / name).read_bytes(), name
 
 
 # --- the NaN guard ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from pipeline import artifacts, tables
 from pipeline.config import ModelParams, TrainParams, params_hash
-from pipeline.data import Split
+from pipeline.data import Split, atomic_path, disk_bytes
 from pipeline.mnist import IMAGE_SHAPE
 from pipeline.models import registry
 from pipeline.models.arithmetic import format_table, layer_table
@@ -188,5 +188,11 @@ def save_trained(
     shutil.rmtree(tensorboard, ignore_errors=True)
     tensorboard.parent.mkdir(parents=True, exist_ok=True)
     live = artifacts.live_tensorboard(resume_dir)
-    live.rename(tensorboard) if live.is_dir() else tensorboard.mkdir()
+    if not live.is_dir():
+        tensorboard.mkdir()
+    elif live.stat().st_dev == tensorboard.parent.stat().st_dev:
+        live.rename(tensorboard)
+    else:  # data/resume on another file system: copy, then one rename
+        with atomic_path(tensorboard, disk_bytes(live)) as tmp:
+            shutil.copytree(live, tmp)
     shutil.rmtree(resume_dir, ignore_errors=True)
