@@ -23,7 +23,7 @@ from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
 from pipeline.mnist import IMAGE_SHAPE
-from pipeline.stage import RUN_ID_ENV, check_prefect_api, run_tag
+from pipeline.stage import RUN_ID_ENV, check_prefect_api, run_tag, this_process
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
@@ -40,7 +40,7 @@ def prefect_api(signals: servers.Signals | None = None) -> Iterator[str]:
         yield url
         return
     print(f"Prefect: using or starting a server on 127.0.0.1:{servers.PREFECT_PORT} ...", flush=True)
-    with servers.prefect_server(signals=signals) as api:
+    with servers.prefect_server(signals=signals, restart=True) as api:  # started again if it dies mid-run
         yield api
 
 
@@ -62,6 +62,7 @@ def _run_with_prefect(cmd: list[str]) -> int:
             with prefect_api(signals) as api:
                 signals.check()
                 print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
+                _mark_orphaned_runs(api)  # left Running by an earlier run killed outright
                 child = subprocess.Popen(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
                 signals.adopt(child)
                 code = exit_status(child.wait())
@@ -91,6 +92,46 @@ def mark_killed_runs(run_id: str) -> list[str]:
         for run in runs:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
     return [run.name for run in runs]
+
+
+def mark_orphaned_runs() -> list[str]:
+    """Mark as Crashed the stage flow runs on this machine that show as running but whose process is gone.
+
+    Each stage records its process on its flow run (pipeline.stage.record_process). One that lost
+    its Prefect server for longer than its client retries could not report its end; once a server
+    is back, `mnist dashboards` calls this, so no run shows as running forever.
+    """
+    import psutil
+
+    host = this_process().split(":")[0]
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])))
+    marked = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=running):
+            where, _, pid = (run.infrastructure_pid or "").rpartition(":")
+            if where != host or not pid.isdigit() or not any(t.startswith("stage:") for t in run.tags):
+                continue
+            try:
+                alive = any("stages/" in part for part in psutil.Process(int(pid)).cmdline())
+            except psutil.Error:
+                alive = False
+            if not alive:
+                message = f"its stage process (PID {pid}) ended without reporting: killed, or its Prefect server was away"
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                marked.append(run.name)
+    return marked
+
+
+def _mark_orphaned_runs(api: str) -> None:
+    """mark_orphaned_runs on the server at `api`, saying what it marked."""
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            crashed = mark_orphaned_runs()
+    except Exception as exc:  # noqa: BLE001 - a dashboard detail must not stop the dashboards
+        print(f"Prefect: could not check for orphaned stage runs ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return
+    if crashed:
+        print(f"Prefect: marked {', '.join(crashed)} as crashed: their stage processes are gone.", file=sys.stderr, flush=True)
 
 
 def _mark_killed_runs(api: str, run_id: str) -> None:
@@ -155,10 +196,12 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     with servers.Signals() as signals:
         try:
             with servers.prefect_server(
-                args.host, args.prefect_port, database_url=args.database_url, signals=signals
+                args.host, args.prefect_port, database_url=args.database_url, signals=signals,
+                restart=True, on_restart=_mark_orphaned_runs,
             ) as api, servers.tensorboard_server(
                 TENSORBOARD_LOGDIR, args.host, args.tensorboard_port, live=TRAINING_NOW, signals=signals
             ) as tb:
+                _mark_orphaned_runs(api)
                 print(
                     f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
                     f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
@@ -253,6 +296,23 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Read every output that dvc.lock names, and its cache object; repair or delete what is damaged."""
+    from pipeline.integrity import verify
+
+    findings = verify(Path("."))
+    here = Path.cwd()
+    for f in findings:
+        shown = f.path.relative_to(here) if f.path.is_absolute() and f.path.is_relative_to(here) else f.path
+        print(f"{shown}: {f.what}: {f.action}")
+    if not findings:
+        print("every output in dvc.lock and its cache object hold the bytes dvc.lock records")
+        return 0
+    if any(f.action == "deleted" for f in findings):
+        print("run `dvc repro` to make the deleted outputs again (or `dvc pull` to fetch them from the remote)")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     desc.add_argument("models", nargs="*", help="model names (default: every model in params.yaml)")
     desc.add_argument("--params", default="params.yaml")
     desc.set_defaults(fn=cmd_describe)
+
+    ver = sub.add_parser("verify", help="check every DVC output and cache object byte by byte; repair what is damaged")
+    ver.set_defaults(fn=cmd_verify)
 
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.fn is cmd_run:  # argparse's REMAINDER misses a leading option: `mnist run --force`

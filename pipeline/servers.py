@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 
@@ -141,6 +142,41 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class Watchdog(threading.Thread):
+    """Start a server again, on the same port and database, whenever its process ends before `stop()`.
+
+    Prefect's clients retry a refused request for about a minute, so a stage whose server died
+    goes on once it is back, and loses nothing. `on_restart()` runs once it answers again.
+    """
+
+    def __init__(self, start: Callable[[], subprocess.Popen], process: subprocess.Popen, url: str, what: str,
+                 on_restart: Callable[[], None] | None = None):
+        super().__init__(daemon=True, name=f"watchdog {what}")
+        self.start_server, self.process, self.url, self.what, self.on_restart = start, process, url, what, on_restart
+        self.stopping = threading.Event()
+        self.restarts = 0
+
+    def run(self) -> None:
+        while not self.stopping.wait(1.0):
+            if self.process.poll() is None:
+                continue
+            print(f"{self.what} stopped (exit status {self.process.returncode}); starting it again.", file=sys.stderr, flush=True)
+            self.process = self.start_server()
+            self.restarts += 1
+            while not self.stopping.is_set() and self.process.poll() is None and not answers(self.url, 1.0):
+                time.sleep(0.5)
+            if self.process.poll() is None and not self.stopping.is_set():
+                print(f"{self.what} answers again.", file=sys.stderr, flush=True)
+                if self.on_restart:
+                    self.on_restart()
+
+    def stop(self) -> subprocess.Popen:
+        """Stop watching; the server process of the moment, for the caller to stop."""
+        self.stopping.set()
+        self.join()
+        return self.process
+
+
 @contextmanager
 def prefect_server(
     host: str = "127.0.0.1",
@@ -148,6 +184,8 @@ def prefect_server(
     log: Path | None = None,
     database_url: str | None = None,
     signals: Signals | None = None,
+    restart: bool = False,
+    on_restart: Callable[[str], None] | None = None,
 ) -> Iterator[str]:
     """Yield the API URL of a Prefect server on host:port, starting one unless one already answers.
 
@@ -155,7 +193,8 @@ def prefect_server(
     Its database is `database_url` (a PostgreSQL URL, postgresql+asyncpg://...) if given, else
     PREFECT_SERVER_DATABASE_CONNECTION_URL if set, else Prefect's SQLite file under PREFECT_HOME.
     With PREFECT_SERVER_API_AUTH_STRING set, the server asks every client for it. With `signals`,
-    a SIGINT or SIGTERM during start-up stops it and raises Stopped.
+    a SIGINT or SIGTERM during start-up stops it and raises Stopped. With `restart`, a server
+    started here that dies is started again (Watchdog), and `on_restart` runs once it answers.
     """
     api = f"http://{host}:{port}/api"
     if answers(f"{api}/health"):
@@ -169,15 +208,26 @@ def prefect_server(
     if database_url:
         env[DATABASE_ENV] = database_url
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
-        )
+
+    def start() -> subprocess.Popen:
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
+            )
+        return process
+
+    process, watchdog = start(), None
     try:
         _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log, signals)
+        if restart:
+            after = (lambda: on_restart(api)) if on_restart else None
+            watchdog = Watchdog(start, process, f"{api}/health", f"The Prefect server on {host}:{port}", after)
+            watchdog.start()
         yield api
     finally:
+        if watchdog:
+            process = watchdog.stop()
         _stop(process)
 
 

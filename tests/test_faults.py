@@ -1,4 +1,5 @@
-"""Faults around a run in one workspace: a second run started beside the first, a run killed outright.
+"""Faults around a run in one workspace: a second run started beside the first, a run killed outright,
+a full disk, and damaged files.
 
 DVC's per-output locks (.dvc/tmp/rwlock) are what keep two runs apart; these tests pin what a
 user sees. The fetch stage waits on a mirror that never answers, so the first run is
@@ -7,16 +8,21 @@ mid-stage for as long as the test needs.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import psutil
 
-from conftest import copy_project, edit_params, project_env
-from helpers import silent_server
+from conftest import BIN, SmallRun, copy_project, dvc, edit_params, project_env, small_params
+from helpers import cache_object_of, flip_a_bit, resize_disk, silent_server, small_disk
+from pipeline import artifacts
 
 
 def start_repro(project: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -61,3 +67,176 @@ def test_a_second_run_in_the_same_workspace_stops_at_once_naming_the_first(tmp_p
     status = subprocess.run(["dvc", "status", "fetch"], cwd=project, env=project_env(), capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     assert not list((project / "data" / "raw").glob("*.tmp*")) and not list((project / "data" / "raw").glob(".*"))
+
+
+def only_logreg(raw: dict) -> dict:
+    """The small run's params, with the logreg model alone."""
+    raw = small_params(raw)
+    raw["models"], raw["gates"] = {"logreg": raw["models"]["logreg"]}, {"logreg": raw["gates"]["logreg"]}
+    return raw
+
+
+def digest(path: Path) -> str:
+    return artifacts.tree_digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+SAME_AS_CLEAN = ("data/models/logreg/model.keras", "data/evaluate/logreg/metrics.json", "data/evaluate/logreg/predictions.csv",
+                 "data/export/logreg/saved_model", "data/serving/logreg/1")
+
+
+def test_a_full_disk_in_training_export_and_publishing_stops_with_the_path_and_keeps_nothing_partial(
+    tmp_path: Path, small_run: SmallRun
+) -> None:
+    """Three 64 KiB disks under data/resume, data/export and data/serving: each run stops at the next one
+    with a clear message; once each is given room, the run goes on, and ends as the clean small run."""
+    project = copy_project(tmp_path / "project")
+    edit_params(project, only_logreg)
+    disks = {name: project / "data" / name for name in ("resume", "export", "serving")}
+    expected = {
+        "resume": "data/resume/logreg/epoch-0001",  # the first checkpoint
+        "export": "data/export/logreg/saved_model",
+        "serving": "data/serving/logreg/1",
+    }
+    with contextlib.ExitStack() as mounts:
+        for folder in disks.values():
+            mounts.enter_context(small_disk(folder, 64))
+        for name, folder in disks.items():  # each run stops at the next full disk
+            run = dvc(project, "repro", check=False)
+            assert run.returncode != 0, f"the run went past the full {name} disk"
+            message = f"the disk is full: writing {expected[name]} needs at least"
+            assert message in run.stderr, run.stderr[-3000:]
+            assert f"mounted at {folder}" in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+            leftovers = [p for p in (project / "data").rglob("*") if p.name.startswith(".tmp-")]
+            assert leftovers == [], leftovers
+            assert not (project / expected[name]).exists()  # no partial artifact under its final name
+            resize_disk(folder, 16 * 1024)  # space freed
+        dvc(project, "repro")
+        status = dvc(project, "status")
+        assert "up to date" in status.stdout, status.stdout
+        for name in SAME_AS_CLEAN:
+            assert digest(project / name) == digest(small_run.project / name), name
+        assert not (project / "data" / "resume" / "logreg").exists()  # training completed: nothing left to resume
+
+
+def test_damaged_cache_objects_and_outputs_are_never_trained_on_and_mnist_verify_repairs_them(
+    tmp_path: Path, small_run: SmallRun
+) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(small_run.project, project, symlinks=True)
+    env = project_env()
+    # 1. The prepared arrays' cache object rots; `dvc checkout` copies it into the workspace, and DVC sees nothing.
+    prepared = project / "data" / "prepared" / "mnist.npz"
+    flip_a_bit(cache_object_of(project, "data/prepared/mnist.npz"), prepared.stat().st_size // 2)
+    prepared.unlink()
+    dvc(project, "checkout", env=env)
+    assert "up to date" in dvc(project, "status", env=env).stdout  # DVC trusts its cache: why `mnist verify` exists
+    # The train stage refuses the damaged file (the .npz's CRC-32), naming it and the fix; nothing is trained.
+    train = dvc(project, "repro", "--force", "--single-item", "train@logreg", env=env, check=False)
+    assert train.returncode != 0
+    assert "data/prepared/mnist.npz is not a valid prepared file" in train.stderr and "Bad CRC-32" in train.stderr, train.stderr[-2000:]
+    assert "epoch 1/1" not in train.stderr and "Traceback" not in train.stderr
+    # 2. A model file rots in the workspace (its cache object is good); 3. a predictions object rots in the cache.
+    model = project / "data" / "models" / "cnn" / "model.keras"
+    flip_a_bit(model, model.stat().st_size // 2)
+    predictions_object = cache_object_of(project, "data/evaluate/mlp/predictions.csv")
+    flip_a_bit(predictions_object, 20)
+    status = dvc(project, "status", env=env).stdout  # train@logreg's outputs are gone (the failed run), but:
+    assert "data/models/cnn" not in status and "data/evaluate/mlp" not in status, status  # DVC sees no damage
+
+    verify = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env, capture_output=True, text=True)
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    lines = verify.stdout.splitlines()
+    assert "data/prepared/mnist.npz: workspace file damaged, and no good copy in the cache: deleted" in lines, lines
+    assert any("cache object of data/prepared/mnist.npz damaged: deleted" in line for line in lines), lines
+    assert "data/models/cnn/model.keras: workspace file damaged: restored from the cache" in lines, lines
+    assert f"{predictions_object.relative_to(project)}: cache object of data/evaluate/mlp/predictions.csv damaged: rewritten from the workspace file" in lines, lines
+    assert "run `dvc repro`" in verify.stdout
+
+    again = dvc(project, "repro", env=env)  # makes the deleted arrays again: the same bytes, so no model retrains
+    assert "Running stage 'preprocess'" in again.stdout and "Running stage 'train@cnn'" not in again.stdout, again.stdout
+    assert "up to date" in dvc(project, "status", env=env).stdout
+    done = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("data/prepared/mnist.npz", "data/models/cnn/model.keras", "data/models/logreg/model.keras",
+                 "data/evaluate/mlp/predictions.csv"):
+        assert digest(project / name) == digest(small_run.project / name), name
+    assert hashlib.md5(predictions_object.read_bytes()).hexdigest() == predictions_object.parent.name + predictions_object.name
+
+
+def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_orphans_are_marked(
+    tmp_path: Path, small_run: SmallRun
+) -> None:
+    """`mnist dashboards` serves a bare `dvc repro`; its Prefect server is SIGKILLed while a model trains.
+    The dashboards start it again; the stages' clients retry meanwhile, so the run completes with every
+    flow run Completed and the clean run's results; a run left Running by a process that is gone is marked."""
+    import psutil
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Running
+
+    from pipeline.stage import this_process
+    from test_prefect import flow_runs, start_dashboards
+
+    dashboards, port, _ = start_dashboards(tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(dashboards.stdout), daemon=True)
+    reader.start()
+    api = f"http://127.0.0.1:{port}/api"
+    project = copy_project(tmp_path / "work")
+    edit_params(project, only_logreg)
+    run_id = f"server-killed-{time.time_ns()}"
+    log = tmp_path / "repro.log"
+    try:
+        deadline = time.monotonic() + 180
+        while not any("Ctrl-C stops both" in line for line in lines):
+            assert dashboards.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            orphan = client.create_flow_run(flow(name="fetch")(lambda: None), name="fetch", tags=["stage:fetch"], state=Running())
+            client.update_flow_run(orphan.id, infrastructure_pid=f"{this_process().split(':')[0]}:{gone.pid}")
+        env = project_env(PREFECT_API_URL=api, PIPELINE_RUN_ID=run_id, PYTHONPATH=str(project))
+        with open(log, "w") as out:
+            repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_stage(repro, "stages/train.py", timeout_s=600)
+            servers = [p for p in descendants(dashboards.pid) if "server" in p.cmdline() and "prefect" in " ".join(p.cmdline())]
+            assert servers, [p.cmdline() for p in descendants(dashboards.pid)]
+            for p in servers:
+                for q in [p, *p.children(recursive=True)]:
+                    q.kill()
+            assert repro.wait(timeout=900) == 0, log.read_text()[-4000:]
+        finally:
+            if repro.poll() is None:
+                repro.kill()
+        output = "".join(lines)
+        assert "stopped (exit status -9); starting it again" in output and "answers again" in output, output
+        deadline = time.monotonic() + 60
+        while "marked fetch as crashed" not in "".join(lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            runs = flow_runs(f"pipeline-run:{run_id}")
+            with get_client(sync_client=True) as client:
+                marked = client.read_flow_run(orphan.id)
+        assert {name for _, name in runs} >= {"fetch", "preprocess", "train", "evaluate", "export", "publish"}
+        assert all(run.state.type == StateType.COMPLETED for run, _ in runs), [(run.name, run.state.name) for run, _ in runs]
+        assert marked.state.type == StateType.CRASHED and f"PID {gone.pid}" in marked.state.message
+    finally:
+        dashboards.terminate()
+        dashboards.wait(timeout=90)
+        reader.join(timeout=10)
+    assert dashboards.returncode == 0, "".join(lines)
+    assert "up to date" in dvc(project, "status").stdout
+    for name in SAME_AS_CLEAN:
+        assert digest(project / name) == digest(small_run.project / name), name
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
