@@ -1,7 +1,7 @@
 """Chaos: faults injected into runs of the quick configuration, each recovered the way the README
 says, and compared with an uninterrupted run of the same commit.
 
-    python -m benchmarks.chaos [--kills N] [--seed S] [--models logreg,cnn] [--out FILE]
+    python -m benchmarks.chaos [--kills N] [--seed S] [--models logreg,cnn] [--cases a,b] [--out FILE]
     make chaos ARGS="--kills 3"
 
 Each case works in its own copy of the project (its own DVC cache, so nothing is restored from
@@ -11,7 +11,13 @@ another case), on one Prefect server started here:
   group sent the signal at N random moments, then `mnist run` again until it completes;
 - two-at-once: two `mnist run` started together in one workspace, then `mnist run` again;
 - dashboards: `mnist dashboards` sent SIGTERM at N random moments of its start-up, half of the
-  times a second SIGTERM during its shut-down (no comparison: it computes nothing).
+  times a second SIGTERM during its shut-down (no comparison: it computes nothing);
+- server-killed: a bare `dvc repro` reporting to `mnist dashboards`, whose Prefect server is
+  SIGKILLed at a random moment (the dashboards start it again);
+- disk-full: 64 KiB disks (tmpfs, needs root) on data/resume, data/export and data/serving; `mnist
+  run` until it stops at each, each then given room;
+- damaged: in the clean run's workspace, one bit flipped in the prepared arrays' cache object (then
+  checked out), in a model file and in a predictions cache object; `mnist verify`, then `mnist run`.
 
 After each case: every model's model.keras, metrics.json and predictions.csv (their md5 in
 dvc.lock) equal the clean run's, `dvc status` is clean, no `.tmp-*` file and no training
@@ -41,6 +47,7 @@ from benchmarks.common import REPO, environ, free_port, machine
 sys.path.insert(0, str(REPO / "tests"))  # the quick configuration and the project copy are the tests'
 
 from conftest import copy_project, edit_params, small_params  # noqa: E402
+from helpers import cache_object_of, flip_a_bit  # noqa: E402
 
 BIN = Path(sys.executable).parent
 COMPARED = ("data/models/{m}/model.keras", "data/evaluate/{m}/metrics.json", "data/evaluate/{m}/predictions.csv")
@@ -155,12 +162,12 @@ def compare(case: Case, project: Path, reference: dict[str, str], models: list[s
         proc.kill()
 
 
-def reference_run(root: Path, models: list[str]) -> tuple[dict[str, str], float]:
+def reference_run(root: Path, models: list[str]) -> tuple[dict[str, str], float, Path]:
     project = workspace(root, "clean", models)
     begin = time.monotonic()
     if not run_to_end(project, root / "clean.log", tries=1):
         raise SystemExit(f"the clean run failed: see {root / 'clean.log'}")
-    return locked_md5(project), time.monotonic() - begin
+    return locked_md5(project), time.monotonic() - begin, project
 
 
 def kill_case(root: Path, sig: signal.Signals, kills: int, rng: random.Random, clean_s: float, models: list[str],
@@ -250,9 +257,126 @@ def dashboards_case(root: Path, kills: int, rng: random.Random) -> Case:
     return case
 
 
+def server_killed(root: Path, models: list[str], reference: dict[str, str], rng: random.Random, clean_s: float) -> Case:
+    """A bare `dvc repro` reporting to `mnist dashboards`; its Prefect server SIGKILLed at a random moment."""
+    from pipeline.servers import answers
+
+    case = Case("server-killed")
+    project = workspace(root, case.name, models)
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    port = free_port()
+    env = {**env_for(project), "PREFECT_HOME": str(root / f"{case.name}-home")}
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "ab") as out:
+        dashboards = subprocess.Popen(
+            [str(BIN / "mnist"), "dashboards", "--prefect-port", str(port), "--tensorboard-port", str(free_port())],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while not answers(f"{api}/health"):
+            if dashboards.poll() is not None or time.monotonic() > deadline:
+                case.notes.append(f"the dashboards did not start (exit {dashboards.poll()})")
+                return case
+            time.sleep(0.5)
+        with open(log, "ab") as out:
+            repro = subprocess.Popen(["dvc", "repro"], cwd=project, env={**env_for(project), "PREFECT_API_URL": api},
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        moment = rng.uniform(5.0, max(10.0, 0.8 * clean_s))
+        try:
+            repro.wait(timeout=moment)
+            case.notes.append(f"dvc repro ended before the kill at {moment:.1f} s")
+        except subprocess.TimeoutExpired:
+            for proc in psutil.Process(dashboards.pid).children(recursive=True):
+                if "server" in proc.cmdline() and "prefect" in " ".join(proc.cmdline()):
+                    for p in [proc, *proc.children(recursive=True)]:
+                        p.kill()
+                    case.faults = 1
+        code = repro.wait(timeout=RUN_TIMEOUT_S)
+        restarted = "starting it again" in log.read_text(errors="replace")
+        case.notes.append(f"server SIGKILLed at {moment:.1f} s; dvc repro exit {code}; "
+                          f"{'started again by the dashboards' if restarted else 'NOT started again'}")
+        case.recovered = (code == 0 or run_to_end(project, log)) and (restarted or not case.faults)
+    finally:
+        dashboards.terminate()
+        dashboards.wait(timeout=120)
+    compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def disk_full(root: Path, models: list[str], reference: dict[str, str]) -> Case:
+    """64 KiB disks on data/resume, data/export and data/serving: `mnist run` stops at each with a
+    clear message and keeps nothing partial; once each is given room, the run goes on to the end."""
+    case = Case("disk-full")
+    if os.geteuid() != 0:
+        case.notes.append("skipped: mounting a tmpfs needs root")
+        return case
+    project = workspace(root, case.name, models)
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    disks = [project / "data" / name for name in ("resume", "export", "serving")]
+    try:
+        for folder in disks:
+            folder.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=True)
+        for folder in disks:
+            seen = log.stat().st_size if log.exists() else 0
+            code = start([str(BIN / "mnist"), "run"], project, log).wait(timeout=RUN_TIMEOUT_S)
+            with open(log, "rb") as f:
+                f.seek(seen)
+                said = f.read().decode(errors="replace")
+            if code != 0 and f"the disk is full: writing data/{folder.name}/" in said:
+                case.faults += 1
+                case.notes.append(f"stopped at the full data/{folder.name} disk: " + said.split("the disk is full: ")[-1].split(" needs")[0])
+            else:
+                case.mismatches.append(f"the run did not stop at the full data/{folder.name} disk with its message (exit {code})")
+            case.leftovers += [str(p.relative_to(project)) for p in (project / "data").rglob(".tmp-*")]
+            subprocess.run(["mount", "-o", "remount,size=16m", str(folder)], check=True)  # space freed
+        case.recovered = run_to_end(project, log)
+        compare(case, project, reference, models)
+    finally:
+        for folder in disks:
+            subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def damaged(project: Path, models: list[str], reference: dict[str, str]) -> Case:
+    """In a finished workspace: a bit flipped in the prepared arrays' cache object (then checked out),
+    in a model file, and in a predictions cache object; `mnist verify`, then `mnist run`."""
+    case = Case("damaged")
+    log = project.parent / f"{case.name}.log"
+    begin = time.monotonic()
+    prepared = project / "data" / "prepared" / "mnist.npz"
+    flip_a_bit(cache_object_of(project, "data/prepared/mnist.npz"), prepared.stat().st_size // 2)
+    prepared.unlink()
+    subprocess.run(["dvc", "checkout"], cwd=project, env=env_for(project), capture_output=True, check=True)
+    model = project / "data" / "models" / models[-1] / "model.keras"
+    flip_a_bit(model, model.stat().st_size // 2)
+    flip_a_bit(cache_object_of(project, f"data/evaluate/{models[0]}/predictions.csv"), 20)
+    case.faults = 3
+    with open(log, "ab") as out:
+        verify = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env_for(project), stdout=subprocess.PIPE,
+                                stderr=out, text=True)
+    found = [line for line in verify.stdout.splitlines() if ": " in line and "run `dvc repro`" not in line]
+    case.notes += [f"mnist verify: {line}" for line in found]
+    if len(found) != 4:  # the arrays: workspace file and cache object; the model file; the predictions object
+        case.mismatches.append(f"mnist verify found {len(found)} damaged copies, not 4")
+    case.recovered = run_to_end(project, log)
+    compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+CASES = ("sigkill", "sigterm", "two-at-once", "dashboards", "server-killed", "disk-full", "damaged")
+
+
 def table(cases: list[Case]) -> str:
-    head = f"{'case':<12} {'faults':>6} {'recovered':>9} {'mismatches':>10} {'leftovers':>9} {'orphans':>7} {'seconds':>8}"
-    rows = [f"{c.name:<12} {c.faults:>6} {'yes' if c.recovered else 'NO':>9} {len(c.mismatches):>10} "
+    head = f"{'case':<13} {'faults':>6} {'recovered':>9} {'mismatches':>10} {'leftovers':>9} {'orphans':>7} {'seconds':>8}"
+    rows = [f"{c.name:<13} {c.faults:>6} {'yes' if c.recovered else 'NO':>9} {len(c.mismatches):>10} "
             f"{len(c.leftovers):>9} {len(c.orphans):>7} {c.seconds:>8.0f}" for c in cases]
     return "\n".join([head, *rows])
 
@@ -262,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=3, help="kills per signal, and dashboards start-ups (default 3)")
     parser.add_argument("--seed", type=int, help="random seed of the moments (default: a new one, printed)")
     parser.add_argument("--models", default="logreg,cnn", help="models of the quick configuration (default logreg,cnn)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"which cases (default all: {','.join(CASES)})")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "chaos.json")
     args = parser.parse_args(argv)
+    chosen = args.cases.split(",")
+    if set(chosen) - set(CASES):
+        parser.error(f"unknown cases {sorted(set(chosen) - set(CASES))}; the cases are {', '.join(CASES)}")
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     rng, models = random.Random(seed), args.models.split(",")
     info = machine()
@@ -277,12 +405,22 @@ def main(argv: list[str] | None = None) -> int:
         with environ(PREFECT_HOME=str(home)), prefect_server("127.0.0.1", free_port(), log=root / "prefect.log") as api, \
                 environ(PREFECT_API_URL=api):
             begin = time.monotonic()
-            reference, clean_s = reference_run(root, models)
+            reference, clean_s, clean = reference_run(root, models)
             print(f"clean run: {clean_s:.0f} s", flush=True)
-            cases = [kill_case(root, sig, args.kills, rng, clean_s, models, reference)
-                     for sig in (signal.SIGKILL, signal.SIGTERM)]
-            cases.append(two_at_once(root, models, reference))
-            cases.append(dashboards_case(root, args.kills, rng))
+            run = {
+                "sigkill": lambda: kill_case(root, signal.SIGKILL, args.kills, rng, clean_s, models, reference),
+                "sigterm": lambda: kill_case(root, signal.SIGTERM, args.kills, rng, clean_s, models, reference),
+                "two-at-once": lambda: two_at_once(root, models, reference),
+                "dashboards": lambda: dashboards_case(root, args.kills, rng),
+                "server-killed": lambda: server_killed(root, models, reference, rng, clean_s),
+                "disk-full": lambda: disk_full(root, models, reference),
+                "damaged": lambda: damaged(clean, models, reference),  # last: it changes the clean workspace
+            }
+            cases = []
+            for name in CASES:
+                if name in chosen:
+                    cases.append(run[name]())
+                    print(table(cases[-1:]).splitlines()[-1], flush=True)
             total = time.monotonic() - begin
         for case in cases:
             for what in ("notes", "mismatches", "leftovers", "orphans"):

@@ -1,5 +1,8 @@
 """The short form of `make chaos`: one kill per signal, one start-up of the dashboards, two runs at
-once, on the quick configuration with one model; a new seed each time, printed on failure."""
+once, on the quick configuration with one model; a new seed each time, printed on failure.
+
+Its other cases (a Prefect server killed mid-run, full disks, damaged files) each have a test of
+their own in test_faults.py, with stricter checks, so they are left out here to keep CI short."""
 
 from __future__ import annotations
 
@@ -11,18 +14,21 @@ from pathlib import Path
 
 from conftest import REPO, project_env
 
+SHORT = ("sigkill", "sigterm", "two-at-once", "dashboards")
+
 
 def test_short_chaos_recovers_every_case_with_nothing_left_over(tmp_path: Path) -> None:
     seed = random.randrange(1_000_000)
     out = tmp_path / "chaos.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.chaos", "--kills", "1", "--models", "logreg", "--seed", str(seed), "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.chaos", "--kills", "1", "--models", "logreg", "--seed", str(seed), "--out", str(out),
+         "--cases", ",".join(SHORT)],
         cwd=REPO, env=project_env(), capture_output=True, text=True, timeout=1800,
     )
     report = done.stdout[-4000:] + done.stderr[-2000:]
     assert done.returncode == 0, f"seed {seed}:\n{report}"
     cases = {case["name"]: case for case in json.loads(out.read_text())["cases"]}
-    assert set(cases) == {"sigkill", "sigterm", "two-at-once", "dashboards"}, report
+    assert set(cases) == set(SHORT), report
     for case in cases.values():
         assert case["recovered"] and not (case["mismatches"] or case["leftovers"] or case["orphans"]), f"seed {seed}: {case}"
     assert cases["dashboards"]["faults"] >= 1, report
