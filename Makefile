@@ -1,21 +1,32 @@
 # The commands of the README. Each one creates the virtual environment .venv on first use
-# (Python 3.11, every package pinned in requirements.lock) and reuses it afterwards.
+# (Python 3.11, every package pinned, with its hashes, in requirements/*.lock) and reuses it afterwards.
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test dashboards bench chaos flow serve
+.PHONY: setup lock run test dashboards bench chaos flow serve
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+# pip checks every download against the lock's sha256 hashes; the project itself is installed
+# without a download (no build isolation: the locked setuptools builds it).
+$(VENV)/.installed: requirements/runtime.lock requirements/test.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --require-hashes -r requirements/runtime.lock -r requirements/test.lock
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# uv resolves for every platform (--universal), keeps the pins already in the lock files unless
+# ARGS=--upgrade (or --upgrade-package NAME), and writes each version's sha256 hashes.
+UV := .uv/bin/uv
+LOCK := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet $(ARGS)
+
+lock:             ## requirements/runtime.lock and requirements/test.lock, with hashes, from pyproject.toml
+	test -x $(UV) || ($(PYTHON) -m venv .uv && .uv/bin/pip install --quiet uv==0.13.9)
+	$(UV) pip compile pyproject.toml $(LOCK) -o requirements/runtime.lock
+	$(UV) pip compile --group pyproject.toml:test -c requirements/runtime.lock $(LOCK) -o requirements/test.lock
 
 run: setup        ## the whole pipeline: dvc repro, every stage reporting to a Prefect server
 	mnist run $(ARGS)

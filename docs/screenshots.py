@@ -1,6 +1,6 @@
 """Take the README's screenshots after a full run: TensorBoard's HParams table and the Prefect runs page.
 
-    python docs/screenshots.py        # needs Debian's chromium and Playwright (in requirements.lock)
+    python docs/screenshots.py        # needs Debian's chromium and Playwright (in requirements/test.lock)
 
 TensorBoard is started here over data/tensorboard; the Prefect page is taken from the
 server on 127.0.0.1:4200 (started here if none answers, on Prefect's default database).
