@@ -1,7 +1,7 @@
 """Chaos: faults injected into runs of the quick configuration, each recovered the way the README
 says, and compared with an uninterrupted run of the same commit.
 
-    python -m benchmarks.chaos [--kills N] [--seed S] [--models logreg,cnn] [--cases a,b] [--out FILE]
+    python -m benchmarks.chaos [--kills N] [--seed S] [--models logreg[,cnn]] [--cases a,b] [--out FILE]
     make chaos ARGS="--kills 3"
 
 Each case works in its own copy of the project (its own DVC cache, so nothing is restored from
@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=3, help="kills per signal, and dashboards start-ups (default 3)")
     parser.add_argument("--seed", type=int, help="random seed of the moments (default: a new one, printed)")
-    parser.add_argument("--models", default="logreg,cnn", help="models of the quick configuration (default logreg,cnn)")
+    # One model keeps all seven cases within 15 minutes on a 2-core machine; each kill still lands in any stage.
+    parser.add_argument("--models", default="logreg", help="models of the quick configuration (default logreg)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"which cases (default all: {','.join(CASES)})")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "chaos.json")
     args = parser.parse_args(argv)
