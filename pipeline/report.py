@@ -120,44 +120,52 @@ def dropout(p: ModelParams) -> float:
     return max([float(v) for k, v in knobs.items() if k.endswith("_drop") or k == "dropout"] or [0.0])
 
 
-def write_hparams(rows: list[dict], models: dict[str, ModelParams], logdir: Path) -> None:
-    """TensorBoard HParams: one session per model with its hyper-parameters and final metrics (a fresh run folder)."""
-    shutil.rmtree(logdir, ignore_errors=True)
-    names = [r["model"] for r in rows]
-    h_model = hp.HParam("model", hp.Discrete(sorted(names)))
-    h_opt = hp.HParam("optimizer", hp.Discrete(["sgd", "momentum", "rmsprop", "adam"]))
-    h_lr = hp.HParam("learning_rate", hp.RealInterval(0.0, 10.0))
-    h_bs = hp.HParam("batch_size", hp.IntInterval(1, 1 << 20))
-    h_ep = hp.HParam("epochs", hp.IntInterval(1, 1 << 20))
-    h_drop = hp.HParam("dropout", hp.RealInterval(0.0, 1.0))
-    h_params = hp.HParam("parameters", hp.IntInterval(0, 1 << 40))
-    metrics = [
-        hp.Metric("test/accuracy", display_name="test accuracy"),
-        hp.Metric("test/loss", display_name="test loss"),
-        hp.Metric("validation/accuracy", display_name="validation accuracy"),
-        hp.Metric("train/seconds", display_name="training seconds"),
+HPARAM_METRICS = {  # each metric of a trial: its tag, its key in a leaderboard row (read_rows), its name in HParams
+    "test/accuracy": ("accuracy", "test accuracy"),
+    "test/loss": ("loss", "test loss"),
+    "validation/accuracy": ("val_accuracy", "validation accuracy"),
+    "train/seconds": ("train_seconds", "training seconds"),
+}
+
+
+def write_hparams_config(logdir: Path, models: list[str], experiments: list[str] | None = None) -> None:
+    """TensorBoard HParams' table: the hyper-parameters and metrics of the trials under `logdir`.
+    With `experiments` (mnist compare), each trial also carries its DVC experiment's name."""
+    hparams = [
+        hp.HParam("model", hp.Discrete(sorted(models))),
+        hp.HParam("optimizer", hp.Discrete(["sgd", "momentum", "rmsprop", "adam"])),
+        hp.HParam("learning_rate", hp.RealInterval(0.0, 10.0)),
+        hp.HParam("batch_size", hp.IntInterval(1, 1 << 20)),
+        hp.HParam("epochs", hp.IntInterval(1, 1 << 20)),
+        hp.HParam("dropout", hp.RealInterval(0.0, 1.0)),
+        hp.HParam("parameters", hp.IntInterval(0, 1 << 40)),
     ]
+    if experiments:
+        hparams.insert(0, hp.HParam("experiment", hp.Discrete(sorted(experiments))))
+    metrics = [hp.Metric(tag, display_name=name) for tag, (_, name) in HPARAM_METRICS.items()]
     with tf.summary.create_file_writer(str(logdir)).as_default():
-        hp.hparams_config(hparams=[h_model, h_opt, h_lr, h_bs, h_ep, h_drop, h_params], metrics=metrics)
+        hp.hparams_config(hparams=hparams, metrics=metrics)
+
+
+def write_trial(logdir: Path, row: dict, p: ModelParams, experiment: str | None = None) -> None:
+    """One HParams trial in its own run folder: a model's hyper-parameters and final metrics (a leaderboard row).
+    Its id is the model's name, or `<experiment>/<model>`, so that no two experiments' trials merge."""
+    values = {"model": row["model"], "optimizer": p.optimizer, "learning_rate": p.learning_rate,
+              "batch_size": p.batch_size, "epochs": p.epochs, "dropout": dropout(p), "parameters": int(row["parameters"])}
+    if experiment:
+        values["experiment"] = experiment
+    with tf.summary.create_file_writer(str(logdir)).as_default():
+        hp.hparams(values, trial_id=f"{experiment}/{row['model']}" if experiment else row["model"])
+        for tag, (key, _) in HPARAM_METRICS.items():
+            tf.summary.scalar(tag, row[key], step=0)
+
+
+def write_hparams(rows: list[dict], models: dict[str, ModelParams], logdir: Path) -> None:
+    """TensorBoard HParams: one trial per model with its hyper-parameters and final metrics (a fresh run folder)."""
+    shutil.rmtree(logdir, ignore_errors=True)
+    write_hparams_config(logdir, [r["model"] for r in rows])
     for r in rows:
-        p = models[r["model"]]
-        with tf.summary.create_file_writer(str(logdir / r["model"])).as_default():
-            hp.hparams(
-                {
-                    h_model: r["model"],
-                    h_opt: p.optimizer,
-                    h_lr: p.learning_rate,
-                    h_bs: p.batch_size,
-                    h_ep: p.epochs,
-                    h_drop: dropout(p),
-                    h_params: int(r["parameters"]),
-                },
-                trial_id=r["model"],
-            )
-            tf.summary.scalar("test/accuracy", r["accuracy"], step=0)
-            tf.summary.scalar("test/loss", r["loss"], step=0)
-            tf.summary.scalar("validation/accuracy", r["val_accuracy"], step=0)
-            tf.summary.scalar("train/seconds", r["train_seconds"], step=0)
+        write_trial(logdir / r["model"], r, models[r["model"]])
 
 
 def write_outputs(rows: list[dict], data_report: dict, seed: int, leaderboard: Path, report: Path) -> None:
