@@ -296,6 +296,26 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The TensorBoard runs of DVC experiments side by side in one logdir; then TensorBoard on it until Ctrl-C."""
+    from pipeline.compare import gather
+
+    laid_out = gather(Path("."), args.experiments, args.logdir)
+    for name, stages in laid_out.items():
+        print(f"{args.logdir}/{name}/: {', '.join(stages)}, report (HParams trials)")
+    if args.no_serve:
+        return 0
+    with servers.Signals() as signals:
+        try:
+            with servers.tensorboard_server(args.logdir, args.host, args.port, signals=signals) as tb:
+                print(f"TensorBoard: {tb}\nCtrl-C stops it.", flush=True)
+                while signals.received is None:
+                    time.sleep(0.5)
+        except servers.Stopped:
+            pass
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Read every output that dvc.lock names, and its cache object; repair or delete what is damaged."""
     from pipeline.integrity import verify
@@ -357,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     desc.add_argument("models", nargs="*", help="model names (default: every model in params.yaml)")
     desc.add_argument("--params", default="params.yaml")
     desc.set_defaults(fn=cmd_describe)
+
+    comp = sub.add_parser("compare", help="TensorBoard on the runs of several DVC experiments, side by side")
+    comp.add_argument("experiments", nargs="*", help="experiment names or git revisions (default: every experiment of HEAD)")
+    comp.add_argument("--logdir", type=Path, default=Path("data/compare"), help="where to lay them out (default data/compare)")
+    comp.add_argument("--host", default="127.0.0.1", help="TensorBoard's bind address (default loopback only)")
+    comp.add_argument("--port", type=int, default=6007, help="TensorBoard's port (default 6007, beside the dashboards' 6006)")
+    comp.add_argument("--no-serve", action="store_true", help="lay the runs out and stop")
+    comp.set_defaults(fn=cmd_compare)
 
     ver = sub.add_parser("verify", help="check every DVC output and cache object byte by byte; repair what is damaged")
     ver.set_defaults(fn=cmd_verify)

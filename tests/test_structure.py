@@ -123,7 +123,7 @@ def test_every_stage_command_is_the_command_line_of_its_flow() -> None:
 
 
 def test_the_cli_the_end_to_end_flow_and_the_benchmarks_are_in_no_stage() -> None:
-    outside = {"pipeline/cli.py", "pipeline/dag.py", "pipeline/integrity.py", "pipeline/servers.py", "pipeline/tutorials.py"}
+    outside = {"pipeline/cli.py", "pipeline/compare.py", "pipeline/dag.py", "pipeline/integrity.py", "pipeline/servers.py", "pipeline/tutorials.py"}
     for name, (cmd, _) in dvc_stages().items():
         assert not outside & set(rel(closure(stage_script(cmd)))), name
 
@@ -206,3 +206,14 @@ def test_dvc_status_lists_the_stages_that_run_an_edited_file(small_run: SmallRun
     listed.discard("Data and pipelines are up to date.")
     assert listed == stale, output
     assert "up to date" in dvc(small_run.project, "status").stdout
+
+
+def test_the_top_level_plot_overlays_every_model_of_params_yaml() -> None:
+    """dvc.yaml's one chart over all models names each model's history.csv: a model added to params.yaml
+    without its line there fails here."""
+    import yaml
+
+    (plot,) = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    (definition,) = plot.values()
+    models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
+    assert definition["y"] == {f"data/models/{m}/history.csv": "val_accuracy" for m in models}

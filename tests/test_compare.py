@@ -1,0 +1,150 @@
+"""`mnist compare`: two DVC experiments of a small project, laid side by side for TensorBoard from the DVC
+cache (neither is checked out), read back with TensorBoard's event reader and shown in a real browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+
+from conftest import BIN, copy_project, dvc, edit_params, free_port, project_env
+from test_faults import only_logreg
+
+RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
+
+
+@dataclass
+class Sweep:
+    project: Path
+    baseline: str  # the workspace's commit
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Sweep:
+    """A logreg-only project and two experiments run in it, one after the other (`dvc exp run -n NAME -S ...`)."""
+    project = copy_project(tmp_path_factory.mktemp("sweep"))
+    edit_params(project, only_logreg)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "logreg only"], cwd=project, check=True)
+    for name, rate in RATES.items():
+        dvc(project, "exp", "run", "-n", name, "-S", f"models.logreg.learning_rate={rate}")
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+    return Sweep(project, baseline)
+
+
+def compare(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mnist"), "compare", *args], cwd=project, env={**project_env(), "PYTHONPATH": str(project)},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def hparams(run: Path, tag: str) -> plugin_data_pb2.HParamsPluginData:
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    meta = acc.SummaryMetadata(tag)
+    assert meta.plugin_data.plugin_name == "hparams", tag
+    return plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content)
+
+
+def test_both_experiments_are_in_dvc_exp_show_with_their_metrics(sweep: Sweep) -> None:
+    rows = json.loads(dvc(sweep.project, "exp", "show", "--json").stdout)
+    found = {exp["name"]: exp for row in rows for exp in (row.get("experiments") or []) for exp in exp["revs"]}
+    assert set(found) == set(RATES)
+    for name, rate in RATES.items():
+        data = found[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["models"]["logreg"]["learning_rate"] == rate
+        assert data["metrics"]["data/evaluate/logreg/metrics.json"]["data"]["logreg"]["accuracy"] > 0.3
+
+
+def test_dvc_plots_diff_overlays_both_experiments_curves(sweep: Sweep) -> None:
+    """The train stage's plot and the top-level one over every model (here logreg alone) hold both experiments' points."""
+    data = json.loads(dvc(sweep.project, "plots", "diff", *RATES, "--json").stdout)["data"]
+    for plot in ("validation-accuracy", "data/models/logreg/history.csv"):
+        (chart,) = data[plot]
+        assert sorted(chart["revisions"]) == sorted(RATES), (plot, chart["revisions"])
+        assert {v["rev"] for v in chart["content"]["data"]["values"]} == set(RATES), plot
+
+
+def test_compare_lays_out_each_experiments_runs_and_one_trial_per_experiment_and_model(sweep: Sweep) -> None:
+    done = compare(sweep.project, "--no-serve")
+    assert done.returncode == 0, done.stderr[-3000:]
+    logdir = sweep.project / "data" / "compare"
+    assert sorted(p.name for p in logdir.iterdir() if p.is_dir()) == sorted(RATES)
+    assert [p.name.split(".")[1] for p in logdir.iterdir() if p.is_file()] == ["out"]  # HParams' table: one events file
+    assert not list(sweep.project.glob("data/.tmp-*"))
+    config = hparams(logdir, "_hparams_/experiment").experiment
+    experiment = next(h for h in config.hparam_infos if h.name == "experiment")
+    assert sorted(v.string_value for v in experiment.domain_discrete.values) == sorted(RATES)
+    accuracies = {}
+    for name, rate in RATES.items():
+        for stage in ("fetch/mnist", "preprocess/mnist", "train/logreg/train", "train/logreg/validation", "evaluate/logreg", "export/logreg"):
+            assert list((logdir / name / stage).glob("events.out.tfevents.*")), (name, stage)
+        train = EventAccumulator(str(logdir / name / "train" / "logreg" / "validation"))
+        train.Reload()
+        assert "epoch_accuracy" in train.Tags()["tensors"], train.Tags()
+        start = hparams(logdir / name / "report" / "logreg", "_hparams_/session_start_info").session_start_info
+        assert start.group_name == f"{name}/logreg"
+        assert start.hparams["experiment"].string_value == name
+        assert start.hparams["learning_rate"].number_value == pytest.approx(rate)
+        trial = EventAccumulator(str(logdir / name / "report" / "logreg"))
+        trial.Reload()
+        (event,) = trial.Tensors("test/accuracy")
+        accuracies[name] = float(tensor_util.make_ndarray(event.tensor_proto))
+        shown = json.loads(dvc(sweep.project, "exp", "show", "--json").stdout)
+        metrics = next(exp["data"]["metrics"] for row in shown for exp in (row.get("experiments") or [])
+                       for exp in exp["revs"] if exp["name"] == name)
+        assert accuracies[name] == pytest.approx(metrics["data/evaluate/logreg/metrics.json"]["data"]["logreg"]["accuracy"], abs=1e-6)
+    # the workspace was never switched to an experiment
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=sweep.project, capture_output=True, text=True, check=True).stdout.strip()
+    assert head == sweep.baseline
+
+
+def test_compare_names_an_unknown_experiment_and_keeps_the_logdir_it_had(sweep: Sweep) -> None:
+    logdir = sweep.project / "data" / "compare-unknown"
+    logdir.mkdir()
+    (logdir / "kept").write_text("")
+    done = compare(sweep.project, "lr-low", "no-such-exp", "--no-serve", "--logdir", str(logdir))
+    assert done.returncode == 1
+    assert "no DVC experiment or git revision named no-such-exp" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert [p.name for p in logdir.iterdir()] == ["kept"]
+    shutil.rmtree(logdir)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"),
+                    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+def test_compare_serves_both_experiments_to_a_browser(sweep: Sweep) -> None:
+    """`mnist compare` (serving) in a real browser: both experiments' runs in the run list, both in HParams."""
+    from playwright.sync_api import sync_playwright
+
+    from test_browser import ARGS, CHROMIUM
+
+    port = free_port()
+    log = sweep.project.parent / "compare.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(BIN / "mnist"), "compare", "--port", str(port)], cwd=sweep.project,
+                                  env={**project_env(), "PYTHONPATH": str(sweep.project)}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops it" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.goto(f"http://127.0.0.1:{port}/?runFilter=logreg/validation#timeseries", wait_until="domcontentloaded")
+            for name in RATES:
+                page.get_by_text(f"{name}/train/logreg/validation", exact=True).first.wait_for(timeout=60_000)
+            page.goto(f"http://127.0.0.1:{port}/#hparams", wait_until="domcontentloaded")
+            for name in RATES:
+                page.get_by_text(f"{name}/logreg", exact=True).first.wait_for(timeout=60_000)  # the trial's row
+            browser.close()
+    finally:
+        server.terminate()
+        code = server.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
