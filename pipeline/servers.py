@@ -147,20 +147,40 @@ class Watchdog(threading.Thread):
 
     Prefect's clients retry a refused request for about a minute, so a stage whose server died
     goes on once it is back, and loses nothing. `on_restart()` runs once it answers again.
+    The first restart is at once; each further one within `window_s` waits twice as long as the
+    one before (from `backoff_s`, at most 30 s). A server that has died `max_restarts` times
+    within `window_s` is left down, with a message: it would only die again (see its log).
     """
 
     def __init__(self, start: Callable[[], subprocess.Popen], process: subprocess.Popen, url: str, what: str,
-                 on_restart: Callable[[], None] | None = None):
+                 on_restart: Callable[[], None] | None = None, max_restarts: int = 5, window_s: float = 300.0,
+                 backoff_s: float = 2.0, log: Path | None = None):
         super().__init__(daemon=True, name=f"watchdog {what}")
         self.start_server, self.process, self.url, self.what, self.on_restart = start, process, url, what, on_restart
+        self.max_restarts, self.window_s, self.backoff_s, self.log = max_restarts, window_s, backoff_s, log
         self.stopping = threading.Event()
         self.restarts = 0
+        self.gave_up = False
 
     def run(self) -> None:
+        recent: list[float] = []  # when the restarts within the window began
         while not self.stopping.wait(1.0):
             if self.process.poll() is None:
                 continue
-            print(f"{self.what} stopped (exit status {self.process.returncode}); starting it again.", file=sys.stderr, flush=True)
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < self.window_s]
+            if len(recent) >= self.max_restarts:
+                self.gave_up = True
+                print(f"{self.what} stopped {len(recent) + 1} times within {self.window_s:.0f} s (last exit status "
+                      f"{self.process.returncode}); not starting it again{f': see {self.log}' if self.log else ''}.",
+                      file=sys.stderr, flush=True)
+                return
+            delay = min(self.backoff_s * 2 ** (len(recent) - 1), 30.0) if recent else 0.0
+            print(f"{self.what} stopped (exit status {self.process.returncode}); starting it again"
+                  f"{f' in {delay:.0f} s' if delay else ''}.", file=sys.stderr, flush=True)
+            if self.stopping.wait(delay):
+                return
+            recent.append(time.monotonic())
             self.process = self.start_server()
             self.restarts += 1
             while not self.stopping.is_set() and self.process.poll() is None and not answers(self.url, 1.0):
@@ -222,7 +242,7 @@ def prefect_server(
         _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log, signals)
         if restart:
             after = (lambda: on_restart(api)) if on_restart else None
-            watchdog = Watchdog(start, process, f"{api}/health", f"The Prefect server on {host}:{port}", after)
+            watchdog = Watchdog(start, process, f"{api}/health", f"The Prefect server on {host}:{port}", after, log=log)
             watchdog.start()
         yield api
     finally:

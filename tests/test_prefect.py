@@ -429,3 +429,26 @@ def test_sigterm_to_the_run_command_alone_stops_dvc_and_its_stage(tmp_path: Path
     runs = flow_runs(tag)
     assert runs and all(run.state.type in (StateType.CRASHED, StateType.FAILED) for run, _ in runs), runs
     assert not any((project / "data" / "raw").glob("*")), list((project / "data" / "raw").glob("*"))
+
+
+def test_the_watchdog_restarts_a_dead_server_and_gives_up_on_one_that_keeps_dying(tmp_path: Path, capsys) -> None:
+    """A server process that exits at once every time: restarted with growing waits, then left down with a message."""
+    from pipeline.servers import Watchdog
+
+    starts: list[float] = []
+
+    def start() -> subprocess.Popen:
+        starts.append(time.monotonic())
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    dog = Watchdog(start, start(), f"http://127.0.0.1:{free_port()}/health", "A test server", max_restarts=3,
+                   backoff_s=0.5, log=tmp_path / "server.log")
+    dog.start()
+    dog.join(timeout=120)
+    assert not dog.is_alive() and dog.gave_up and dog.restarts == 3
+    waits = [b - a for a, b in zip(starts, starts[1:])]
+    assert waits[1] >= 0.5 and waits[2] >= 1.0, waits  # at once, then after 0.5 s, then after 1 s (plus the polling)
+    err = capsys.readouterr().err
+    assert err.count("stopped (exit status 3); starting it again") == 3, err
+    assert f"stopped 4 times within 300 s (last exit status 3); not starting it again: see {tmp_path / 'server.log'}" in err, err
+    assert dog.stop().poll() == 3
