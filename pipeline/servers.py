@@ -148,8 +148,8 @@ class Watchdog(threading.Thread):
     Prefect's clients retry a refused request for about a minute, so a stage whose server died
     goes on once it is back, and loses nothing. `on_restart()` runs once it answers again.
     The first restart is at once; each further one within `window_s` waits twice as long as the
-    one before (from `backoff_s`, at most 30 s). A server that has died `max_restarts` times
-    within `window_s` is left down, with a message: it would only die again (see its log).
+    one before (from `backoff_s`, at most 30 s). A server that dies again after `max_restarts`
+    restarts within `window_s` is left down, with a message: it would only die again (see its log).
     """
 
     def __init__(self, start: Callable[[], subprocess.Popen], process: subprocess.Popen, url: str, what: str,
