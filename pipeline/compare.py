@@ -8,7 +8,6 @@ experiment's params and test metrics.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from scmrepo.exceptions import SCMError
 
 from pipeline import artifacts, report
 from pipeline.config import load_params
-from pipeline.data import remove_leftovers
+from pipeline.data import atomic_path, remove_leftovers
 from pipeline.errors import PipelineError
 
 TENSORBOARD = "data/tensorboard"  # every stage's --tensorboard folder is under it (dvc.yaml)
@@ -90,9 +89,8 @@ def gather(root: Path, names: list[str], logdir: Path) -> dict[str, list[str]]:
     found = experiments(root, names)
     logdir.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(logdir.parent, logdir.name)
-    staging = logdir.with_name(f".tmp-{logdir.name}-{os.getpid()}")
     laid_out, models = {}, set()
-    try:
+    with atomic_path(logdir) as staging:
         for name, rev in found.items():
             fs = DVCFileSystem(str(root), rev=rev)
             if not fs.isdir(TENSORBOARD):
@@ -100,8 +98,5 @@ def gather(root: Path, names: list[str], logdir: Path) -> dict[str, list[str]]:
             laid_out[name] = copy_runs(fs, staging / name)
             models.update(write_trials(fs, name, staging / name))
         report.write_hparams_config(staging, sorted(models), list(found))
-        shutil.rmtree(logdir, ignore_errors=True)
-        os.replace(staging, logdir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(logdir, ignore_errors=True)  # the old layout goes only once the new one is complete
     return laid_out
