@@ -97,7 +97,7 @@ def mark_killed_runs(run_id: str) -> list[str]:
 def mark_orphaned_runs() -> list[str]:
     """Mark as Crashed the stage flow runs on this machine that show as running but whose process is gone.
 
-    Each stage records its process on its flow run (pipeline.stage.record_process). One that lost
+    Each stage records its process on its flow run (pipeline.stage.record_run). One that lost
     its Prefect server for longer than its client retries could not report its end; once a server
     is back, `mnist dashboards` calls this, so no run shows as running forever.
     """

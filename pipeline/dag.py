@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 
-from pipeline.stage import RUN_ID_ENV, run_tag
+from pipeline.stage import RUN_ID_ENV, record_run, run_tag
 
 RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN = "ran", "restored", "up to date", "failed", "not run"
 
@@ -102,11 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         pipeline_flow.serve(name=args.name, cron=args.cron or None, parameters={"root": str(Path.cwd())})
     else:
-        from prefect import tags
-
         run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("flow-%Y%m%d-%H%M%S"))
-        with tags(run_tag(run_id)):
-            state = pipeline_flow(root=".", return_state=True)
+        state = pipeline_flow.with_options(on_running=[record_run([run_tag(run_id)])])(root=".", return_state=True)
         raise SystemExit(0 if state.is_completed() else 1)
 
 

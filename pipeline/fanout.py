@@ -32,7 +32,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from pipeline.errors import PipelineError
-from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, run_tag
+from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
 
 CHAIN_FLOW = "model-chain"  # deployed once per work pool, as model-chain/<pool>, by `mnist deploy`
 CHAIN_STAGES = ("train", "evaluate", "export")
@@ -338,15 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.fanout POOL`: the fan-out flow once, tagged with the pipeline run."""
     import argparse
 
-    from prefect import tags
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pool", help="the Prefect work pool whose workers run the chains")
     args = parser.parse_args(argv)
     logging.getLogger("prefect.flow_runs").addFilter(HidePipelineTracebacks())
     run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("fanout-%Y%m%d-%H%M%S"))
-    with tags(run_tag(run_id)):
-        state = fanout_flow(args.pool, root=".", return_state=True)
+    state = fanout_flow.with_options(on_running=[record_run([run_tag(run_id)])])(args.pool, root=".", return_state=True)
     if not state.is_completed():
         print(f"error: {state.message}", flush=True)
     raise SystemExit(0 if state.is_completed() else 1)

@@ -2,7 +2,8 @@
 
 A user mistake (PipelineError) ends the stage with its one-paragraph message and exit
 status 1, never a traceback. The flow run is named `<stage>-<model>` and tagged with the
-stage, the model and the pipeline run id, so all runs of one `dvc repro` group together.
+stage, the model and the pipeline run id, so all runs of one `dvc repro` (or of one DVC
+experiment) group together.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ except PipelineError as _exc:
     print(f"\nerror: {_exc}", file=sys.stderr)
     sys.exit(1)
 
-from prefect import Flow, tags, task  # noqa: E402 - only once the settings are known to be readable
+from prefect import Flow, task  # noqa: E402 - only once the settings are known to be readable
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 RUN_ID_ENV = "PIPELINE_RUN_ID"
+EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` (and queued experiments) for every stage process
+SERVER_WAIT_S = 30.0  # how long a stage waits for a Prefect server that refuses connections (a restart takes ~10 s)
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 TENSORBOARD_URL = "http://127.0.0.1:6006"  # where `mnist dashboards` serves TensorBoard; the link artifacts point here
 
@@ -59,8 +62,23 @@ logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
 def pipeline_run_id() -> str:
-    """The id shared by every stage of one pipeline run (set by the run command), else a fresh one."""
-    return os.environ.get(RUN_ID_ENV) or time.strftime("manual-%Y%m%d-%H%M%S")
+    """The id shared by every stage of one pipeline run: set by the run command, else the DVC
+    experiment's name (`exp-<name>`), else a fresh one."""
+    if os.environ.get(RUN_ID_ENV):
+        return os.environ[RUN_ID_ENV]
+    if os.environ.get(EXPERIMENT_ENV):
+        return f"exp-{os.environ[EXPERIMENT_ENV]}"
+    return time.strftime("manual-%Y%m%d-%H%M%S")
+
+
+def stage_labels(stage: str, model: str | None) -> list[str]:
+    """The tags of a stage's flow run: the stage, the pipeline run, the model and the DVC experiment, where there is one."""
+    labels = [f"stage:{stage}", run_tag(pipeline_run_id())]
+    if model:
+        labels.append(f"model:{model}")
+    if os.environ.get(EXPERIMENT_ENV):
+        labels.append(f"experiment:{os.environ[EXPERIMENT_ENV]}")
+    return labels
 
 
 def run_tag(run_id: str) -> str:
@@ -78,10 +96,12 @@ def prefect_settings() -> dict:
     return {} if HEARTBEAT_ENV in os.environ else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 
 
-def check_prefect_api(timeout_s: float = 3.0) -> str | None:
+def check_prefect_api(timeout_s: float = 3.0, wait_s: float = SERVER_WAIT_S) -> str | None:
     """The configured Prefect API URL if it answers; None if none is configured.
 
-    A configured server that does not answer stops the stage within `timeout_s`, before
+    A server that refuses connections is waited for up to `wait_s` (it may be restarting:
+    `mnist run` and `mnist dashboards` start theirs again when it dies); one that accepts but
+    does not answer within `timeout_s`, or still refuses after the wait, stops the stage before
     any work, rather than letting Prefect hang or silently drop the run's records. Prefect
     settings it cannot read (a bad PREFECT_* variable) stop it too, with the setting named.
     """
@@ -89,15 +109,32 @@ def check_prefect_api(timeout_s: float = 3.0) -> str | None:
     url = PREFECT_API_URL.value()
     if not url:
         return None
-    try:
-        httpx.get(url.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
-    except httpx.HTTPError as exc:
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        try:
+            httpx.get(url.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+        except httpx.ConnectError as exc:  # refused: the server may be restarting
+            if time.monotonic() < deadline:
+                if not waited:
+                    print(f"The Prefect server at {url} refuses connections; waiting up to {wait_s:.0f} s for it "
+                          "(it may be restarting).", file=sys.stderr, flush=True)
+                    waited = True
+                time.sleep(0.5)
+                continue
+            error: httpx.HTTPError = exc
+        except httpx.HTTPError as exc:
+            error = exc
+        else:
+            if waited:
+                print(f"The Prefect server at {url} answers again.", file=sys.stderr, flush=True)
+            return url
+        still = f"; still refused after {wait_s:.0f} s" if waited else ""
         raise PipelineError(
-            f"The Prefect server at PREFECT_API_URL={url} does not answer ({type(exc).__name__}: {exc}). "
+            f"The Prefect server at PREFECT_API_URL={url} does not answer ({type(error).__name__}: {error}{still}). "
             "Start it with `make dashboards` (or `prefect server start`), or unset PREFECT_API_URL "
             "to run the stage with a temporary local server."
         ) from None
-    return url
 
 
 def this_process() -> str:
@@ -105,11 +142,21 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def record_process(flow: Flow, flow_run, state) -> None:
-    """on_running hook: note the stage process on its flow run, so that a run whose process is gone
-    can be told from one still running (pipeline.cli.mark_orphaned_runs), whoever looks."""
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, infrastructure_pid=this_process())
+def record_run(labels: list[str]):
+    """An on_running hook that tags the flow run with `labels` and notes its stage process on it.
+
+    The process (`host:pid`) lets a run whose process is gone be told from one still running
+    (pipeline.cli.mark_orphaned_runs), whoever looks. The tags go on the flow run here rather
+    than through `prefect.tags()`, which would tag every task run too: for each tag of a task
+    run, Prefect's task engine asks the server for a concurrency slot, a request it does not
+    retry, so a server restart during a stage failed the stage (tests/test_faults.py).
+    """
+
+    def record(flow: Flow, flow_run, state) -> None:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, infrastructure_pid=this_process(), tags=sorted({*flow_run.tags, *labels}))
+
+    return record
 
 
 class HidePipelineTracebacks(logging.Filter):
@@ -178,10 +225,10 @@ def run_stage(
         # TensorFlow and Prefect are loaded now and stay for the whole process. Freezing their
         # objects keeps each later garbage collection from walking them all again.
         gc.freeze()
-        labels = [f"stage:{stage}", run_tag(pipeline_run_id())] + ([f"model:{model}"] if model else [])
         run_name = f"{stage}-{model}" if model else stage
-        with temporary_settings(updates=prefect_settings()), tags(*labels):
-            state = flow.with_options(flow_run_name=run_name, on_running=[record_process])(params=params, **arguments, return_state=True)
+        hook = record_run(stage_labels(stage, model))
+        with temporary_settings(updates=prefect_settings()):
+            state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):

@@ -203,8 +203,8 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
         with open(log, "w") as out:
             repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            # Killed once the train stage's flow run is Running: a stage that *starts* while the server is
-            # down stops at its start-up check (check_prefect_api) instead, which is not what this test is about.
+            # Killed once the train stage's flow run is Running, so that a stage is in the middle of its work;
+            # the stages after it start while the server restarts or after, and wait for it at their start-up check.
             deadline = time.monotonic() + 600
             while True:
                 with temporary_settings(updates={PREFECT_API_URL: api}):
@@ -222,9 +222,9 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
         finally:
             if repro.poll() is None:
                 repro.kill()
-        if code != 0:  # some Prefect calls are not retried (a task's concurrency slots): the stage can fail
-            assert "ConnectError" in log.read_text() or "does not answer" in log.read_text(), log.read_text()[-4000:]
-            dvc(project, "repro", env=env)  # what the README says: run again once the server is back
+        # The running stage rides out the restart on Prefect's retries (its task runs, untagged, ask for no
+        # concurrency slots), and a stage that starts meanwhile waits for the server (check_prefect_api).
+        assert code == 0, log.read_text()[-4000:]
         output = "".join(lines)
         assert "stopped (exit status -9); starting it again" in output and "answers again" in output, output
         deadline = time.monotonic() + 60

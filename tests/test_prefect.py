@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import http.server
 import subprocess
@@ -29,7 +30,7 @@ from prefect.client.schemas.objects import StateType
 from conftest import MIRROR, REPO, SmallRun, copy_project, dvc, edit_params, free_port, project_env
 from helpers import silent_server
 from pipeline.cli import mark_killed_runs
-from pipeline.stage import HEARTBEAT_ENV, prefect_settings
+from pipeline.stage import EXPERIMENT_ENV, HEARTBEAT_ENV, RUN_ID_ENV, SERVER_WAIT_S, check_prefect_api, prefect_settings, stage_labels
 
 
 def flow_runs(tag: str) -> list:
@@ -73,6 +74,9 @@ def test_every_stage_is_a_completed_flow_run_with_names_and_tags(small_run: Smal
             assert f"model:{model}" in run.tags
     tasks = task_runs(by_name["train-cnn"][0].id)
     assert {"load data", "fit cnn", "save model"} <= set(tasks)
+    # Untagged: Prefect asks the server for a concurrency slot per tag of a task run, and does
+    # not retry that request while the server restarts (pipeline.stage.record_run).
+    assert all(task.tags == [] for task in tasks.values()), {name: task.tags for name, task in tasks.items()}
     tasks = task_runs(by_name["fetch"][0].id)
     assert "fetch train-images-idx3-ubyte" in tasks
 
@@ -201,7 +205,8 @@ def test_heartbeats_are_off_unless_the_user_sets_them(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("server", ["closed port", "silent server"])
 def test_an_unreachable_prefect_server_stops_the_stage_before_any_work(tmp_path: Path, server: str) -> None:
-    """PREFECT_API_URL set, nothing answering there: a clear message within seconds, not a hang, nothing written."""
+    """PREFECT_API_URL set, nothing answering there: a clear message (after waiting SERVER_WAIT_S for a
+    server that refuses connections, as a restarting one does), not a hang, nothing written."""
     from helpers import closed_port_url
 
     with contextlib.ExitStack() as stack:
@@ -210,13 +215,68 @@ def test_an_unreachable_prefect_server_stops_the_stage_before_any_work(tmp_path:
         done = subprocess.run(
             [sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw", "--tensorboard", "tb"],
             cwd=tmp_path, env=project_env(PREFECT_API_URL=url + "api"), capture_output=True, text=True,
-            timeout=60,  # a hang fails here
+            timeout=SERVER_WAIT_S + 90,  # a hang fails here
         )
         print(f"{server}: stopped after {time.monotonic() - start:.1f} s")
     assert done.returncode == 1
     assert "does not answer" in done.stderr and "make dashboards" in done.stderr, done.stderr
+    if server == "closed port":
+        assert "refuses connections; waiting up to" in done.stderr and "still refused after" in done.stderr, done.stderr
+    else:
+        assert "waiting" not in done.stderr, done.stderr  # a silent server is not waited for: it stops at the timeout
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_waits_for_a_prefect_server_that_comes_back(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that refuses connections while it restarts: the start-up check waits for it instead of failing."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from helpers import closed_port_url
+
+    url = closed_port_url()
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    result: list[str | None] = []
+    with temporary_settings(updates={PREFECT_API_URL: url + "api"}):
+        settings = contextvars.copy_context()  # Prefect's settings live in a context variable, which threads do not inherit
+        check = threading.Thread(target=lambda: result.append(settings.run(check_prefect_api, wait_s=120)), daemon=True)
+        check.start()
+        said = ""
+        deadline = time.monotonic() + 60
+        while "refuses connections" not in said:  # the server comes back once the check says it waits
+            assert check.is_alive() and time.monotonic() < deadline, said
+            said += capsys.readouterr().err
+            time.sleep(0.1)
+        server = http.server.HTTPServer(("127.0.0.1", port), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            check.join(timeout=60)
+        finally:
+            server.shutdown()
+            server.server_close()
+    said += capsys.readouterr().err
+    assert result == [url + "api"], said
+    assert "answers again" in said, said
+
+
+def test_a_dvc_experiment_names_the_pipeline_run_and_tags_its_flow_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RUN_ID_ENV, raising=False)
+    monkeypatch.setenv(EXPERIMENT_ENV, "lr-0.002")
+    assert stage_labels("train", "cnn") == ["stage:train", "pipeline-run:exp-lr-0.002", "model:cnn", "experiment:lr-0.002"]
+    monkeypatch.setenv(RUN_ID_ENV, "run-7")  # the run command's id wins, so mnist run inside an experiment stays one run
+    assert stage_labels("report", None) == ["stage:report", "pipeline-run:run-7", "experiment:lr-0.002"]
+    monkeypatch.delenv(EXPERIMENT_ENV)
+    assert stage_labels("fetch", None) == ["stage:fetch", "pipeline-run:run-7"]
 
 
 def test_a_bad_prefect_setting_stops_the_stage_with_its_name(tmp_path: Path) -> None:
