@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks import NAMES
-from benchmarks.common import REPO, Context, Row, format_table, machine, rows_json
+from benchmarks.common import REPO, Context, Row, describe, format_table, machine, rows_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows))
     print(
-        f"\n{info['cpu_model']}, {info['cores']} cores, TensorFlow {info['tensorflow']}, {info['date']}; "
+        f"\n{describe(info)}, TensorFlow {info['tensorflow']}, {info['date']}; "
         f"{'--quick, ' if args.quick else ''}{total:.0f} s in all; load average (1 min) {load_start[0]:.1f} at the start, "
         f"{load_end[0]:.1f} at the end{' - other work was running: figures are contaminated' if max(load_start[0], 0) > 0.5 else ''}"
     )

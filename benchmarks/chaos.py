@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from benchmarks.common import REPO, environ, free_port, machine
+from benchmarks.common import REPO, describe, environ, free_port, machine
 
 sys.path.insert(0, str(REPO / "tests"))  # the quick configuration and the project copy are the tests'
 
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     rng, models = random.Random(seed), args.models.split(",")
     info = machine()
     print(f"chaos: seed {seed}, {args.kills} kills per signal, models {', '.join(models)}; "
-          f"{info['cpu_model']}, {', '.join(info['simd'])}, {info['cores']} cores", flush=True)
+          f"{describe(info)}", flush=True)
     from pipeline.servers import prefect_server
 
     with tempfile.TemporaryDirectory(prefix="mnist-chaos-") as tmp:

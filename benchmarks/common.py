@@ -172,6 +172,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def describe(info: dict[str, Any]) -> str:
+    """The machine in one line, to print beside every figure: CPU model, vector extensions, cores."""
+    simd = ", ".join(info["simd"])
+    if not simd:
+        simd = "no AVX2 or AVX-512"
+    elif "avx512f" not in info["simd"]:
+        simd += ", no AVX-512"
+    return f"{info['cpu_model']}, {simd}, {info['cores']} cores"
+
+
 # --- output ------------------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.common import REPO, machine
+from benchmarks.common import REPO, describe, machine
 from benchmarks.orchestration import flows_from_log
 
 sys.path.insert(0, str(REPO / "tests"))  # the loopback cluster and the quick configuration are the tests'
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     one = runs[0]
     overhead = sum(c["overhead_s"] + c["pickup_s"] for c in one["chains"].values()) / len(one["chains"])
     quick = {m: c["stages_s"] for m, c in one["chains"].items()}
-    lines = [f"machine: {machine()['cpu_model']}, {', '.join(machine()['simd'])}, {machine()['cores']} cores"]
+    lines = [f"machine: {describe(machine())}"]
     for r in runs:
         per_chain = [c["overhead_s"] for c in r["chains"].values()]
         pickup = [c["pickup_s"] for c in r["chains"].values()]

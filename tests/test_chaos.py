@@ -32,3 +32,13 @@ def test_short_chaos_recovers_every_case_with_nothing_left_over(tmp_path: Path) 
     for case in cases.values():
         assert case["recovered"] and not (case["mismatches"] or case["leftovers"] or case["orphans"]), f"seed {seed}: {case}"
     assert cases["dashboards"]["faults"] >= 1, report
+    assert "no AVX-512" in done.stdout or "avx512f" in done.stdout, report  # the machine's vector extensions, beside the figures
+
+
+def test_the_machine_line_names_the_cpu_and_its_vector_extensions() -> None:
+    from benchmarks.common import describe
+
+    base = {"cpu_model": "AMD EPYC", "cores": 2}
+    assert describe({**base, "simd": ["avx2", "fma"]}) == "AMD EPYC, avx2, fma, no AVX-512, 2 cores"
+    assert describe({**base, "simd": ["avx2", "avx512_bf16", "avx512f", "fma"]}) == "AMD EPYC, avx2, avx512_bf16, avx512f, fma, 2 cores"
+    assert describe({**base, "simd": []}) == "AMD EPYC, no AVX2 or AVX-512, 2 cores"
