@@ -15,7 +15,7 @@ from typing import Iterator
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import StateType
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 
 from pipeline import servers
@@ -122,10 +122,19 @@ def mark_orphaned_runs() -> list[str]:
     return marked
 
 
+def client_settings(api: str) -> dict:
+    """Prefect settings for this command's own calls to the server at `api`: its URL and, for a server
+    started here with basic authentication (PREFECT_SERVER_API_AUTH_STRING), the same string as a client."""
+    updates = {PREFECT_API_URL: api}
+    if os.environ.get(servers.AUTH_ENV) and not PREFECT_API_AUTH_STRING.value():
+        updates[PREFECT_API_AUTH_STRING] = os.environ[servers.AUTH_ENV]
+    return updates
+
+
 def _mark_orphaned_runs(api: str) -> None:
     """mark_orphaned_runs on the server at `api`, saying what it marked."""
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api}):
+        with temporary_settings(updates=client_settings(api)):
             crashed = mark_orphaned_runs()
     except Exception as exc:  # noqa: BLE001 - a dashboard detail must not stop the dashboards
         print(f"Prefect: could not check for orphaned stage runs ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -137,7 +146,7 @@ def _mark_orphaned_runs(api: str) -> None:
 def _mark_killed_runs(api: str, run_id: str) -> None:
     """Show stage processes that were killed before they could report as crashed on the dashboard."""
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api}):
+        with temporary_settings(updates=client_settings(api)):
             crashed = mark_killed_runs(run_id)
     except Exception as exc:  # noqa: BLE001 - a dashboard detail must not hide dvc's own exit status
         print(f"Prefect: could not check for killed stages ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -204,7 +213,9 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
                 _mark_orphaned_runs(api)
                 print(
                     f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
-                    f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}\nCtrl-C stops both.",
+                    f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}"
+                    f"{' PREFECT_API_AUTH_STRING=<the server auth string>' if os.environ.get(servers.AUTH_ENV) else ''}\n"
+                    "Ctrl-C stops both.",
                     flush=True,
                 )
                 while signals.received is None:

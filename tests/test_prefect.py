@@ -317,12 +317,12 @@ def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> 
         server.wait(timeout=30)
 
 
-def start_dashboards(tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
+def start_dashboards(tmp_path: Path, **extra_env: str) -> tuple[subprocess.Popen, int, int]:
     """`mnist dashboards` on two free ports, in an empty project, with its own PREFECT_HOME; output piped."""
     project = tmp_path / "project"
     (project / "data" / "tensorboard").mkdir(parents=True)
     prefect_port, tensorboard_port = free_port(), free_port()
-    env = project_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env = project_env(PREFECT_HOME=str(tmp_path / "prefect-home"), **extra_env)
     env.pop("PREFECT_API_URL", None)
     command = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "dashboards", "--prefect-port", str(prefect_port), "--tensorboard-port", str(tensorboard_port)],
@@ -331,13 +331,15 @@ def start_dashboards(tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
     return command, prefect_port, tensorboard_port
 
 
-def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path) -> None:
-    """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both."""
+@pytest.mark.parametrize("auth", ["", "mnist:a-long-secret"], ids=["open", "basic auth"])
+def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path, auth: str) -> None:
+    """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both.
+    With basic authentication, the command's own calls (the check for orphaned runs) use it too."""
     import psutil
 
-    from pipeline.servers import answers
+    from pipeline.servers import AUTH_ENV, answers
 
-    command, prefect_port, tensorboard_port = start_dashboards(tmp_path)
+    command, prefect_port, tensorboard_port = start_dashboards(tmp_path, **({AUTH_ENV: auth} if auth else {}))
     urls = [f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{tensorboard_port}/data/logdir"]
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(command.stdout), daemon=True)
@@ -360,6 +362,8 @@ def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Pat
     output = "".join(lines)
     assert command.returncode == 0, output
     assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in output
+    assert "could not check for orphaned" not in output, output
+    assert ("PREFECT_API_AUTH_STRING=" in output) == bool(auth), output
     assert not any(answers(url, timeout_s=1.0) for url in urls)
 
 
