@@ -207,8 +207,8 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
             with servers.prefect_server(
                 args.host, args.prefect_port, database_url=args.database_url, signals=signals,
                 restart=True, on_restart=_mark_orphaned_runs,
-            ) as api, servers.tensorboard_server(
-                TENSORBOARD_LOGDIR, args.host, args.tensorboard_port, live=TRAINING_NOW, signals=signals
+            ) as api, servers.tensorboard_server(  # TensorBoard has no authentication: loopback only, whatever --host says
+                TENSORBOARD_LOGDIR, "127.0.0.1", args.tensorboard_port, live=TRAINING_NOW, signals=signals
             ) as tb:
                 _mark_orphaned_runs(api)
                 print(
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(fn=cmd_serve)
 
     dash = sub.add_parser("dashboards", help="Prefect UI on :4200 and TensorBoard on :6006, until Ctrl-C")
-    dash.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    dash.add_argument("--host", default="127.0.0.1", help="the Prefect server's bind address (default loopback only; beyond it, "
+                      "PREFECT_SERVER_API_AUTH_STRING is required); TensorBoard, which has no authentication, stays on 127.0.0.1")
     dash.add_argument("--prefect-port", type=int, default=4200)
     dash.add_argument("--tensorboard-port", type=int, default=6006)
     dash.add_argument("--database-url", help="Prefect's database, e.g. postgresql+asyncpg://user:pw@host:5432/prefect "

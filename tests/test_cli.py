@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -340,6 +341,26 @@ def test_dashboards_beyond_loopback_need_the_auth_string(
     assert cli.main(["dashboards", "--host", host]) == 1
     assert "PREFECT_SERVER_API_AUTH_STRING" in capsys.readouterr().err
     assert not started, "a server was started without authentication beyond loopback"
+
+
+def test_dashboards_beyond_loopback_keep_tensorboard_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the Prefect server, which asks for the auth string, is reachable from other machines."""
+    hosts: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def prefect_server(host, port, **options):
+        hosts["prefect"] = host
+        yield f"http://{host}:{port}/api"
+
+    def tensorboard_server(logdir, host, port, **options):
+        hosts["tensorboard"] = host
+        raise PipelineError("stopped here: nothing is started in this test")
+
+    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", "mnist:a-long-secret")
+    monkeypatch.setattr(cli.servers, "prefect_server", prefect_server)
+    monkeypatch.setattr(cli.servers, "tensorboard_server", tensorboard_server)
+    assert cli.main(["dashboards", "--host", "0.0.0.0"]) == 1
+    assert hosts == {"prefect": "0.0.0.0", "tensorboard": "127.0.0.1"}
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.5", True),
