@@ -8,11 +8,15 @@ resume test SIGKILLs its trainer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import keras
@@ -37,9 +41,10 @@ from helpers import (
 from pipeline import artifacts, tutorials
 from pipeline.artifacts import CHECKPOINT_STATE, HISTORY_FILE, LIVE_TENSORBOARD, META_FILE, MODEL_FILE
 from pipeline.errors import TrainingDiverged
+from pipeline.models import registry
 from pipeline.models.linear import LinearParams
 from pipeline.train.callbacks import dead_fraction
-from pipeline.train.loop import DEAD_RELU_PROBE, train_model
+from pipeline.train.loop import DEAD_RELU_PROBE, keras_seeds_from, train_model
 from pipeline.train.optimizers import make_optimizer
 
 EPOCHS = SMALL_CNN["epochs"]
@@ -304,6 +309,42 @@ def test_train_stage_prints_no_traceback_for_a_divergence(diverging_stage):
     _, result = diverging_stage
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
+
+
+# --- initial weights with another thread drawing from Python's random --------------------------
+
+
+def built_weights(seed: int, private: bool) -> bytes:
+    """The small cnn's initial weights, built as train_model builds it (with or without keras_seeds_from)."""
+    keras.utils.set_random_seed(seed)
+    with keras_seeds_from(seed) if private else contextlib.nullcontext():
+        model = registry.build("cnn", params_with("cnn", **SMALL_CNN).model("cnn"))
+    return b"".join(w.tobytes() for w in model.get_weights())
+
+
+def test_the_initial_weights_do_not_depend_on_other_threads_drawing_from_random():
+    """Prefect's events client draws from Python's global `random` in a thread of its own (the
+    CNN of a full run got other initial weights that way); the build must not see those draws."""
+    undisturbed = built_weights(1337, private=False)
+    assert built_weights(1337, private=True) == undisturbed  # the same weights as before the fix
+    assert built_weights(7, private=True) != undisturbed
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.getrandbits(32)
+            time.sleep(0)  # let the builder run between draws
+
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    try:
+        disturbed = [built_weights(1337, private=False) for _ in range(3)]
+        kept = [built_weights(1337, private=True) for _ in range(3)]
+    finally:
+        stop.set()
+        drawer.join()
+    assert any(w != undisturbed for w in disturbed)  # the hazard is real: the global generator was disturbed
+    assert all(w == undisturbed for w in kept)
 
 
 # --- dead ReLU units ------------------------------------------------------------------------
