@@ -56,7 +56,11 @@ RUN_ID_ENV = "PIPELINE_RUN_ID"
 EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` (and queued experiments) for every stage process
 SERVER_WAIT_S = 30.0  # how long a stage waits for a Prefect server that refuses connections (a restart takes ~10 s)
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
-TENSORBOARD_URL = "http://127.0.0.1:6006"  # where `mnist dashboards` serves TensorBoard; the link artifacts point here
+# Where `make dashboards` serves Prefect (and `mnist run` its server) and TensorBoard: pipeline/servers.py's
+# default ports, repeated here because no stage imports servers.py (its changes re-run no stage);
+# tests/test_prefect.py checks that they agree.
+DASHBOARDS_API_URL = "http://127.0.0.1:4200/api"
+TENSORBOARD_URL = "http://127.0.0.1:6006"  # the link artifacts point here
 
 logging.getLogger("pipeline").setLevel(logging.INFO)
 
@@ -135,6 +139,27 @@ def check_prefect_api(timeout_s: float = 3.0, wait_s: float = SERVER_WAIT_S) -> 
             "Start it with `make dashboards` (or `prefect server start`), or unset PREFECT_API_URL "
             "to run the stage with a temporary local server."
         ) from None
+
+
+def dashboards_api(timeout_s: float = 2.0) -> str | None:
+    """DASHBOARDS_API_URL if a Prefect server answers there (`make dashboards` running on this machine), else None."""
+    try:
+        answer = httpx.get(DASHBOARDS_API_URL + "/health", timeout=timeout_s)
+        healthy = answer.status_code == 200 and answer.json() is True
+    except (httpx.HTTPError, ValueError):
+        return None
+    return DASHBOARDS_API_URL if healthy else None
+
+
+def reporting_api() -> str | None:
+    """The Prefect API a stage's flow run reports to: PREFECT_API_URL where it is set (and answers, see
+    check_prefect_api); else the server of `make dashboards` where one answers on this machine, so a bare
+    `dvc repro` and every `dvc exp run` or queued experiment show on the dashboard with no setting; else
+    None: Prefect's temporary server, whose records end with the stage."""
+    api = check_prefect_api()
+    if api is None and (api := dashboards_api()):
+        print(f"Prefect: reporting to the server of `make dashboards` at {api}.", file=sys.stderr, flush=True)
+    return api
 
 
 def this_process() -> str:
@@ -218,7 +243,7 @@ def run_stage(
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HidePipelineTracebacks())
     try:
-        check_prefect_api()
+        api = reporting_api()
         params = load_params(model_types=model_types)
         if model is not None:
             params.model(model)  # an unknown model name stops here, before any work
@@ -227,7 +252,7 @@ def run_stage(
         gc.freeze()
         run_name = f"{stage}-{model}" if model else stage
         hook = record_run(stage_labels(stage, model))
-        with temporary_settings(updates=prefect_settings()):
+        with temporary_settings(updates={**prefect_settings(), **({PREFECT_API_URL: api} if api else {})}):
             state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)

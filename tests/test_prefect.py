@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from prefect.client.schemas.objects import StateType
 from conftest import MIRROR, REPO, SmallRun, copy_project, dvc, edit_params, free_port, project_env
 from helpers import silent_server
 from pipeline.cli import mark_killed_runs
-from pipeline.stage import EXPERIMENT_ENV, HEARTBEAT_ENV, RUN_ID_ENV, SERVER_WAIT_S, check_prefect_api, prefect_settings, stage_labels
+from pipeline.config import Params
+from pipeline.stage import EXPERIMENT_ENV, HEARTBEAT_ENV, RUN_ID_ENV, SERVER_WAIT_S, check_prefect_api, prefect_settings, run_tag, stage_labels
 
 
 def flow_runs(tag: str) -> list:
@@ -267,6 +269,50 @@ def test_a_stage_waits_for_a_prefect_server_that_comes_back(capsys: pytest.Captu
     said += capsys.readouterr().err
     assert result == [url + "api"], said
     assert "answers again" in said, said
+
+
+def test_the_stages_dashboards_urls_are_the_servers_default_ports() -> None:
+    """stage.py repeats servers.py's ports (no stage imports servers.py): they must agree."""
+    from pipeline import servers, stage
+
+    assert stage.DASHBOARDS_API_URL == f"http://127.0.0.1:{servers.PREFECT_PORT}/api"
+    assert stage.TENSORBOARD_URL == f"http://127.0.0.1:{servers.TENSORBOARD_PORT}"
+
+
+def test_without_prefect_api_url_a_stage_reports_to_the_dashboards_server_if_one_answers(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With PREFECT_API_URL unset, a stage (here a one-task flow through run_stage) reports to the
+    server at DASHBOARDS_API_URL, here pointed at the session's server; with none there, to Prefect's
+    temporary server (reporting_api None); a server that accepts but does not answer is not used."""
+    from prefect import flow
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from helpers import closed_port_url
+    from pipeline import stage
+
+    marker = f"dashboards-{uuid.uuid4().hex[:8]}"
+
+    @flow(name="probe")
+    def probe(params: Params) -> None:
+        """A flow with the stages' signature that does nothing."""
+
+    monkeypatch.chdir(REPO)  # run_stage reads params.yaml from the working directory
+    monkeypatch.setenv(RUN_ID_ENV, marker)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        monkeypatch.setattr(stage, "DASHBOARDS_API_URL", closed_port_url() + "api")
+        assert stage.reporting_api() is None
+        with silent_server() as silent:
+            monkeypatch.setattr(stage, "DASHBOARDS_API_URL", silent + "api")
+            assert stage.dashboards_api(timeout_s=0.5) is None
+        monkeypatch.setattr(stage, "DASHBOARDS_API_URL", prefect_api)
+        assert stage.reporting_api() == prefect_api
+        stage.run_stage(probe, argv=[])
+        APILogWorker.drain_all(timeout=30)  # now, while the server is up, rather than at exit after the session stopped it
+    assert f"reporting to the server of `make dashboards` at {prefect_api}" in capsys.readouterr().err
+    (run, name), = flow_runs(run_tag(marker))
+    assert (name, run.name, run.state_name) == ("probe", "probe", "Completed")
 
 
 def test_a_dvc_experiment_names_the_pipeline_run_and_tags_its_flow_runs(monkeypatch: pytest.MonkeyPatch) -> None:
