@@ -1,5 +1,7 @@
-"""`mnist compare`: two DVC experiments of a small project, laid side by side for TensorBoard from the DVC
-cache (neither is checked out), read back with TensorBoard's event reader and shown in a real browser."""
+"""A queued sweep and `mnist compare`: two DVC experiments of a small project, queued and run by two
+queue workers (`dvc queue start -j 2`) that report to the session's Prefect server, then laid side by side
+for TensorBoard from the DVC cache (neither is checked out), read back with TensorBoard's event reader
+and shown in a real browser."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tensorboard.util import tensor_util
 
 from conftest import BIN, copy_project, dvc, edit_params, free_port, project_env
 from test_faults import only_logreg
+from test_prefect import flow_runs
 
 RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
 
@@ -29,14 +32,35 @@ class Sweep:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Sweep:
-    """A logreg-only project and two experiments run in it, one after the other (`dvc exp run -n NAME -S ...`)."""
+    """A logreg-only project and two experiments queued in it (`dvc exp run --queue -n NAME -S ...`), run
+    side by side by `dvc queue start -j 2`; its workers inherit PREFECT_API_URL, so every stage reports
+    to the session's server."""
     project = copy_project(tmp_path_factory.mktemp("sweep"))
     edit_params(project, only_logreg)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "logreg only"], cwd=project, check=True)
     for name, rate in RATES.items():
-        dvc(project, "exp", "run", "-n", name, "-S", f"models.logreg.learning_rate={rate}")
+        dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"models.logreg.learning_rate={rate}")
+    dvc(project, "queue", "start", "-j", "2")
+    try:
+        wait_for_queue(project, timeout_s=900)
+    finally:
+        dvc(project, "queue", "stop", "--kill", check=False)
     baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
     return Sweep(project, baseline)
+
+
+def wait_for_queue(project: Path, timeout_s: float) -> None:
+    """Until every queued experiment of `project` has ended; fail with the log of one that did not succeed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [line.split() for line in dvc(project, "queue", "status").stdout.splitlines()]
+        states = {row[1]: row[-1] for row in rows if len(row) >= 4 and row[1] in RATES}
+        failed = [name for name, state in states.items() if state == "Failed"]
+        assert not failed, dvc(project, "queue", "logs", failed[0], check=False).stdout[-3000:]
+        if len(states) == len(RATES) and set(states.values()) == {"Success"}:
+            return
+        assert time.monotonic() < deadline, f"queue not done after {timeout_s:.0f} s: {states}"
+        time.sleep(2)
 
 
 def compare(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -60,6 +84,19 @@ def test_both_experiments_are_in_dvc_exp_show_with_their_metrics(sweep: Sweep) -
         data = found[name]["data"]
         assert data["params"]["params.yaml"]["data"]["models"]["logreg"]["learning_rate"] == rate
         assert data["metrics"]["data/evaluate/logreg/metrics.json"]["data"]["logreg"]["accuracy"] > 0.3
+
+
+def test_each_queued_experiments_stages_report_to_the_server_tagged_with_its_name(sweep: Sweep) -> None:
+    """Both experiments ran at once (-j 2), each stage a flow run on the one server, grouped by the experiment."""
+    stages = {"fetch", "preprocess", "train-logreg", "evaluate-logreg", "export-logreg", "report", "publish"}
+    spans = {}
+    for name in RATES:
+        runs = [run for run, _flow in flow_runs(f"experiment:{name}")]
+        assert {r.name for r in runs} == stages, (name, [r.name for r in runs])
+        assert all(f"pipeline-run:exp-{name}" in r.tags and r.state_name == "Completed" for r in runs), name
+        spans[name] = (min(r.start_time for r in runs), max(r.end_time for r in runs))
+    (start_a, end_a), (start_b, end_b) = spans.values()
+    assert start_a < end_b and start_b < end_a, spans  # the two workers overlapped
 
 
 def test_dvc_plots_diff_overlays_both_experiments_curves(sweep: Sweep) -> None:
