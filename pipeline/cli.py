@@ -193,6 +193,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run_with_prefect([sys.executable, "-m", "pipeline.dag", "--serve", "--name", args.name, "--cron", args.cron])
 
 
+def until_stopped(signals: servers.Signals) -> None:
+    """Serve until SIGINT or SIGTERM arrives (the servers' context managers then stop them)."""
+    while signals.received is None:
+        time.sleep(0.5)
+
+
 def cmd_dashboards(args: argparse.Namespace) -> int:
     """The Prefect UI and TensorBoard together, until Ctrl-C or SIGTERM."""
     if not servers.is_loopback(args.host) and not os.environ.get(servers.AUTH_ENV):
@@ -211,15 +217,13 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
                 TENSORBOARD_LOGDIR, "127.0.0.1", args.tensorboard_port, live=TRAINING_NOW, signals=signals
             ) as tb:
                 _mark_orphaned_runs(api)
-                print(
-                    f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n"
-                    f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}"
-                    f"{' PREFECT_API_AUTH_STRING=<the server auth string>' if os.environ.get(servers.AUTH_ENV) else ''}\n"
-                    "Ctrl-C stops both.",
-                    flush=True,
-                )
-                while signals.received is None:
-                    time.sleep(0.5)
+                if args.prefect_port == servers.PREFECT_PORT and not os.environ.get(servers.AUTH_ENV):
+                    clients = "A bare `dvc repro`, `dvc exp run` or queued experiment reports here with no setting (pipeline/stage.py)."
+                else:  # the stages look on 127.0.0.1:4200 only, without credentials
+                    clients = f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}" + (
+                        " PREFECT_API_AUTH_STRING=<the server auth string>" if os.environ.get(servers.AUTH_ENV) else "")
+                print(f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n{clients}\nCtrl-C stops both.", flush=True)
+                until_stopped(signals)
         except servers.Stopped:
             pass
     print("stopped.", flush=True)
@@ -320,8 +324,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             with servers.tensorboard_server(args.logdir, args.host, args.port, signals=signals) as tb:
                 print(f"TensorBoard: {tb}\nCtrl-C stops it.", flush=True)
-                while signals.received is None:
-                    time.sleep(0.5)
+                until_stopped(signals)
         except servers.Stopped:
             pass
     return 0
