@@ -32,6 +32,7 @@ import psutil
 import yaml
 
 from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
+from pipeline.stage import DASHBOARDS_API_URL, dashboards_api
 
 DVC = str(Path(PYTHON).parent / "dvc")
 REPEATS = {False: 4, True: 1}  # timed runs per way (full, quick); a full run also does one warm-up each
@@ -123,7 +124,10 @@ def ways(ctx: Context, case: Case, mirror: Path) -> dict[str, tuple[list[str], d
         SERVER: (case.stage, child_env(**base, PREFECT_API_URL=ctx.prefect_api())),
         PLAIN: (case.plain, child_env(**base)),
     }
-    if case.temporary_server:
+    if case.temporary_server and dashboards_api():  # the stages would report to it instead (pipeline/stage.py)
+        print(f"orchestration: a Prefect server answers at {DASHBOARDS_API_URL} (make dashboards?): "
+              "Prefect's temporary server is not measured; stop that server to measure it.", flush=True)
+    elif case.temporary_server:
         temp_home = ctx.tmp / "prefect-temporary-home"
         temp_home.mkdir(exist_ok=True)
         found[TEMPORARY] = (case.stage, child_env(**base, PREFECT_HOME=str(temp_home)))
