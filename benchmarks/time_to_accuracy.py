@@ -1,8 +1,8 @@
 """Benchmark 2: wall time until each model's validation accuracy first reaches its gate.
 
-Read from the pipeline's own record, never trained here: data/models/<model>/history.csv
-(one row per epoch: ..., val_accuracy; read with pipeline.artifacts.read_history) and the
-epoch seconds in timings.json beside it, summed up to the first epoch whose val_accuracy >=
+Read from the pipeline's own record, never trained here: DVCLive's per-epoch metrics in
+data/live/<model>/ (read with pipeline.artifacts.read_history) and the epoch seconds in
+data/models/<model>/timings.json, summed up to the first epoch whose val_accuracy >=
 gates.<model>. An epoch's seconds are what pipeline.train.callbacks.EpochLog measured: its
 training and validation, not the process start, data loading or saving. The gate is on test accuracy; validation accuracy
 stands in for it epoch by epoch.
@@ -17,11 +17,12 @@ import yaml
 from benchmarks.common import REPO, Context, Row
 
 
-def read_history(folder: Path) -> list[dict[str, float]]:
-    """A model folder's history.csv, one dict of floats per epoch, with its `seconds` from timings.json."""
+def read_history(live: Path, folder: Path) -> list[dict[str, float]]:
+    """A model's per-epoch metrics (DVCLive's folder `live`), one dict of floats per epoch, with its
+    `seconds` from the timings.json of its model folder."""
     from pipeline.artifacts import read_history as history_array, read_timings
 
-    history = history_array(folder)
+    history = history_array(live)
     seconds = read_timings(folder, "train")["epoch_seconds"]
     return [{**{k: float(row[k]) for k in history.dtype.names}, "seconds": s} for row, s in zip(history, seconds)]
 
@@ -57,7 +58,7 @@ def provenance(name: str, params) -> list[str]:
 
 
 def run(ctx: Context) -> list[Row]:
-    from pipeline.artifacts import HISTORY_FILE
+    from pipeline.artifacts import LIVE_METRICS
     from pipeline.config import load_params
     from pipeline.models.registry import PARAM_TYPES
 
@@ -65,12 +66,12 @@ def run(ctx: Context) -> list[Row]:
     rows, details = [], {}
     for name in params.models:
         gate = params.gates[name]
-        folder = REPO / "data" / "models" / name
+        folder, live = REPO / "data" / "models" / name, REPO / "data" / "live" / name
         subject = f"{name} to val_accuracy {gate}"
-        if not (folder / HISTORY_FILE).exists():
-            rows.append(Row("time_to_accuracy", subject, None, "s", f"no full run (no data/models/{name}/{HISTORY_FILE})"))
+        if not (live / LIVE_METRICS).is_dir():
+            rows.append(Row("time_to_accuracy", subject, None, "s", f"no full run (no data/live/{name}/{LIVE_METRICS})"))
             continue
-        history = read_history(folder)
+        history = read_history(live, folder)
         seconds, epoch = time_to_gate(history, gate)
         total = sum(r["seconds"] for r in history)
         best = max(history, key=lambda r: r["val_accuracy"])

@@ -35,10 +35,12 @@ TIMINGS_FILE = "timings.json"
 
 # data/models/<model>/: a train stage's output
 MODEL_FILE = "model.keras"  # the model with its optimizer state
-HISTORY_FILE = "history.csv"  # one row per epoch
 META_FILE = "meta.json"  # what was trained, with which params and versions
-HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date, for every entry of model.keras
+
+# data/live/<model>/: DVCLive's record of a train stage (pipeline.train.callbacks.LiveMetrics)
+LIVE_METRICS = "plots/metrics"  # train/<metric>.tsv and eval/<metric>.tsv: one row per epoch, step from 0
+HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")  # Keras's names
 
 # data/resume/<model>/: a train stage's checkpoints epoch-NNNN/ and the TensorBoard events of the
 # run in progress (not DVC outputs: they survive a killed run and are moved or deleted at the end)
@@ -152,13 +154,6 @@ def read_data_report(path: Path) -> dict:
 # --- data/models/<model> ------------------------------------------------------------------
 
 
-def history_rows(history: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
-    """history.csv's header and rows: one row per epoch, numbered from 1."""
-    keys = [k for k in HISTORY_COLUMNS if k in history]
-    epochs = len(history.get("loss", []))
-    return ["epoch", *keys], [[str(i + 1), *(f"{history[k][i]:.6g}" for k in keys)] for i in range(epochs)]
-
-
 def model_bytes(model: keras.Model) -> int:
     """The bytes of a model's variables and its optimizer's: about what saving it writes."""
     variables = list(model.weights) + (list(model.optimizer.variables) if model.optimizer else [])
@@ -201,13 +196,12 @@ def _stable_config(node: Any, numbers: dict[int, int]) -> Any:
     return node
 
 
-def write_model_folder(out: Path, model: keras.Model, history: dict[str, list[float]], meta: dict, timings: dict) -> None:
-    """model.keras, history.csv, meta.json and timings.json, published together as one folder."""
+def write_model_folder(out: Path, model: keras.Model, meta: dict, timings: dict) -> None:
+    """model.keras, meta.json and timings.json, published together as one folder."""
     remove_leftovers(out.parent, out.name)  # from an earlier write that was killed
     with atomic_path(out, model_bytes(model)) as tmp:
         tmp.mkdir(parents=True)
         save_keras(model, tmp / MODEL_FILE)
-        (tmp / HISTORY_FILE).write_bytes(_csv_bytes(*history_rows(history)))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         write_timings(tmp, timings)
         if out.exists():
@@ -226,9 +220,25 @@ def read_meta(folder: Path) -> dict:
     return read_json(Path(folder) / META_FILE, "train")
 
 
-def read_history(folder: Path) -> np.ndarray:
-    """history.csv as a structured array with one field per column (epoch, loss, ...)."""
-    return np.atleast_1d(np.genfromtxt(Path(folder) / HISTORY_FILE, delimiter=",", names=True))
+def read_history(live: Path) -> np.ndarray:
+    """The per-epoch metrics DVCLive wrote in `live` (data/live/<model>), as a structured array: one row
+    per epoch, the fields `epoch` (from 1) and each of HISTORY_COLUMNS that was logged."""
+    from dvclive.utils import standardize_metric_name
+
+    columns: dict[str, np.ndarray] = {}
+    steps = np.zeros(0)
+    for key in HISTORY_COLUMNS:
+        tsv = Path(live) / LIVE_METRICS / f"{standardize_metric_name(key, 'dvclive.keras')}.tsv"
+        if tsv.exists():
+            table = np.atleast_1d(np.genfromtxt(tsv, delimiter="\t", names=True))
+            steps, columns[key] = table["step"], table[table.dtype.names[1]]
+    if not columns:
+        raise DataError(f"no per-epoch metrics in {Path(live) / LIVE_METRICS}: run the model's train stage first (dvc repro train@<model>)")
+    history = np.zeros(len(steps), dtype=[("epoch", float), *((key, float) for key in columns)])
+    history["epoch"] = steps + 1
+    for key, values in columns.items():
+        history[key] = values
+    return history
 
 
 # --- data/resume/<model> ------------------------------------------------------------------

@@ -17,13 +17,14 @@ from pipeline.models.registry import PARAM_TYPES
 
 
 @flow(name="evaluate")
-def evaluate_flow(params: Params, model: str, model_dir: Path, data: Path, out: Path, tensorboard: Path) -> None:
+def evaluate_flow(params: Params, model: str, model_dir: Path, live: Path, data: Path, out: Path, tensorboard: Path) -> None:
     """Score one trained model on the test set, decide its gate, write metrics, plots and summaries.
 
     Args:
         params: params.yaml, validated, each model's block typed
         model: a model name from params.yaml's models section
         model_dir: the train stage's output folder
+        live: the train stage's DVCLive folder (per-epoch metrics, for curves.png)
         data: folder of the prepared arrays
         out: folder for metrics.json, timings.json, predictions.csv, ...
         tensorboard: TensorBoard run folder
@@ -34,7 +35,7 @@ def evaluate_flow(params: Params, model: str, model_dir: Path, data: Path, out: 
         keras_model, test, params.gates[model], params.evaluate.batch_size
     )
     as_task(artifacts.write_evaluation, "write metrics")(out, model, ev.metrics, ev.timings, test.y, ev.predictions, ev.per_class)
-    as_task(pictures.write_report_pictures, "draw pictures")(ev, model_dir, model, out)
+    as_task(pictures.write_report_pictures, "draw pictures")(ev, live, model, out)
     as_task(views.write_summaries, "tensorboard")(
         keras_model, ev, test, model, tensorboard, params.evaluate.misclassified_grid, params.evaluate.embedding_sample
     )

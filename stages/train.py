@@ -39,21 +39,22 @@ class PrefectProgress(keras.callbacks.Callback):
 
 
 @flow(name="train")
-def train_flow(params: Params, model: str, data: Path, out: Path, resume: Path, tensorboard: Path) -> None:
+def train_flow(params: Params, model: str, data: Path, out: Path, live: Path, resume: Path, tensorboard: Path) -> None:
     """Train one registry model, resuming from its last completed epoch if it was interrupted.
 
     Args:
         params: params.yaml, validated, each model's block typed
         model: a model name from params.yaml's models section
         data: folder of the prepared arrays
-        out: folder for model.keras, history.csv, meta.json
+        out: folder for model.keras, meta.json, timings.json
+        live: DVCLive's folder: per-epoch metrics (plots/metrics/*/*.tsv) and the latest ones (metrics.json)
         resume: folder for per-epoch checkpoints and the TensorBoard events of the run in progress (not a DVC output)
         tensorboard: TensorBoard run folder, filled when training completes
     """
     p = params.model(model)
     splits = as_task(artifacts.load_prepared, "load data")(data)
     result = as_task(train_model, f"fit {model}")(
-        model, p, params.seed, params.train, splits, data, resume, callbacks=[PrefectProgress(model, p.epochs)]
+        model, p, params.seed, params.train, splits, data, resume, live, callbacks=[PrefectProgress(model, p.epochs)]
     )
     as_task(save_trained, "save model")(result, model, p, params.seed, out, resume, tensorboard)
     meta, timings = artifacts.read_meta(out), artifacts.read_timings(out, "train")

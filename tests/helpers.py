@@ -239,11 +239,18 @@ TINY = {
 }
 
 
+def tiny_live(model_dir: Path) -> Path:
+    """train_tiny's DVCLive folder for the model folder `model_dir`."""
+    return model_dir.with_name(f"{model_dir.name}-live")
+
+
 def train_tiny(name: str, splits: dict[str, Split], out: Path, seed: int = 1) -> Path:
-    """Train registry model `name` briefly (TINY overrides) and save it as the train stage does into `out`."""
+    """Train registry model `name` briefly (TINY overrides) and save it as the train stage does into `out`,
+    its DVCLive folder in tiny_live(out)."""
     import keras
 
     from pipeline.train import loop
+    from pipeline.train.callbacks import LiveMetrics
 
     params = load_test_params()
     p = params.model(name).model_copy(update=TINY[name])
@@ -255,6 +262,7 @@ def train_tiny(name: str, splits: dict[str, Split], out: Path, seed: int = 1) ->
     history = model.fit(
         tr.x.astype(np.float32), tr.y.astype(np.int32), batch_size=p.batch_size, epochs=p.epochs,
         validation_data=(val.x.astype(np.float32), val.y.astype(np.int32)), verbose=0, shuffle=True,
+        callbacks=[LiveMetrics(tiny_live(out), {})],
     )
     seconds = time.perf_counter() - start
     hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
@@ -477,7 +485,8 @@ def _worker(job_file: str) -> None:
     extra = [KillAfterEpoch()] if job.get("kill_after_epoch") is not None else []
     p = params.model(name)
     resume = Path(job["resume"])
-    result = train_model(name, p, params.seed, params.train, artifacts.load_prepared(data), data, resume, callbacks=extra)
+    live = Path(job["live"]) if job.get("live") else None
+    result = train_model(name, p, params.seed, params.train, artifacts.load_prepared(data), data, resume, live, callbacks=extra)
     _save_arrays(Path(job["weights"]), [np.asarray(w) for w in result.model.get_weights()])
     _save_arrays(Path(job["optimizer"]), [np.asarray(v) for v in result.model.optimizer.variables])
     if job.get("out"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
@@ -22,12 +23,14 @@ from test_faults import only_logreg
 from test_prefect import flow_runs
 
 RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
+LIVE_METRICS = "data/live/logreg/metrics.json"  # DVCLive's latest values, rewritten after every epoch
 
 
 @dataclass
 class Sweep:
     project: Path
     baseline: str  # the workspace's commit
+    live: dict[str, int]  # experiment: DVCLive's last step that `dvc exp show` showed while it ran
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +43,41 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Sweep:
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "logreg only"], cwd=project, check=True)
     for name, rate in RATES.items():
         dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"models.logreg.learning_rate={rate}")
-    dvc(project, "queue", "start", "-j", "2")
+    # the workers keep the output pipes of `dvc queue start` open until the queue is empty: no pipes, no wait
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=project, env={**project_env(), "PYTHONPATH": str(project)},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    live: dict[str, int] = {}
     try:
-        wait_for_queue(project, timeout_s=900)
+        wait_for_queue(project, timeout_s=900, live=live)
     finally:
         dvc(project, "queue", "stop", "--kill", check=False)
     baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
-    return Sweep(project, baseline)
+    return Sweep(project, baseline, live)
 
 
-def wait_for_queue(project: Path, timeout_s: float) -> None:
-    """Until every queued experiment of `project` has ended; fail with the log of one that did not succeed."""
+def running_live_steps(project: Path) -> dict[str, int]:
+    """DVCLive's step of each running experiment, as `dvc exp show` reads it from the experiment's workspace."""
+    shown = dvc(project, "exp", "show", "--json", check=False)
+    if shown.returncode != 0:  # a poll that failed (the queue's workers write the repo meanwhile): the next one counts
+        return {}
+    steps = {}
+    for row in json.loads(shown.stdout):
+        for exp in row.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") != "running":
+                continue
+            for rev in exp["revs"]:
+                live = (((rev.get("data") or {}).get("metrics") or {}).get(LIVE_METRICS) or {}).get("data")
+                if live and rev.get("name"):
+                    steps[rev["name"]] = live["step"]
+    return steps
+
+
+def wait_for_queue(project: Path, timeout_s: float, live: dict[str, int]) -> None:
+    """Until every queued experiment of `project` has ended; fail with the log of one that did not succeed.
+    Meanwhile, `live` collects what running_live_steps shows."""
     deadline = time.monotonic() + timeout_s
     while True:
+        live.update(running_live_steps(project))
         rows = [line.split() for line in dvc(project, "queue", "status").stdout.splitlines()]
         states = {row[1]: row[-1] for row in rows if len(row) >= 4 and row[1] in RATES}
         failed = [name for name, state in states.items() if state == "Failed"]
@@ -77,6 +102,7 @@ def hparams(run: Path, tag: str) -> plugin_data_pb2.HParamsPluginData:
 
 
 def test_both_experiments_are_in_dvc_exp_show_with_their_metrics(sweep: Sweep) -> None:
+    epochs = yaml.safe_load((sweep.project / "params.yaml").read_text())["models"]["logreg"]["epochs"]
     rows = json.loads(dvc(sweep.project, "exp", "show", "--json").stdout)
     found = {exp["name"]: exp for row in rows for exp in (row.get("experiments") or []) for exp in exp["revs"]}
     assert set(found) == set(RATES)
@@ -84,6 +110,16 @@ def test_both_experiments_are_in_dvc_exp_show_with_their_metrics(sweep: Sweep) -
         data = found[name]["data"]
         assert data["params"]["params.yaml"]["data"]["models"]["logreg"]["learning_rate"] == rate
         assert data["metrics"]["data/evaluate/logreg/metrics.json"]["data"]["logreg"]["accuracy"] > 0.3
+        live = data["metrics"][LIVE_METRICS]["data"]  # DVCLive's values after the last epoch
+        assert live["step"] == epochs - 1 and 0.3 < live["eval"]["accuracy"] <= 1, live
+        assert live["train"]["learning_rate"] == pytest.approx(rate), live
+
+
+def test_dvc_exp_show_shows_dvclives_values_while_an_experiment_runs(sweep: Sweep) -> None:
+    """Polled while the queue ran: at least one experiment was seen running with its DVCLive metrics.json read
+    from its workspace (an experiment runs on for tens of seconds after its training, the polls come every few)."""
+    assert sweep.live, "no running experiment showed data/live/logreg/metrics.json in dvc exp show"
+    assert set(sweep.live) <= set(RATES) and all(step >= 0 for step in sweep.live.values()), sweep.live
 
 
 def test_each_queued_experiments_stages_report_to_the_server_tagged_with_its_name(sweep: Sweep) -> None:
@@ -102,7 +138,7 @@ def test_each_queued_experiments_stages_report_to_the_server_tagged_with_its_nam
 def test_dvc_plots_diff_overlays_both_experiments_curves(sweep: Sweep) -> None:
     """The train stage's plot and the top-level one over every model (here logreg alone) hold both experiments' points."""
     data = json.loads(dvc(sweep.project, "plots", "diff", *RATES, "--json").stdout)["data"]
-    for plot in ("validation-accuracy", "data/models/logreg/history.csv"):
+    for plot in ("validation-accuracy", "data/live/logreg/plots/metrics/eval/accuracy.tsv"):
         (chart,) = data[plot]
         assert sorted(chart["revisions"]) == sorted(RATES), (plot, chart["revisions"])
         assert {v["rev"] for v in chart["content"]["data"]["values"]} == set(RATES), plot

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import learnable_splits, load_stage, load_test_params, prefect_settings, train_tiny
+from helpers import learnable_splits, load_stage, load_test_params, prefect_settings, tiny_live, train_tiny
 from pipeline import artifacts
 from pipeline.artifacts import read_predictions, save_prepared
 from pipeline.errors import DataError
@@ -210,9 +210,18 @@ def test_read_predictions_of_a_single_image(tmp_path):
 
 
 def test_write_report_pictures_draws_confusion_and_curves(ev, logreg_dir, tmp_path):
-    pictures.write_report_pictures(ev, logreg_dir, "logreg", tmp_path)
+    pictures.write_report_pictures(ev, tiny_live(logreg_dir), "logreg", tmp_path)
     for name in ("confusion.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+def test_read_history_gives_every_epoch_of_dvclives_files_and_names_a_missing_folder(logreg_dir, tmp_path):
+    history = artifacts.read_history(tiny_live(logreg_dir))
+    assert history["epoch"].tolist() == [1.0, 2.0, 3.0]  # TINY["logreg"]: 3 epochs
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.dtype.names)
+    assert np.all((history["val_accuracy"] > 0) & (history["val_accuracy"] <= 1))
+    with pytest.raises(DataError, match="no per-epoch metrics in .*plots/metrics: run the model's train stage"):
+        artifacts.read_history(tmp_path / "no-live")
 
 
 # --- TensorBoard -----------------------------------------------------------------------
@@ -365,7 +374,7 @@ def test_evaluate_flow_writes_every_declared_output(splits, logreg_dir, tmp_path
     (tb / "stale.tfevents").write_text("an earlier run")  # a re-run replaces the TensorBoard run
     params = load_test_params()
     with prefect_settings():
-        evaluate_flow(params=params, model="logreg", model_dir=logreg_dir, data=data, out=out, tensorboard=tb)
+        evaluate_flow(params=params, model="logreg", model_dir=logreg_dir, live=tiny_live(logreg_dir), data=data, out=out, tensorboard=tb)
     for name in ("metrics.json", "timings.json", "predictions.csv", "per_class.csv"):
         assert (out / name).is_file(), name
     for name in ("confusion.png", "curves.png"):

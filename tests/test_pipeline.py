@@ -83,7 +83,9 @@ def test_plots_show_renders_confusion_curves_and_per_class(small_run: SmallRun) 
     for model in small_run.models():  # one vega-lite chart per plot file, its id the file's path
         assert f"data_evaluate_{model}_predictions_csv" in html
         assert f"data_evaluate_{model}_per_class_csv" in html
-        assert f"data_models_{model}_history_csv" in html
+        for split in ("train", "eval"):  # DVCLive's per-epoch files, one chart each
+            assert f"data_live_{model}_plots_metrics_{split}_accuracy_tsv" in html
+    assert "validation-accuracy" in html  # the top-level chart over every model
 
 
 def test_gate_blocks_export_and_the_rest_goes_on(small_run: SmallRun) -> None:
@@ -185,6 +187,7 @@ def test_forced_rerun_of_a_model_gives_the_same_hashes(small_run: SmallRun) -> N
     }
     assert set(differs) <= expected, differs
     for path in ("data/models/logreg/model.keras", "data/models/logreg/meta.json", "data/evaluate/logreg/metrics.json",
-                 "data/evaluate/logreg/predictions.csv", "data/models/logreg/history.csv"):
+                 "data/evaluate/logreg/predictions.csv", "data/live/logreg/metrics.json",
+                 "data/live/logreg/plots/metrics"):
         assert before[path] == after[path], path
     assert saved_before == saved_after  # the SavedModel's files, bytes and names (the folder also holds timings.json)

@@ -209,11 +209,11 @@ def test_dvc_status_lists_the_stages_that_run_an_edited_file(small_run: SmallRun
 
 
 def test_the_top_level_plot_overlays_every_model_of_params_yaml() -> None:
-    """dvc.yaml's one chart over all models names each model's history.csv: a model added to params.yaml
+    """dvc.yaml's one chart over all models names each model's DVCLive validation accuracy: a model added to params.yaml
     without its line there fails here."""
     import yaml
 
     (plot,) = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     (definition,) = plot.values()
     models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
-    assert definition["y"] == {f"data/models/{m}/history.csv": "val_accuracy" for m in models}
+    assert definition["y"] == {f"data/live/{m}/plots/metrics/eval/accuracy.tsv": "accuracy" for m in models}

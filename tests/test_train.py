@@ -39,7 +39,7 @@ from helpers import (
     write_data,
 )
 from pipeline import artifacts, tutorials
-from pipeline.artifacts import CHECKPOINT_STATE, HISTORY_FILE, LIVE_TENSORBOARD, META_FILE, MODEL_FILE
+from pipeline.artifacts import CHECKPOINT_STATE, LIVE_METRICS, LIVE_TENSORBOARD, META_FILE, MODEL_FILE
 from pipeline.errors import TrainingDiverged
 from pipeline.models import registry
 from pipeline.models.linear import LinearParams
@@ -55,6 +55,14 @@ def _no_op_determinism_left_behind():
     """Training in this process switches TF op determinism on for good; switch it off after each test."""
     yield
     tf_config.disable_op_determinism()  # TF has no public switch back
+
+
+LIVE_TSV = [("eval", "accuracy"), ("eval", "loss"), ("train", "accuracy"), ("train", "learning_rate"), ("train", "loss")]
+
+
+def live_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a DVCLive folder, by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def without_seconds(history: dict) -> dict:
@@ -74,7 +82,9 @@ def assert_same_arrays(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 class Run:
     """One worker job (tests/helpers.py) and where it writes."""
 
-    def __init__(self, base: Path, tag: str, data: Path, resume: Path | None = None, tensorboard: Path | None = None, **job):
+    def __init__(
+        self, base: Path, tag: str, data: Path, resume: Path | None = None, tensorboard: Path | None = None, live: Path | None = None, **job
+    ):
         self.folder = base / tag
         self.folder.mkdir(parents=True)
         self.job_file = self.folder / "job.json"
@@ -84,6 +94,7 @@ class Run:
             "data": str(data),
             "resume": str(resume or self.folder / "resume"),
             "tensorboard": str(tensorboard or self.folder / "tensorboard"),
+            "live": str(live or self.folder / "live"),
             "weights": str(self.folder / "weights.npz"),
             "optimizer": str(self.folder / "optimizer.npz"),
             "result": str(self.folder / "result.json"),
@@ -100,6 +111,10 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.job["out"])
+
+    @property
+    def live(self) -> Path:
+        return Path(self.job["live"])
 
     def start(self) -> subprocess.Popen:
         return start_worker(self.job, self.job_file)
@@ -157,14 +172,17 @@ def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
     base = tmp_path_factory.mktemp("again")
     runs = {}
     for tag, overrides in (("resumed", dict(SMALL_CNN)), ("other_lr", {**SMALL_CNN, "learning_rate": 0.002}), ("damaged", dict(SMALL_CNN))):
-        resume, tensorboard = base / tag / "resume", base / tag / "tensorboard"
+        resume, tensorboard, live = base / tag / "resume", base / tag / "tensorboard", base / tag / "live"
         shutil.copytree(killed.resume, resume)  # its checkpoint and the TensorBoard events of epoch 1
+        shutil.copytree(killed.live, live)  # DVCLive's files of epoch 1, and a row of an epoch 2 killed after DVCLive wrote it:
+        with open(live / LIVE_METRICS / "train" / "loss.tsv", "a") as tsv:
+            tsv.write("1\t0.5\n")
         if tag == "damaged":
             model_file = resume / "epoch-0001" / MODEL_FILE
             model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
         # other_lr writes no final outputs, so its resume folder (deleted once they are written) can be inspected
         out = {"out": None} if tag == "other_lr" else {}
-        runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, overrides=overrides, **out)
+        runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, live=live, overrides=overrides, **out)
     run_all(*runs.values())
     return runs
 
@@ -194,6 +212,11 @@ def test_killed_run_leaves_the_epoch_1_checkpoint_and_no_final_outputs(first_run
     assert not killed.out.exists()
     assert not Path(killed.job["weights"]).exists()
     assert not Path(killed.job["tensorboard"]).exists()  # the TensorBoard output appears only with the model
+    # DVCLive writes as the epochs end: epoch 1 is there, as a row of each metric and in metrics.json
+    assert json.loads((killed.live / "metrics.json").read_text())["step"] == 0
+    assert (killed.live / LIVE_METRICS / "eval" / "accuracy.tsv").read_text().splitlines()[1:] == [
+        f"0\t{state['history']['val_accuracy'][0]}"
+    ]
 
 
 def test_resumed_run_continues_after_epoch_1_and_ends_as_the_uninterrupted_run(first_runs, second_runs):
@@ -205,14 +228,23 @@ def test_resumed_run_continues_after_epoch_1_and_ends_as_the_uninterrupted_run(f
     assert_same_arrays(a.optimizer(), resumed.optimizer())
     assert without_seconds(resumed.result()["history"]) == without_seconds(a.result()["history"])
     # the final outputs exist only now: the same bytes as the uninterrupted run's, the resume in timings.json alone
-    for name in (MODEL_FILE, META_FILE, HISTORY_FILE):
+    for name in (MODEL_FILE, META_FILE):
         assert (resumed.out / name).read_bytes() == (a.out / name).read_bytes(), name
+    # DVCLive's files: those of the uninterrupted run, byte for byte (epoch 1 written again from the checkpoint,
+    # the stray epoch-2 row left by the kill gone), with no seconds (they differ between identical runs)
+    assert live_files(resumed.live) == live_files(a.live)
+    assert live_files(a.live) == live_files(first_runs["b"].live)
+    assert sorted(live_files(a.live)) == ["metrics.json", *(f"{LIVE_METRICS}/{split}/{name}.tsv" for split, name in LIVE_TSV)]
+    assert json.loads((a.live / "metrics.json").read_text())["step"] == EPOCHS - 1
+    for split, name in LIVE_TSV:
+        rows = (a.live / LIVE_METRICS / split / f"{name}.tsv").read_text().splitlines()
+        assert rows[0] == f"step\t{name}" and [r.split("\t")[0] for r in rows[1:]] == [str(e) for e in range(EPOCHS)]
     assert artifacts.read_timings(resumed.out, "train")["epochs_resumed"] == 1
     assert len(artifacts.read_timings(resumed.out, "train")["epoch_seconds"]) == EPOCHS
     assert json.loads((resumed.out / META_FILE).read_text())["epochs"] == EPOCHS
     saved = keras.models.load_model(resumed.out / MODEL_FILE)
     assert_same_arrays(a.weights(), [np.asarray(w) for w in saved.get_weights()])
-    assert (resumed.out / HISTORY_FILE).read_text().count("\n") == EPOCHS + 1
+    assert artifacts.read_history(resumed.live)["val_accuracy"].tolist() == a.result()["history"]["val_accuracy"]
     # the TensorBoard run holds every epoch once: the killed run's epoch 1 and the resumed epochs
     loss_steps = sorted(e.step for e in accumulator(Path(resumed.job["tensorboard"]) / "train").Tensors("epoch_loss"))
     assert loss_steps == list(range(EPOCHS))
@@ -240,8 +272,9 @@ def test_a_damaged_checkpoint_is_discarded_and_the_run_ends_as_the_uninterrupted
     assert "discarding checkpoint" in damaged.stderr and "resuming" not in damaged.stderr
     assert damaged.result()["epochs_resumed"] == 0  # trained from the start, never from the damaged file
     assert_same_arrays(a.weights(), damaged.weights())
-    for name in (MODEL_FILE, META_FILE, HISTORY_FILE):
+    for name in (MODEL_FILE, META_FILE):
         assert (damaged.out / name).read_bytes() == (a.out / name).read_bytes(), name
+    assert live_files(damaged.live) == live_files(a.live)
 
 
 # --- the NaN guard ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def confusion_figure(confusion: np.ndarray, title: str):
 
 
 def curves_figure(h: np.ndarray, title: str):
-    """Loss and accuracy per epoch, train and validation; `h` is history.csv as a structured array."""
+    """Loss and accuracy per epoch, train and validation; `h` is artifacts.read_history's array."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         left.plot(h["epoch"], h[key], marker="o", label=label)
@@ -52,9 +52,9 @@ def misclassified_figure(test: Split, ev: Evaluation, count: int):
     return fig
 
 
-def write_report_pictures(ev: Evaluation, model_dir: Path, name: str, out: Path) -> None:
+def write_report_pictures(ev: Evaluation, live: Path, name: str, out: Path) -> None:
     """confusion.png and curves.png in `out`, which data/report.md shows: from the test results and the
-    training history in the model folder `model_dir`."""
+    per-epoch metrics DVCLive wrote in `live` during training."""
     confusion = figure_png(confusion_figure(ev.confusion, f"{name}: confusion matrix"))
-    curves = figure_png(curves_figure(artifacts.read_history(model_dir), name))
+    curves = figure_png(curves_figure(artifacts.read_history(live), name))
     artifacts.write_evaluation_pictures(out, confusion, curves)

@@ -1,4 +1,4 @@
-"""Keras callbacks of a training run: per-epoch seeds, a NaN guard, dead-ReLU counts, a log line."""
+"""Keras callbacks of a training run: per-epoch seeds, a NaN guard, dead-ReLU counts, a log line, DVCLive."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
 
 from pipeline.errors import TrainingDiverged
 
@@ -126,3 +128,25 @@ class EpochLog(keras.callbacks.Callback):
             self.name, epoch + 1, self.epochs, logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
             logs.get("val_accuracy", float("nan")), logs["seconds"],
         )
+
+
+class LiveMetrics(DVCLiveCallback):
+    """DVCLive's Keras callback writing to `folder`: after every epoch, one row per metric in
+    plots/metrics/{train,eval}/<metric>.tsv and the latest values in metrics.json, which `dvc exp show`
+    reads while the experiment runs.
+
+    Two changes to the library's callback: the epoch's wall-clock `seconds` are left out (they differ
+    between identical runs; timings.json has them), and the epochs `done` before a resume are written
+    again first, from the checkpoint's history, so a resumed run ends with the files of an
+    uninterrupted one (DVC deletes a stage's outputs before it runs, and a kill can fall between
+    DVCLive's row and the checkpoint). DVCLive writes no dvc.yaml and saves no experiment of its own:
+    dvc.yaml declares these files, and `dvc exp run` makes the experiments.
+    """
+
+    def __init__(self, folder: Path, done: dict[str, list[float]]):
+        super().__init__(live=Live(str(folder), save_dvc_exp=False, dvcyaml=None))
+        for epoch in range(len(done.get("loss", []))):
+            self.on_epoch_end(epoch, {key: values[epoch] for key, values in done.items()})
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch, {key: value for key, value in (logs or {}).items() if key != "seconds"})

@@ -32,7 +32,7 @@ from pipeline.data import Split, atomic_path, disk_bytes
 from pipeline.mnist import IMAGE_SHAPE
 from pipeline.models import registry
 from pipeline.models.arithmetic import format_table, layer_table
-from pipeline.train.callbacks import DeadReLU, EpochLog, EpochSeeds, NaNGuard
+from pipeline.train.callbacks import DeadReLU, EpochLog, EpochSeeds, LiveMetrics, NaNGuard
 from pipeline.train.checkpoints import Checkpoint, fingerprint, latest_checkpoint
 from pipeline.train.inputs import eval_batches, training_batches
 from pipeline.train.optimizers import make_optimizer
@@ -124,6 +124,7 @@ def train_model(
     splits: dict[str, Split],
     data: Path,
     resume_dir: Path,
+    live: Path | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainResult:
     """Train model `name` on the train split, validating on val; resume from `resume_dir` if possible.
@@ -131,6 +132,7 @@ def train_model(
     `data` is the prepared-data folder the splits came from: a checkpoint made from other data is not
     resumed. TensorBoard events go to the resume folder (artifacts.live_tensorboard) until save_trained
     moves them into place, so that a resumed run keeps the events of the epochs before the interruption.
+    `live`, if given, is DVCLive's folder for the per-epoch metrics, written as the epochs end.
     """
     seed_everything(seed, train.deterministic)
     train_split, val = splits["train"], splits["val"]
@@ -144,6 +146,7 @@ def train_model(
     tensorboard = artifacts.live_tensorboard(resume_dir)
     if first_epoch == 0:
         write_model_text(model, p, tensorboard / "train")
+    live_metrics = [LiveMetrics(live, history)] if live is not None else []
 
     start = time.perf_counter()
     if first_epoch < p.epochs:
@@ -159,12 +162,16 @@ def train_model(
                 EpochSeeds(seed),
                 NaNGuard(name, p.learning_rate),
                 EpochLog(name, p.epochs),
+                *live_metrics,
                 DeadReLU(val.x[:DEAD_RELU_PROBE], tensorboard / "train"),
                 keras.callbacks.TensorBoard(str(tensorboard), histogram_freq=1, write_graph=False),
                 Checkpoint(resume_dir, expected, history),
                 *(callbacks or []),
             ],
         )
+    else:  # every epoch was done before the resume: nothing to fit, DVCLive's files are complete
+        for callback in live_metrics:
+            callback.live.end()
     return TrainResult(model, history, first_epoch, time.perf_counter() - start)
 
 
@@ -207,9 +214,9 @@ def training_timings(result: TrainResult) -> dict:
 def save_trained(
     result: TrainResult, name: str, p: ModelParams, seed: int, out: Path, resume_dir: Path, tensorboard: Path
 ) -> None:
-    """Write the model folder (model.keras, history.csv, meta.json, timings.json) as one atomic folder, move
+    """Write the model folder (model.keras, meta.json, timings.json) as one atomic folder, move
     the run's TensorBoard events to `tensorboard`, then delete `resume_dir`: nothing is left to resume."""
-    artifacts.write_model_folder(out, result.model, result.history, training_meta(name, p, seed, result), training_timings(result))
+    artifacts.write_model_folder(out, result.model, training_meta(name, p, seed, result), training_timings(result))
     shutil.rmtree(tensorboard, ignore_errors=True)
     tensorboard.parent.mkdir(parents=True, exist_ok=True)
     live = artifacts.live_tensorboard(resume_dir)
