@@ -111,9 +111,9 @@ def cases(ctx: Context) -> list[Case]:
                   ("raw", "tb-fetch"), True)]
     prepared = REPO / "data" / "prepared"
     if (prepared / PREPARED_FILE).exists() and not ctx.quick:
-        train_args = [TRAIN_MODEL, "--data", str(prepared), "--out", "model", "--resume", "resume", "--tensorboard", "tb-train"]
+        train_args = [TRAIN_MODEL, "--data", str(prepared), "--out", "model", "--live", "live", "--resume", "resume", "--tensorboard", "tb-train"]
         found.append(Case(f"train@{TRAIN_MODEL}", [str(REPO / "stages" / "train.py"), *train_args],
-                          ["-m", "benchmarks.plain_train", *train_args], ("model", "resume", "tb-train"), False))
+                          ["-m", "benchmarks.plain_train", *train_args], ("model", "live", "resume", "tb-train"), False))
     return found
 
 

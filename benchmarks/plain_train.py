@@ -1,6 +1,6 @@
 """The train stage's work as plain function calls, without Prefect: a baseline of the orchestration benchmark.
 
-    python -m benchmarks.plain_train linear --data data/prepared --out m --resume r --tensorboard tb
+    python -m benchmarks.plain_train linear --data data/prepared --out m --live l --resume r --tensorboard tb
 
 It does what the train stage's flow `train_flow` in stages/train.py does (read params with
 the registry's model types, load the arrays, pipeline.train.loop.train_model with its own
@@ -23,14 +23,14 @@ from pipeline.train.loop import save_trained, train_model
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
-    for flag in ("--data", "--out", "--resume", "--tensorboard"):
+    for flag in ("--data", "--out", "--live", "--resume", "--tensorboard"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params(model_types=PARAM_TYPES)
     p = params.model(args.model)
     splits = artifacts.load_prepared(args.data)
-    result = train_model(args.model, p, params.seed, params.train, splits, args.data, args.resume, args.tensorboard)
-    save_trained(result, args.model, p, params.seed, args.out, args.resume)  # also deletes the resume folder
+    result = train_model(args.model, p, params.seed, params.train, splits, args.data, args.resume, args.live)
+    save_trained(result, args.model, p, params.seed, args.out, args.resume, args.tensorboard)  # also deletes the resume folder
     gc.freeze()  # as pipeline.stage.run_stage does, so the comparison measures orchestration alone
 
 

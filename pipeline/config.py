@@ -81,6 +81,7 @@ class TrainParams(Section):
     strategy: Literal["default", "mirrored"]
     deterministic: bool
     steps_per_execution: PositiveInt
+    precision: Literal["auto", "float32", "bf16", "fp16"]
 
 
 class EvaluateParams(Section):

@@ -285,7 +285,7 @@ STAGE_RUNS = [
     # train types every model block: a bad knob of another model than the one trained stops it too
     pytest.param(
         "train", set_("models.cnn.epochs", "ten"), "models.cnn.epochs = 'ten'",
-        ["linear", "--data", "data/prepared", "--out", "data/models/linear", "--resume", "data/resume/linear",
+        ["linear", "--data", "data/prepared", "--out", "data/models/linear", "--live", "data/live/linear", "--resume", "data/resume/linear",
          "--tensorboard", "data/tb"],
         id="train",
     ),

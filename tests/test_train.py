@@ -44,6 +44,7 @@ from pipeline.errors import TrainingDiverged
 from pipeline.models import registry
 from pipeline.models.linear import LinearParams
 from pipeline.train.callbacks import dead_fraction
+from pipeline.train import loop, precision
 from pipeline.train.loop import DEAD_RELU_PROBE, keras_seeds_from, train_model
 from pipeline.train.optimizers import make_optimizer
 
@@ -320,7 +321,7 @@ def diverging_stage(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     result = subprocess.run(
         [
             str(PYTHON), str(REPO / "stages" / "train.py"), "linear",
-            "--data", "data/prepared", "--out", "data/models/linear",
+            "--data", "data/prepared", "--out", "data/models/linear", "--live", "data/live/linear",
             "--resume", "data/resume/linear", "--tensorboard", "data/tensorboard/train/linear",
         ],
         cwd=project, env=stage_env(tmp), capture_output=True, text=True, timeout=240,
@@ -385,6 +386,34 @@ def test_the_initial_weights_do_not_depend_on_other_threads_drawing_from_random(
     assert all(w == undisturbed for w in kept)
 
 
+# --- mixed precision -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting, flags, expected",
+    [("auto", {"avx512_bf16", "avx2"}, "mixed_bfloat16"), ("auto", {"amx_bf16"}, "mixed_bfloat16"), ("auto", {"avx2", "avx512f"}, "float32"),
+     ("float32", {"avx512_bf16"}, "float32"), ("bf16", set(), "mixed_bfloat16"), ("fp16", set(), "mixed_float16")],
+)
+def test_training_policy_is_bf16_on_auto_only_with_bf16_instructions(monkeypatch, setting, flags, expected):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    assert precision.training_policy(setting) == expected
+
+
+def test_a_bf16_training_gives_a_float32_model_with_its_weights(tmp_path):
+    splits = write_data(tmp_path / "data")
+    params = params_with("cnn", train={"precision": "bf16"}, **{**SMALL_CNN, "epochs": 1})
+    result = train_model("cnn", params.model("cnn"), params.seed, params.train, splits, tmp_path / "data", tmp_path / "resume")
+    assert result.precision == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is back
+    assert {layer.dtype_policy.name for layer in result.model.layers} == {"float32"}
+    assert result.model.optimizer.iterations.numpy() > 0  # the optimizer state came along
+    loop.save_trained(result, "cnn", params.model("cnn"), params.seed, tmp_path / "out", tmp_path / "resume", tmp_path / "tb")
+    assert json.loads((tmp_path / "out" / META_FILE).read_text())["precision"] == "mixed_bfloat16"
+    saved = artifacts.read_model(tmp_path / "out")
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+    assert_same_arrays([np.asarray(w) for w in saved.get_weights()], [np.asarray(w) for w in result.model.get_weights()])
+
+
 # --- dead ReLU units ------------------------------------------------------------------------
 
 
@@ -433,7 +462,9 @@ def tb_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tb_run")
     splits = write_data(tmp / "data")
     overrides = {**SMALL_CNN, "epochs": TB_EPOCHS}
-    params = params_with("cnn", **overrides)
+    # float32: the dead-ReLU test counts again on the returned float32 model; a run trained in bf16 (auto on a
+    # CPU with bf16 instructions) counts in bf16, where a unit whose output is near 0 can land on either side
+    params = params_with("cnn", train={"precision": "float32"}, **overrides)
     steps = -(-len(splits["train"].y) // overrides["batch_size"])
     try:
         result = train_model(

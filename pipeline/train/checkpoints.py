@@ -17,14 +17,17 @@ import tensorflow as tf
 
 from pipeline import artifacts
 from pipeline.config import ModelParams, TrainParams, params_hash
+from pipeline.train.precision import training_policy
 
 log = logging.getLogger(__name__)
 
 
 def fingerprint(name: str, p: ModelParams, seed: int, train: TrainParams, data_file: Path) -> str:
-    """What a checkpoint must match to be resumed: model, its params, seed, data, TF version."""
+    """What a checkpoint must match to be resumed: model, its params, seed, data, TF version, the precision
+    it trains in (train.precision `auto` differs between CPUs)."""
     stat = data_file.stat()
-    parts = [name, params_hash(p), params_hash(train), str(seed), f"{stat.st_size}:{stat.st_mtime_ns}", tf.__version__]
+    parts = [name, params_hash(p), params_hash(train), str(seed), f"{stat.st_size}:{stat.st_mtime_ns}", tf.__version__,
+             training_policy(train.precision)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

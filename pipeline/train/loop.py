@@ -36,6 +36,7 @@ from pipeline.train.callbacks import DeadReLU, EpochLog, EpochSeeds, LiveMetrics
 from pipeline.train.checkpoints import Checkpoint, fingerprint, latest_checkpoint
 from pipeline.train.inputs import eval_batches, training_batches
 from pipeline.train.optimizers import make_optimizer
+from pipeline.train.precision import dtype_policy, training_policy
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class TrainResult:
     history: dict[str, list[float]]  # per epoch: the Keras logs, plus "seconds" (see EpochLog)
     epochs_resumed: int
     seconds: float
+    precision: str = "float32"  # the Keras dtype policy it trained in; `model` itself is float32
 
 
 def start_or_resume(
@@ -140,7 +142,9 @@ def train_model(
     per_call = steps_per_call(steps, train.steps_per_execution)
     strategy = tf.distribute.MirroredStrategy() if train.strategy == "mirrored" else tf.distribute.get_strategy()
     expected = fingerprint(name, p, seed, train, Path(data) / artifacts.PREPARED_FILE)
-    with strategy.scope(), keras_seeds_from(seed):
+    policy = training_policy(train.precision)
+    log.info("%s: training in %s (train.precision: %s)", name, policy, train.precision)
+    with strategy.scope(), keras_seeds_from(seed), dtype_policy(policy):
         model, first_epoch, history = start_or_resume(name, p, steps, per_call, resume_dir, expected)
     resume_dir.mkdir(parents=True, exist_ok=True)
     tensorboard = artifacts.live_tensorboard(resume_dir)
@@ -172,7 +176,26 @@ def train_model(
     else:  # every epoch was done before the resume: nothing to fit, DVCLive's files are complete
         for callback in live_metrics:
             callback.live.end()
-    return TrainResult(model, history, first_epoch, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    with strategy.scope(), keras_seeds_from(seed):
+        trained = as_float32(model, name, p, steps, per_call)
+    return TrainResult(trained, history, first_epoch, seconds, policy)
+
+
+def as_float32(model: keras.Model, name: str, p: ModelParams, steps: int, per_call: int) -> keras.Model:
+    """`model` with float32 layers, the same weights and optimizer state (`model` itself if it is float32):
+    evaluate and export then load a float32 model whatever the training's precision."""
+    if model.dtype_policy.name == "float32":
+        return model
+    with dtype_policy("float32"):
+        copy = compile_model(name, p, steps, per_call)
+    copy.set_weights(model.get_weights())
+    trained = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # mixed_float16 wraps it in a loss scaler
+    copy.optimizer.name = trained.name  # not Keras's next automatic name: the saved config must not depend on a resume
+    copy.optimizer.build(copy.trainable_variables)
+    for target, value in zip(copy.optimizer.variables, trained.variables, strict=True):
+        target.assign(value)
+    return copy
 
 
 def write_model_text(model: keras.Model, p: ModelParams, logdir: Path) -> None:
@@ -199,6 +222,7 @@ def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> 
         "loss": spec.loss,
         "parameters": int(result.model.count_params()),
         "epochs": p.epochs,
+        "precision": result.precision,
         "val_accuracy": result.history.get("val_accuracy", [None])[-1],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
