@@ -6,9 +6,14 @@ BIN := $(VENV)/bin
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup lock run test dashboards bench chaos flow serve
+.PHONY: setup setup-gpu lock run test dashboards bench chaos flow serve
 
 setup: $(VENV)/.installed
+
+# The runtime with TensorFlow's CUDA libraries (the extra `gpu`: NVIDIA's wheels, about 3 GB), for a
+# machine with an NVIDIA GPU and its driver: gpu.lock is runtime.lock plus those packages.
+setup-gpu: setup
+	$(BIN)/pip install --quiet --require-hashes -r requirements/gpu.lock
 
 # pip checks every download against the lock's sha256 hashes; the project itself is installed
 # without a download (no build isolation: the locked setuptools builds it).
@@ -23,10 +28,11 @@ $(VENV)/.installed: requirements/runtime.lock requirements/test.lock pyproject.t
 UV := .uv/bin/uv
 LOCK := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet $(ARGS)
 
-lock:             ## requirements/runtime.lock and requirements/test.lock, with hashes, from pyproject.toml
+lock:             ## requirements/runtime.lock, test.lock and gpu.lock, with hashes, from pyproject.toml
 	test -x $(UV) || ($(PYTHON) -m venv .uv && .uv/bin/pip install --quiet uv==0.13.9)
 	$(UV) pip compile pyproject.toml $(LOCK) -o requirements/runtime.lock
 	$(UV) pip compile --group pyproject.toml:test -c requirements/runtime.lock $(LOCK) -o requirements/test.lock
+	$(UV) pip compile pyproject.toml --extra gpu -c requirements/runtime.lock $(LOCK) -o requirements/gpu.lock
 
 run: setup        ## the whole pipeline: dvc repro, every stage reporting to a Prefect server
 	mnist run $(ARGS)

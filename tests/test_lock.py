@@ -13,7 +13,12 @@ from packaging.utils import canonicalize_name
 
 from conftest import REPO
 
-LOCKS = {"runtime": REPO / "requirements" / "runtime.lock", "test": REPO / "requirements" / "test.lock"}
+LOCKS = {
+    "runtime": REPO / "requirements" / "runtime.lock",
+    "test": REPO / "requirements" / "test.lock",
+    "gpu": REPO / "requirements" / "gpu.lock",  # runtime.lock plus TensorFlow's CUDA libraries: make setup-gpu
+}
+INSTALLED = ("runtime", "test")  # what make setup installs
 ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)==(?P<version>\S+)(?: ; (?P<marker>[^\\]+?))? \\$")
 
 
@@ -43,7 +48,8 @@ def test_every_locked_package_is_pinned_with_a_hash(lock: str) -> None:
 def test_the_locks_pin_what_pyproject_asks_for() -> None:
     """A version changed in pyproject.toml without `make lock` fails here."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    for lock, wanted in (("runtime", project["project"]["dependencies"]), ("test", project["dependency-groups"]["test"])):
+    gpu = project["project"]["optional-dependencies"]["gpu"]
+    for lock, wanted in (("runtime", project["project"]["dependencies"]), ("test", project["dependency-groups"]["test"]), ("gpu", gpu)):
         found = entries(lock)
         for spec in map(Requirement, wanted):
             pinned = found.get(canonicalize_name(spec.name), ("missing",))[0]
@@ -53,7 +59,7 @@ def test_the_locks_pin_what_pyproject_asks_for() -> None:
 def test_this_environment_is_the_locked_one() -> None:
     """Every package the locks name for this platform is installed at the locked version."""
     wrong = []
-    for lock in LOCKS:
+    for lock in INSTALLED:
         for name, (pinned, marker, _) in entries(lock).items():
             if marker and not Marker(marker).evaluate():
                 continue
@@ -64,3 +70,11 @@ def test_this_environment_is_the_locked_one() -> None:
             if installed != pinned:
                 wrong.append(f"{name}: {installed}, locked {pinned}")
     assert not wrong, f"{wrong}: run `make setup` in a fresh .venv"
+
+
+def test_the_gpu_lock_is_the_runtime_lock_plus_tensorflows_cuda_libraries() -> None:
+    runtime, gpu = entries("runtime"), entries("gpu")
+    assert {name: entry[0] for name, entry in runtime.items()} == {name: gpu[name][0] for name in runtime}
+    added = set(gpu) - set(runtime)
+    assert {"nvidia-cudnn-cu12", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12"} <= added, sorted(added)
+    assert all(name.startswith("nvidia-") for name in added), sorted(added)

@@ -408,10 +408,24 @@ def test_a_bf16_training_gives_a_float32_model_with_its_weights(tmp_path):
     assert {layer.dtype_policy.name for layer in result.model.layers} == {"float32"}
     assert result.model.optimizer.iterations.numpy() > 0  # the optimizer state came along
     loop.save_trained(result, "cnn", params.model("cnn"), params.seed, tmp_path / "out", tmp_path / "resume", tmp_path / "tb")
-    assert json.loads((tmp_path / "out" / META_FILE).read_text())["precision"] == "mixed_bfloat16"
+    meta = json.loads((tmp_path / "out" / META_FILE).read_text())
+    assert meta["precision"] == "mixed_bfloat16" and meta["device"] == result.device
     saved = artifacts.read_model(tmp_path / "out")
     assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
     assert_same_arrays([np.asarray(w) for w in saved.get_weights()], [np.asarray(w) for w in result.model.get_weights()])
+
+
+def test_a_gpu_expected_but_missing_is_a_warning_naming_the_fix(monkeypatch, caplog):
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("TensorFlow sees a GPU here")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    train = params_with("linear").train
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        assert loop.training_device(train) == "CPU"
+        assert not caplog.records  # none expected: no warning
+        assert loop.training_device(train.model_copy(update={"strategy": "mirrored"})) == "CPU"
+    (record,) = caplog.records
+    assert "a GPU was expected (train.strategy mirrored" in record.message and "make setup-gpu" in record.message
 
 
 # --- dead ReLU units ------------------------------------------------------------------------

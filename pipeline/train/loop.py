@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -101,6 +102,7 @@ class TrainResult:
     epochs_resumed: int
     seconds: float
     precision: str = "float32"  # the Keras dtype policy it trained in; `model` itself is float32
+    device: str = "CPU"  # where it trained (training_device)
 
 
 def start_or_resume(
@@ -142,8 +144,9 @@ def train_model(
     per_call = steps_per_call(steps, train.steps_per_execution)
     strategy = tf.distribute.MirroredStrategy() if train.strategy == "mirrored" else tf.distribute.get_strategy()
     expected = fingerprint(name, p, seed, train, Path(data) / artifacts.PREPARED_FILE)
+    device = training_device(train)
     policy = training_policy(train.precision)
-    log.info("%s: training in %s (train.precision: %s)", name, policy, train.precision)
+    log.info("%s: training on %s in %s (train.precision: %s)", name, device, policy, train.precision)
     with strategy.scope(), keras_seeds_from(seed), dtype_policy(policy):
         model, first_epoch, history = start_or_resume(name, p, steps, per_call, resume_dir, expected)
     resume_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +182,22 @@ def train_model(
     seconds = time.perf_counter() - start
     with strategy.scope(), keras_seeds_from(seed):
         trained = as_float32(model, name, p, steps, per_call)
-    return TrainResult(trained, history, first_epoch, seconds, policy)
+    return TrainResult(trained, history, first_epoch, seconds, policy, device)
+
+
+def training_device(train: TrainParams) -> str:
+    """Where training runs: the GPUs TensorFlow sees, else "CPU". With no GPU where one was expected
+    (train.strategy mirrored, or CUDA_VISIBLE_DEVICES set), a warning says how to get one and how to
+    see TensorFlow's own reason (pipeline/__init__.py quiets TensorFlow's C++ log)."""
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if not gpus and (train.strategy == "mirrored" or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        log.warning(
+            "a GPU was expected (train.strategy %s, CUDA_VISIBLE_DEVICES %r) but TensorFlow sees none: training on the CPU. "
+            "On a machine with an NVIDIA GPU and its driver, `make setup-gpu` installs TensorFlow's CUDA libraries; "
+            "TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's own reason.",
+            train.strategy, os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+    return ", ".join(gpus) or "CPU"
 
 
 def as_float32(model: keras.Model, name: str, p: ModelParams, steps: int, per_call: int) -> keras.Model:
@@ -223,6 +241,7 @@ def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> 
         "parameters": int(result.model.count_params()),
         "epochs": p.epochs,
         "precision": result.precision,
+        "device": result.device,
         "val_accuracy": result.history.get("val_accuracy", [None])[-1],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
