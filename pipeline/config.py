@@ -81,7 +81,6 @@ class TrainParams(Section):
     strategy: Literal["default", "mirrored"]
     deterministic: bool
     steps_per_execution: PositiveInt
-    precision: Literal["auto", "float32", "bf16", "fp16"]
 
 
 class EvaluateParams(Section):
@@ -112,6 +111,7 @@ class ModelParams(Section):
     lr_decay: float = Field(gt=0, le=1)  # per-epoch factor of the exponential schedule
     init: Literal["normal", "glorot", "he"]
     l2: float = Field(ge=0, le=1)
+    precision: Literal["auto", "float32", "bf16", "fp16"]  # training's arithmetic (pipeline/train/precision.py)
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> ModelParams:

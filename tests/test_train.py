@@ -401,7 +401,7 @@ def test_training_policy_is_bf16_on_auto_only_with_bf16_instructions(monkeypatch
 
 def test_a_bf16_training_gives_a_float32_model_with_its_weights(tmp_path):
     splits = write_data(tmp_path / "data")
-    params = params_with("cnn", train={"precision": "bf16"}, **{**SMALL_CNN, "epochs": 1})
+    params = params_with("cnn", **{**SMALL_CNN, "epochs": 1, "precision": "bf16"})
     result = train_model("cnn", params.model("cnn"), params.seed, params.train, splits, tmp_path / "data", tmp_path / "resume")
     assert result.precision == "mixed_bfloat16"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is back
@@ -478,7 +478,7 @@ def tb_run(tmp_path_factory):
     overrides = {**SMALL_CNN, "epochs": TB_EPOCHS}
     # float32: the dead-ReLU test counts again on the returned float32 model; a run trained in bf16 (auto on a
     # CPU with bf16 instructions) counts in bf16, where a unit whose output is near 0 can land on either side
-    params = params_with("cnn", train={"precision": "float32"}, **overrides)
+    params = params_with("cnn", **overrides, precision="float32")
     steps = -(-len(splits["train"].y) // overrides["batch_size"])
     try:
         result = train_model(
@@ -589,7 +589,7 @@ def test_fit_line_recovers_the_slope():
     x, y = tutorials.noisy_line()
     p = LinearParams(
         optimizer="sgd", learning_rate=0.01, batch_size=1, epochs=20, lr_schedule="constant",
-        lr_decay=1.0, init="normal", l2=0.0,
+        lr_decay=1.0, init="normal", l2=0.0, precision="float32",
     )
     w = tutorials.fit_line(x, y, p, seed=1337)
     least_squares = float(np.dot(x, y) / np.dot(x, x))

@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 def fingerprint(name: str, p: ModelParams, seed: int, train: TrainParams, data_file: Path) -> str:
     """What a checkpoint must match to be resumed: model, its params, seed, data, TF version, the precision
-    it trains in (train.precision `auto` differs between CPUs)."""
+    it trains in (precision `auto` differs between CPUs)."""
     stat = data_file.stat()
     parts = [name, params_hash(p), params_hash(train), str(seed), f"{stat.st_size}:{stat.st_mtime_ns}", tf.__version__,
-             training_policy(train.precision)]
+             training_policy(p.precision)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -145,8 +145,8 @@ def train_model(
     strategy = tf.distribute.MirroredStrategy() if train.strategy == "mirrored" else tf.distribute.get_strategy()
     expected = fingerprint(name, p, seed, train, Path(data) / artifacts.PREPARED_FILE)
     device = training_device(train)
-    policy = training_policy(train.precision)
-    log.info("%s: training on %s in %s (train.precision: %s)", name, device, policy, train.precision)
+    policy = training_policy(p.precision)
+    log.info("%s: training on %s in %s (models.%s.precision: %s)", name, device, policy, name, p.precision)
     with strategy.scope(), keras_seeds_from(seed), dtype_policy(policy):
         model, first_epoch, history = start_or_resume(name, p, steps, per_call, resume_dir, expected)
     resume_dir.mkdir(parents=True, exist_ok=True)
