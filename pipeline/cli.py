@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 
-from pipeline import servers
+from pipeline import servers, warm
 from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
@@ -49,21 +49,26 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _run_with_prefect(cmd: list[str]) -> int:
+def _run_with_prefect(cmd: list[str], warm_starts: bool = False) -> int:
     """Run `cmd` (dvc repro, a flow) with every stage reporting to one Prefect server.
 
+    With `warm_starts`, the stages start as forks of one process that has imported them
+    (pipeline/warm.py) instead of importing TensorFlow and Prefect each time.
     SIGINT and SIGTERM, sent to this command alone or to its process group, reach `cmd` and its
-    stages; this command then marks the stages that could not report as crashed, stops the server
+    stages; this command then marks the stages that could not report as crashed, stops the servers
     it started, and exits with `cmd`'s status (130 or 143 for a child ended by SIGINT or SIGTERM).
     """
     run_id = time.strftime("run-%Y%m%d-%H%M%S")
     with servers.Signals() as signals:
         try:
-            with prefect_api(signals) as api:
+            with prefect_api(signals) as api, ExitStack() as stack:
                 signals.check()
                 print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
                 _mark_orphaned_runs(api)  # left Running by an earlier run killed outright
-                child = subprocess.Popen(cmd, env={**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id})
+                env = {**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id}
+                if warm_starts:
+                    env.update(stack.enter_context(warm.server(Path.cwd().resolve(), env)))
+                child = subprocess.Popen(cmd, env=env)
                 signals.adopt(child)
                 code = exit_status(child.wait())
                 _mark_killed_runs(api, run_id)
@@ -112,7 +117,8 @@ def mark_orphaned_runs() -> list[str]:
             if where != host or not pid.isdigit() or not any(t.startswith("stage:") for t in run.tags):
                 continue
             try:
-                alive = any("stages/" in part for part in psutil.Process(int(pid)).cmdline())
+                # a stage process: `python stages/<stage>.py`, or a fork of the warm server (pipeline/warm.py)
+                alive = any("stages/" in part or part == "pipeline.warm" for part in psutil.Process(int(pid)).cmdline())
             except psutil.Error:
                 alive = False
             if not alive:
@@ -157,7 +163,7 @@ def _mark_killed_runs(api: str, run_id: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`dvc repro`, every stage reporting to one Prefect server."""
-    code = _run_with_prefect(["dvc", "repro", *args.dvc_args])
+    code = _run_with_prefect(["dvc", "repro", *args.dvc_args], warm_starts=not args.cold)
     if code == 0:
         print("\nDone. Results: `dvc metrics show`, data/report.md, and `make dashboards` for Prefect and TensorBoard.")
     return code
@@ -173,7 +179,7 @@ def cmd_flow(args: argparse.Namespace) -> int:
                 "(and PREFECT_API_AUTH_STRING if it asks for one). See the README, 'Beyond one machine'."
             )
         return _run_with_prefect([sys.executable, "-m", "pipeline.fanout", args.work_pool])
-    return _run_with_prefect([sys.executable, "-m", "pipeline.dag"])
+    return _run_with_prefect([sys.executable, "-m", "pipeline.dag"], warm_starts=True)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -352,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="dvc repro, with every stage on a Prefect server")
+    run.add_argument("--cold", action="store_true",
+                     help="start every stage as a new process (by default each is forked from one that has imported them: pipeline/warm.py)")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (e.g. train@cnn, --force)")
     run.set_defaults(fn=cmd_run)
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import httpx
 
 from pipeline.errors import PipelineError
+from pipeline.warm import DIE_WITH_PARENT
 
 PREFECT_PORT = 4200
 TENSORBOARD_PORT = 6006
@@ -89,22 +90,6 @@ def forward(pid: int, signum: int) -> None:
             proc.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
-
-
-def _die_with_parent() -> None:
-    """Run in a server's process before it starts (Linux): the kernel sends it SIGTERM when the
-    command that started it dies, even by SIGKILL, so no server outlives its command."""
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
-if sys.platform == "linux":  # looked up here: after fork, the child only calls it
-    import ctypes
-
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-    DIE_WITH_PARENT = _die_with_parent
-else:
-    DIE_WITH_PARENT = None
 
 
 def answers(url: str, timeout_s: float = 2.0) -> bool:

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import httpx
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from pydantic import ValidationError
 
+from pipeline import warm
 from pipeline.config import ModelParams, load_params
 from pipeline.data import is_disk_full
 from pipeline.errors import PipelineError
@@ -51,7 +53,9 @@ except PipelineError as _exc:
 from prefect import Flow, task  # noqa: E402 - only once the settings are known to be readable
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.logging.loggers import flow_run_logger  # noqa: E402
 
+START_UP_LOG = "stage process ready in %.2f s (%s start, pipeline/warm.py), launched by DVC at %s"  # benchmarks/breakdown.py reads it
 RUN_ID_ENV = "PIPELINE_RUN_ID"
 EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` (and queued experiments) for every stage process
 SERVER_WAIT_S = 30.0  # how long a stage waits for a Prefect server that refuses connections (a restart takes ~10 s)
@@ -177,9 +181,14 @@ def record_run(labels: list[str]):
     retry, so a server restart during a stage failed the stage (tests/test_faults.py).
     """
 
+    launch, ready = warm.launched(), time.time()  # called before the flow run is created: the process is ready
+
     def record(flow: Flow, flow_run, state) -> None:
         with get_client(sync_client=True) as client:
             client.update_flow_run(flow_run.id, infrastructure_pid=this_process(), tags=sorted({*flow_run.tags, *labels}))
+        if launch:
+            when, how = launch
+            flow_run_logger(flow_run, flow).info(START_UP_LOG, ready - when, how, datetime.fromtimestamp(when, timezone.utc).isoformat())
 
     return record
 

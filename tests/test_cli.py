@@ -315,13 +315,15 @@ def test_newest_saved_model_defaults_to_the_export_stage_folder(tmp_path, monkey
         (["run", "--force"], ["dvc", "repro", "--force"]),
         (["run", "-f", "train@cnn"], ["dvc", "repro", "-f", "train@cnn"]),
         (["run", "train@cnn", "--force"], ["dvc", "repro", "train@cnn", "--force"]),
+        (["run", "--cold", "--force"], ["dvc", "repro", "--force"]),
+        (["run", "--force", "--cold"], ["dvc", "repro", "--force"]),
     ],
 )
 def test_run_passes_its_arguments_to_dvc_repro(monkeypatch: pytest.MonkeyPatch, argv: list[str], dvc_cmd: list[str]) -> None:
     called = []
-    monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd: called.append(cmd) or 0)
+    monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd, warm_starts: called.append((cmd, warm_starts)) or 0)
     assert cli.main(argv) == 0
-    assert called == [dvc_cmd]
+    assert called == [(dvc_cmd, "--cold" not in argv)]
 
 
 def test_unknown_options_of_other_commands_are_refused(capsys: pytest.CaptureFixture) -> None:

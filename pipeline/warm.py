@@ -1,0 +1,296 @@
+"""Warm stage starts: each stage process forked from one that has already imported everything.
+
+Every stage command in dvc.yaml is `python -m pipeline.warm stages/<stage>.py ARGS`. On its own
+that is `python stages/<stage>.py ARGS`: the launcher, which imports nothing heavy, replaces
+itself with that command (os.execv). A stage process spends about 3 s importing TensorFlow,
+Keras and Prefect before its work begins, 28 times per full run; so `mnist run` also starts a
+warm server (`serve`) that imports every stage script once, and tells the stages where it
+listens ($PIPELINE_WARM_SOCKET). The launcher then hands its script, arguments, working
+directory, environment and stdin/stdout/stderr to the server, which forks a child to run the
+script; the launcher waits and exits as the child did (same status, same signal).
+
+What the child runs is what `python stages/<stage>.py` would run: the same files (the server
+refuses, and the launcher starts cold, when the working directory is another one or a module
+the server imported changed on disk since), a fresh `__main__`, the launcher's environment.
+SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to the child; a launcher that
+dies (SIGKILL) takes its child with it, and the server dies with the command that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SOCKET_ENV = "PIPELINE_WARM_SOCKET"
+LAUNCHED_ENV = "PIPELINE_STAGE_LAUNCHED"  # "<unix time> warm|cold": when and how the launcher started the stage
+MAX_MESSAGE = 1 << 20  # a request: the script, its arguments, the working directory and the environment
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Variables that libraries read when they are imported (Prefect's settings, TensorFlow's, Python's):
+# a stage whose values differ from the server's starts cold.
+READ_AT_IMPORT = ("PREFECT_", "TF_", "CUDA_", "KERAS_", "OMP_", "PYTHON")
+
+
+def _die_with_parent() -> None:
+    """Run in a child process before it starts (Linux): the kernel sends it SIGTERM when the
+    process that started it dies, even by SIGKILL, so no server or stage outlives its command."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+if sys.platform == "linux":  # looked up here: after fork, the child only calls it
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+    DIE_WITH_PARENT = _die_with_parent
+else:
+    DIE_WITH_PARENT = None
+
+
+# --- the launcher: the stage command DVC runs ---------------------------------------------------
+
+
+def launch(argv: list[str]) -> None:
+    """Run `python SCRIPT ARGS...` in a child of the warm server if one answers, else here, cold."""
+    if not argv or not argv[0].endswith(".py"):
+        sys.exit("usage: python -m pipeline.warm stages/<stage>.py [ARGS...]")
+    path = os.environ.get(SOCKET_ENV)
+    if path:
+        os.environ[LAUNCHED_ENV] = f"{time.time():.6f} warm"
+        status = _run_warm(path, argv)
+        if status is not None:
+            _exit_like(status)
+    os.environ[LAUNCHED_ENV] = f"{time.time():.6f} cold"
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def launched() -> tuple[float, str] | None:
+    """When the launcher started this stage process (unix time), and "warm" or "cold"; None without a launcher."""
+    when, _, how = os.environ.get(LAUNCHED_ENV, "").partition(" ")
+    try:
+        return float(when), how
+    except ValueError:
+        return None
+
+
+def _run_warm(path: str, argv: list[str]) -> int | None:
+    """The child's exit status (negative: the signal that ended it), or None if the server cannot take the run."""
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(path)
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
+        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+        reply = json.loads(conn.recv(MAX_MESSAGE) or b"{}")
+    except (OSError, ValueError) as exc:
+        print(f"warm start not possible ({exc}); starting {argv[0]} cold", file=sys.stderr)
+        return None
+    if "pid" not in reply:
+        print(f"warm start refused: {reply.get('refused', 'no answer')}; starting {argv[0]} cold", file=sys.stderr)
+        return None
+    child = reply["pid"]
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, frame: _send(child, signum))
+    end = conn.recv(MAX_MESSAGE)  # the supervisor's last word: the child's exit status
+    if not end:
+        print(f"the warm stage process {child} ended without reporting its status", file=sys.stderr)
+        return 1
+    return int(json.loads(end)["status"])
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _exit_like(status: int) -> None:
+    """Exit with `status`; for a child ended by a signal, end by the same signal, as DVC would have seen it."""
+    if status < 0:
+        sys.stdout.flush(), sys.stderr.flush()
+        if -status not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    sys.exit(status if status >= 0 else 128 - status)
+
+
+# --- the server: started by `mnist run` ----------------------------------------------------------
+
+
+@contextmanager
+def server(root: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A warm server for the stages of `root`, started with `env` (the stages' own); yields the
+    variable that points the launchers at it. It gets ready in a few seconds: stages that start
+    before then start cold. Stopped on exit; it also dies with this process."""
+    with tempfile.TemporaryDirectory(prefix="mnist-warm-") as folder:
+        path = str(Path(folder) / "socket")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.warm", "--serve", path], cwd=root, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=DIE_WITH_PARENT,
+        )
+        try:
+            yield {SOCKET_ENV: path}
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def serve(path: str, root: Path) -> None:
+    """Import every stage script of `root`, then fork a stage process for each launcher that connects.
+
+    Listens on the Unix socket `path` (created only when ready); ends on SIGTERM, or when the process
+    that started it is gone.
+    """
+    import gc
+    import runpy
+
+    server, parent = os.getpid(), os.getppid()
+    os.chdir(root)
+    for script in sorted((root / "stages").glob("*.py")):
+        runpy.run_path(str(script), run_name="__warm__")  # its imports and definitions; not its main block
+    loaded = _module_times(root)
+    gc.freeze()  # the imported objects stay shared with the children, untouched by their collections
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the stage (via its launcher), not for the server
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    listener.settimeout(1.0)
+    try:
+        while os.getppid() == parent:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(None)
+            with conn:
+                message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
+                try:
+                    request = json.loads(message)
+                    refused = refusal(request, root, loaded)
+                    if refused:
+                        conn.send(json.dumps({"refused": refused}).encode())
+                    else:
+                        sys.stdout.flush(), sys.stderr.flush()
+                        if os.fork() == 0:
+                            listener.close()
+                            _supervise(conn, request, fds)  # returns only in the stage process
+                            return  # the stage process: its script ran; Python now exits as after `python script`
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+    finally:
+        if os.getpid() == server:
+            listener.close()
+            Path(path).unlink(missing_ok=True)
+
+
+def refusal(request: dict, root: Path, loaded: dict[str, int]) -> str | None:
+    """Why the server must not run `request` (the launcher then starts cold), or None."""
+    if Path(request["cwd"]).resolve() != root:
+        return f"the server runs the code of {root}, not of {request['cwd']}"
+    read_at_import = {k for k in {**os.environ, **request["env"]} if k.startswith(READ_AT_IMPORT)}
+    differs = sorted(k for k in read_at_import if os.environ.get(k) != request["env"].get(k))
+    if differs:
+        return f"${differs[0]} differs from the server's, and the server read it when it imported"
+    changed = [name for name, mtime in loaded.items() if _mtime(name) != mtime]
+    if changed:
+        return f"{changed[0]} changed on disk since the server imported it"
+    return None
+
+
+def _module_times(root: Path) -> dict[str, int]:
+    """Modification times of the project's files that are imported in this process."""
+    code = (root / "pipeline", root / "stages")
+    files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
+    times = {str(f): _mtime(str(f)) for f in files if f and any(Path(f).resolve().is_relative_to(c) for c in code)}
+    times.update({str(s): _mtime(str(s)) for s in (root / "stages").glob("*.py")})
+    return times
+
+
+def _mtime(name: str) -> int:
+    try:
+        return os.stat(name).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In a fork of the server: fork the stage process, report its pid and then its exit status to the launcher.
+
+    Returns only in the stage process, set up as `python SCRIPT ARGS` would be.
+    """
+    os.setpgid(0, 0)  # signals to the server's process group reach the stage only through its launcher
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = os.fork()
+    if child == 0:
+        _become_stage(conn, request, fds)
+        return
+    conn.send(json.dumps({"pid": child}).encode())
+
+    def launcher_gone() -> None:  # the launcher sends nothing more: EOF means it died
+        conn.recv(1)
+        _send(child, signal.SIGKILL)
+
+    threading.Thread(target=launcher_gone, daemon=True).start()
+    # WNOWAIT: the ended child stays a zombie until this process exits, so its pid is not reused
+    # while the launcher_gone thread might still signal it.
+    ended = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+    status = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+    try:
+        conn.send(json.dumps({"status": status}).encode())
+    finally:
+        os._exit(0)
+
+
+def _become_stage(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """Turn this fork into the stage process: the launcher's stdio, directory, environment, arguments, signals."""
+    supervisor = os.getppid()
+    conn.close()
+    if DIE_WITH_PARENT:
+        DIE_WITH_PARENT()  # SIGTERM when the supervisor dies
+    if os.getppid() != supervisor:
+        os._exit(1)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=stream.isatty())
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    script, *args = request["argv"]
+    sys.argv = [script, *args]
+    sys.path[0] = str(Path(script).resolve().parent)
+    import runpy
+
+    runpy.run_path(script, run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], Path.cwd().resolve())
+    else:
+        launch(argv)
+
+
+if __name__ == "__main__":
+    main()

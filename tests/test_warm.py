@@ -1,0 +1,187 @@
+"""Warm stage starts (pipeline/warm.py): the launcher runs a stage script as a fork of a server that
+imported it, or cold when there is none, with the same arguments, streams, status and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from conftest import REPO, SmallRun, project_env
+from pipeline.warm import SOCKET_ENV
+
+PROBE = '''
+import os, signal, sys, time
+from pathlib import Path
+out = Path(os.environ["PROBE_OUT"])
+if __name__ == "__main__":  # the server imports it; only a run does this
+    print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("PROBE_VAR"), "pid", os.getpid(), "ppid", os.getppid(), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    out.with_suffix(".pid").write_text(str(os.getpid()))
+    what = sys.argv[1]
+    if what == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "wait-for-sigterm":
+        signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".term").write_text("got it"), sys.exit(7)))
+        out.with_suffix(".ready").write_text("")
+        time.sleep(120)
+    if what == "sleep":
+        out.with_suffix(".ready").write_text("")
+        time.sleep(120)
+    sys.exit(int(what))
+'''
+
+
+def wait_for(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A project folder with one stage script, the probe."""
+    (tmp_path / "root" / "stages").mkdir(parents=True)
+    (tmp_path / "root" / "stages" / "probe.py").write_text(PROBE)
+    return tmp_path / "root"
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PROBE_OUT": str(tmp_path / "probe"), **extra}
+
+
+@contextmanager
+def warm_server(root: Path, env: dict[str, str]) -> Iterator[str]:
+    """`python -m pipeline.warm --serve` in `root`; yields its socket once it listens."""
+    path = str(root.parent / "warm.sock")
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.warm", "--serve", path], cwd=root, env=env)
+    try:
+        wait_for(lambda: os.path.exists(path) or server.poll() is not None, "the warm server")
+        assert server.poll() is None, f"the warm server ended with {server.returncode}"
+        yield path
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert not os.path.exists(path), "the server left its socket behind"
+
+
+def launch(root: Path, env: dict[str, str], *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.warm", "stages/probe.py", *args], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_without_a_server_the_launcher_runs_the_script_itself(root: Path, tmp_path: Path) -> None:
+    proc = launch(root, env_for(tmp_path, PROBE_VAR="x"), "3", "--flag")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert f"argv ['3', '--flag'] cwd {root} var x pid {proc.pid} " in out  # os.execv: the launcher's own process
+    assert "to stderr" in err and "warm" not in err
+
+
+def test_a_warm_start_is_a_fork_of_the_server_with_the_launchers_arguments_streams_and_status(root: Path, tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        proc = launch(root, {**env, SOCKET_ENV: path, "PROBE_VAR": "y"}, "5", "--flag")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, err
+    assert f"argv ['5', '--flag'] cwd {root} var y" in out
+    pid = int(out.split(" pid ")[1].split()[0])
+    ppid = int(out.split(" ppid ")[1].split()[0])
+    assert pid != proc.pid and ppid != proc.pid, out  # not the launcher, nor its child
+    assert "to stderr" in err and "cold" not in err
+
+
+def test_a_signal_that_ends_the_stage_ends_the_launcher_the_same_way(root: Path, tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        proc = launch(root, {**env, SOCKET_ENV: path}, "sigkill")
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigterm_to_the_launcher_reaches_the_stage(root: Path, tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        proc = launch(root, {**env, SOCKET_ENV: path}, "wait-for-sigterm")
+        wait_for(lambda: (tmp_path / "probe.ready").exists(), "the stage")
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert (tmp_path / "probe.term").read_text() == "got it"
+    assert proc.returncode == 7
+
+
+def test_a_killed_launcher_takes_its_stage_with_it(root: Path, tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        proc = launch(root, {**env, SOCKET_ENV: path}, "sleep")
+        wait_for(lambda: (tmp_path / "probe.ready").exists(), "the stage")
+        stage = psutil.Process(int((tmp_path / "probe.pid").read_text()))
+        proc.kill()
+        proc.communicate(timeout=60)
+        stage.wait(timeout=30)
+        assert not stage.is_running()
+
+
+@pytest.mark.parametrize("change", ["other folder", "edited script", "Prefect setting"])
+def test_the_server_refuses_what_it_could_run_wrong_and_the_stage_starts_cold(root: Path, tmp_path: Path, change: str) -> None:
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        cwd, launch_env = root, {**env, SOCKET_ENV: path}
+        if change == "other folder":
+            cwd = tmp_path / "copy"
+            (cwd / "stages").mkdir(parents=True)
+            (cwd / "stages" / "probe.py").write_text(PROBE)
+        elif change == "edited script":
+            script = root / "stages" / "probe.py"
+            script.write_text(PROBE + "\n# edited\n")
+            os.utime(script, ns=(time.time_ns(), time.time_ns() + 10**9))
+        else:
+            launch_env["PREFECT_API_URL"] = "http://127.0.0.1:1/api"
+        proc = launch(cwd, launch_env, "0")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f" pid {proc.pid} " in out, out  # it ran in the launcher's own process
+    assert "warm start refused" in err and "starting stages/probe.py cold" in err, err
+
+
+def test_the_server_ends_with_the_process_that_started_it(root: Path, tmp_path: Path) -> None:
+    """As `mnist run` starts it (warm.server): killed outright, that command leaves no server behind."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline import warm\n"
+         "import os\nwith warm.server(Path(sys.argv[1]), dict(os.environ)):\n    time.sleep(300)", str(root)],
+        env=env_for(tmp_path),
+    )
+    wait_for(lambda: any(c.cmdline()[3:4] == ["--serve"] for c in psutil.Process(starter.pid).children()), "the server")
+    server = next(c for c in psutil.Process(starter.pid).children() if "--serve" in c.cmdline())
+    starter.kill()
+    starter.wait(timeout=30)
+    server.wait(timeout=60)
+    assert not server.is_running()
+
+
+def test_a_warm_train_stage_writes_the_same_bytes_as_a_cold_one(small_run: SmallRun, tmp_path: Path) -> None:
+    """The small run's stages started cold (`dvc repro`); the same train stage, warm, gives the same model."""
+    project = small_run.project
+    env = project_env(PYTHONPATH=str(project))
+
+    def train(into: Path, extra: dict[str, str]) -> Path:
+        cmd = [sys.executable, "-m", "pipeline.warm", "stages/train.py", "logreg", "--data", "data/prepared",
+               "--out", str(into / "model"), "--live", str(into / "live"), "--resume", str(into / "resume"),
+               "--tensorboard", str(into / "tb")]
+        done = subprocess.run(cmd, cwd=project, env={**env, **extra}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "cold" not in done.stderr, done.stderr[-3000:]
+        return into / "model" / "model.keras"
+
+    with warm_server(project, env) as path:
+        warm = train(tmp_path / "warm", {SOCKET_ENV: path})
+    assert warm.read_bytes() == (project / "data" / "models" / "logreg" / "model.keras").read_bytes()
