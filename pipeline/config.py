@@ -108,7 +108,7 @@ class ModelParams(Section):
     momentum: Rate | None = None  # only for optimizer: momentum (SGD with momentum)
     rho: Rate | None = None  # only for optimizer: rmsprop (decay of its average of squared gradients)
     lr_schedule: Literal["constant", "exponential", "cosine"]
-    lr_decay: float = Field(gt=0, le=1)  # per-epoch factor of the exponential schedule
+    lr_decay: float | None = Field(default=None, gt=0, le=1)  # only for lr_schedule: exponential (its per-epoch factor)
     init: Literal["normal", "glorot", "he"]
     l2: float = Field(ge=0, le=1)
     precision: Literal["auto", "float32", "bf16", "fp16"]  # training's arithmetic (pipeline/train/precision.py)
@@ -117,12 +117,15 @@ class ModelParams(Section):
     def _optimizer_knobs(self) -> ModelParams:
         # Each optimizer's own knob is given exactly when that optimizer is chosen: no silent default.
         problems = []
-        for knob, owner in (("momentum", "momentum"), ("rho", "rmsprop")):
+        # The same for the learning-rate schedule's.
+        for knob, owner, chosen, kind in (("momentum", "momentum", self.optimizer, "optimizer"),
+                                          ("rho", "rmsprop", self.optimizer, "optimizer"),
+                                          ("lr_decay", "exponential", self.lr_schedule, "lr_schedule")):
             given = getattr(self, knob) is not None
-            if self.optimizer == owner and not given:
-                problems.append(f"optimizer {owner} needs `{knob}`: add it to the block")
-            if self.optimizer != owner and given:
-                problems.append(f"`{knob}` is a knob of optimizer {owner}, not {self.optimizer}: remove it")
+            if chosen == owner and not given:
+                problems.append(f"{kind} {owner} needs `{knob}`: add it to the block")
+            if chosen != owner and given:
+                problems.append(f"`{knob}` is a knob of {kind} {owner}, not {chosen}: remove it")
         if problems:
             raise ValueError("; ".join(problems))
         return self

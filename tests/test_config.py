@@ -139,6 +139,11 @@ BAD_EDITS = [
      ["models.mlp: optimizer momentum needs `momentum`: add it"]),
     ("rmsprop's rho renamed momentum", rename("models.cnn.rho", "momentum"),
      ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop"]),
+    # the schedule's: `lr_decay` only with lr_schedule exponential
+    ("lr_decay with cosine", both(set_("models.cnn.lr_schedule", "cosine"), set_("models.cnn.lr_decay", 0.8)),
+     ["models.cnn: `lr_decay` is a knob of lr_schedule exponential, not cosine: remove it"]),
+    ("exponential without lr_decay", both(set_("models.cnn.lr_schedule", "exponential"), set_("models.cnn.lr_decay", None)),
+     ["models.cnn: lr_schedule exponential needs `lr_decay`: add it"]),
     ("rho 1", set_("models.cnn.rho", 1.0), ["models.cnn.rho = 1.0", "less than 1"]),
     ("momentum negative", both(set_("models.mlp.optimizer", "momentum"), set_("models.mlp.momentum", -0.5)),
      ["models.mlp.momentum = -0.5", "greater than or equal to 0"]),

@@ -517,7 +517,7 @@ def test_tensorboard_has_epoch_loss_accuracy_and_learning_rate(tb_run):
             assert [logged[s] for s in range(TB_EPOCHS)] == pytest.approx(history[prefix + metric], rel=1e-5)
     rates = scalars(train, "epoch_learning_rate")
     assert [rates[s] for s in range(TB_EPOCHS)] == pytest.approx(history["learning_rate"], rel=1e-5)
-    assert rates[1] < rates[0]  # the cnn's exponential schedule
+    assert rates[1] < rates[0]  # the cnn's cosine schedule
 
 
 def test_tensorboard_has_weight_histograms_of_every_layer(tb_run):
@@ -589,7 +589,7 @@ def test_fit_line_recovers_the_slope():
     x, y = tutorials.noisy_line()
     p = LinearParams(
         optimizer="sgd", learning_rate=0.01, batch_size=1, epochs=20, lr_schedule="constant",
-        lr_decay=1.0, init="normal", l2=0.0, precision="float32",
+        init="normal", l2=0.0, precision="float32",
     )
     w = tutorials.fit_line(x, y, p, seed=1337)
     least_squares = float(np.dot(x, y) / np.dot(x, x))
