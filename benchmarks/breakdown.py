@@ -31,7 +31,7 @@ import os
 import re
 import sqlite3
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.common import Context, Row
@@ -92,7 +92,9 @@ def read_run(con: sqlite3.Connection, run_id: str | None) -> tuple[str, list[dic
 
 
 def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text)
+    """A timestamp of the database (UTC, stored without a zone) or of a log line, as an aware datetime."""
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def breakdown(flows: list[dict], wall: float | None = None) -> tuple[dict[str, dict[str, float]], float]:
