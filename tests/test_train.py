@@ -549,7 +549,7 @@ def test_tensorboard_has_the_model_text(tb_run):
     assert f"{result.model.count_params():,}" in layers_md
     assert "conv1" in layers_md and "logits" in layers_md
     table = markdown_rows(params_md)
-    assert table["learning_rate"] == "0.001"
+    assert table["learning_rate"] == str(params.model("cnn").learning_rate) == "0.0015"
     assert table["filters"] == str(params.model("cnn").filters) == str(SMALL_CNN["filters"])
     assert table["optimizer"] == "rmsprop" and table["rho"] == "0.9"
     assert set(table) == set(params.model("cnn").model_dump())  # every knob of the block, and only those
