@@ -67,8 +67,9 @@ def read_run(con: sqlite3.Connection, run_id: str | None) -> tuple[str, list[dic
     runs: dict[str, list[dict]] = defaultdict(list)
     query = "select id, name, tags, start_time, end_time, state_type from flow_run where start_time is not null and end_time is not null"
     for fid, name, tags, start, end, state in con.execute(query):
-        ids = [t.split(":", 1)[1] for t in json.loads(tags or "[]") if t.startswith("pipeline-run:")]
-        if ids:
+        tags = json.loads(tags or "[]")
+        ids = [t.split(":", 1)[1] for t in tags if t.startswith("pipeline-run:")]
+        if ids and any(t.startswith("stage:") for t in tags):  # a stage's flow run, not `mnist flow`'s own
             runs[ids[0]].append({"id": fid, "name": name, "start": _time(start), "end": _time(end), "state": state})
     complete = {rid: flows for rid, flows in runs.items()
                 if len(flows) == len({f["name"] for f in flows}) == expected_stage_count() and all(f["state"] == "COMPLETED" for f in flows)}
