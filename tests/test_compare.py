@@ -33,13 +33,22 @@ class Sweep:
     live: dict[str, int]  # experiment: DVCLive's last step that `dvc exp show` showed while it ran
 
 
+def logreg_at_a_constant_rate(raw: dict) -> dict:
+    """The logreg-only small run, its learning rate constant (params.yaml's cosine schedule ends an epoch
+    at 0): DVCLive's logged rate is then the swept one."""
+    raw = only_logreg(raw)
+    raw["models"]["logreg"].update(lr_schedule="constant")
+    raw["models"]["logreg"].pop("lr_decay", None)
+    return raw
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Sweep:
     """A logreg-only project and two experiments queued in it (`dvc exp run --queue -n NAME -S ...`), run
     side by side by `dvc queue start -j 2`; its workers inherit PREFECT_API_URL, so every stage reports
     to the session's server."""
     project = copy_project(tmp_path_factory.mktemp("sweep"))
-    edit_params(project, only_logreg)
+    edit_params(project, logreg_at_a_constant_rate)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "logreg only"], cwd=project, check=True)
     for name, rate in RATES.items():
         dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"models.logreg.learning_rate={rate}")
