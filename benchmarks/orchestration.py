@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
-import yaml
 
+from benchmarks.breakdown import database, expected_stage_count, read_run
 from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
 from pipeline.stage import DASHBOARDS_API_URL, dashboards_api
 
@@ -203,13 +203,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) \| \w+\s*\| Flow run '([^']+)' - (Beginning flow run|Finished in state (\w+))")
 
 
-def expected_stage_count() -> int:
-    """How many stages one full `dvc repro` runs: dvc.yaml's, a foreach stage once per model of params.yaml."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
-    return sum(len(models) if "foreach" in stage else 1 for stage in stages.values())
-
-
 def flows_from_log(path: Path) -> list[FlowRun]:
     """Flow runs (name, start, end, state) from Prefect's console lines in a `dvc repro` log."""
     begins: dict[str, datetime] = {}
@@ -233,23 +226,16 @@ def flows_from_log(path: Path) -> list[FlowRun]:
 
 
 def flows_from_prefect_db() -> tuple[list[FlowRun], str]:
-    """The latest complete pipeline run in the Prefect database (SQLite under PREFECT_HOME or ~/.prefect)."""
-    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
-    db = home / "prefect.db"
+    """The latest complete pipeline run in the Prefect database (benchmarks.breakdown reads it)."""
+    db = database()
     if not db.exists():
         return [], f"no Prefect database at {db}"
-    runs: dict[str, list[FlowRun]] = {}
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-        query = "select name, tags, start_time, end_time, state_type from flow_run where start_time is not null and end_time is not null"
-        for name, tags, start, end, state in con.execute(query):
-            run_ids = [t.split(":", 1)[1] for t in json.loads(tags or "[]") if t.startswith("pipeline-run:")]
-            if run_ids:
-                runs.setdefault(run_ids[0], []).append((name, datetime.fromisoformat(start), datetime.fromisoformat(end), state))
-    complete = [(max(f[2] for f in fl), rid, fl) for rid, fl in runs.items() if is_complete(fl)]
-    if not complete:
-        return [], f"no complete pipeline run (all {expected_stage_count()} stages) in {db}"
-    _, rid, flows = max(complete)
-    return flows, f"Prefect database {db}, pipeline-run:{rid}"
+        try:
+            run_id, flows = read_run(con, None)
+        except LookupError as exc:
+            return [], str(exc)
+    return [(f["name"], f["start"], f["end"], f["state"]) for f in flows], f"Prefect database {db}, pipeline-run:{run_id}"
 
 
 def is_complete(flows: list[FlowRun]) -> bool:
