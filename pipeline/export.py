@@ -119,10 +119,12 @@ def content_uuid(folder: Path) -> None:
 def verify_in_fresh_process(folder: Path, data: Path, evaluation: Path, repeats: int) -> dict:
     """Reload the SavedModel in a new Python process and compare its test predictions with evaluate's.
 
+    The process is `python -m pipeline.export ...`, forked from the warm server when the stage runs
+    under one (it has imported TensorFlow, and never built or loaded a model), else started anew.
     `data` is the prepared-data folder, `evaluation` the evaluate stage's folder. Returns what that
-    process measured (agreement, latency); raises ExportError on a mismatch.
+    process measured (agreement, latency, the signature it served); raises ExportError on a mismatch.
     """
-    cmd = [sys.executable, "-m", __name__, str(folder), str(data), str(evaluation), str(repeats)]
+    cmd = [sys.executable, "-m", "pipeline.warm", "-m", __name__, str(folder), str(data), str(evaluation), str(repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ExportError(f"the exported model at {folder} failed its check in a fresh process:\n{done.stderr.strip()[-2000:]}")
@@ -176,13 +178,13 @@ def _verify_main(folder: str, data: str, evaluation: str, repeats: str) -> None:
         "accuracy": round(float((got == test.y).mean()), 6),
         "latency_ms_batch_1": round(latency_ms(loaded, test.x[:1], int(repeats)), 3),
         "latency_ms_batch_256": round(latency_ms(loaded, test.x[:256], int(repeats)), 3),
+        "signature": describe_signature(loaded),
     }
     print(json.dumps(result))
 
 
-def describe_signature(folder: Path) -> str:
-    """The serving signature's inputs and outputs, as text."""
-    loaded = tf.saved_model.load(str(folder))
+def describe_signature(loaded) -> str:
+    """The serving signature's inputs and outputs of a loaded SavedModel, as text."""
     fn = loaded.signatures[SIGNATURE]
     inputs = {k: f"{v.dtype.name} {v.shape}" for k, v in fn.structured_input_signature[1].items()}
     outputs = {k: f"{v.dtype.name} {v.shape}" for k, v in fn.structured_outputs.items()}

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import httpx
 
 from pipeline.errors import PipelineError
-from pipeline.warm import DIE_WITH_PARENT
+from pipeline.warm import DIE_WITH_PARENT, stop
 
 PREFECT_PORT = 4200
 TENSORBOARD_PORT = 6006
@@ -115,16 +115,6 @@ def _wait_until(
     process.terminate()
     tail = log.read_text()[-1500:] if log.exists() else ""
     raise PipelineError(f"{what} did not start within {timeout_s:.0f} s (see {log}):\n{tail}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Watchdog(threading.Thread):
@@ -233,7 +223,7 @@ def prefect_server(
     finally:
         if watchdog:
             process = watchdog.stop()
-        _stop(process)
+        stop(process)
 
 
 @contextmanager
@@ -265,4 +255,4 @@ def tensorboard_server(
         _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log, signals)
         yield url
     finally:
-        _stop(process)
+        stop(process)

@@ -51,7 +51,7 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
         "%s exported to %s (%.1f MB); fresh-process check: %d test predictions identical; latency %.2f ms (batch 1), %.2f ms (batch 256)",
         model, folder, record["bytes"] / 1e6, check["test_images"], timings["latency_ms_batch_1"], timings["latency_ms_batch_256"],
     )
-    export.write_summaries(tensorboard, record, timings, export.describe_signature(folder))
+    export.write_summaries(tensorboard, record, timings, check["signature"])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from helpers import (
     PARAMS_YAML,
@@ -90,6 +91,7 @@ def test_verify_in_fresh_process_agrees_with_evaluate(servable, project):
     assert check["test_images"] == len(project["test"].y) == 200
     assert check["accuracy"] == pytest.approx(project["ev"].metrics["accuracy"], abs=1e-6)
     assert check["latency_ms_batch_1"] > 0 and check["latency_ms_batch_256"] > 0
+    assert "'images': 'uint8 (None, 28, 28)'" in check["signature"]  # as that process loaded it
 
 
 def test_verify_in_fresh_process_refuses_predictions_that_differ(servable, project, tmp_path):
@@ -200,7 +202,7 @@ def test_saved_model_cli_shows_a_uint8_batch_of_28x28_input(servable):
 
 
 def test_describe_signature_names_inputs_and_outputs(servable):
-    text = export.describe_signature(servable)
+    text = export.describe_signature(tf.saved_model.load(str(servable)))
     assert "serving_default" in text
     assert "'images': 'uint8 (None, 28, 28)'" in text
     assert "'probabilities': 'float32 (None, 10)'" in text and "'class': 'int64 (None,)'" in text

@@ -36,6 +36,19 @@ if __name__ == "__main__":  # the server imports it; only a run does this
     if what == "sleep":
         out.with_suffix(".ready").write_text("")
         time.sleep(120)
+    if what == "raise":
+        raise RuntimeError("boom")
+    if what == "interrupt":
+        raise KeyboardInterrupt
+    if what == "message":
+        sys.exit("bad input")
+    if what == "at-exit":
+        import atexit, threading
+        atexit.register(lambda: out.with_suffix(".atexit").write_text("ran"))
+        late = lambda: (time.sleep(0.5), out.with_suffix(".thread").write_text("joined"))
+        threading.Thread(target=late).start()
+        sys.stdout.write("unflushed")
+        sys.exit(0)
     sys.exit(int(what))
 '''
 
@@ -98,6 +111,46 @@ def test_a_warm_start_is_a_fork_of_the_server_with_the_launchers_arguments_strea
     ppid = int(out.split(" ppid ")[1].split()[0])
     assert pid != proc.pid and ppid != proc.pid, out  # not the launcher, nor its child
     assert "to stderr" in err and "cold" not in err
+
+
+@pytest.mark.parametrize("how", ["warm", "cold"])
+def test_a_module_runs_as_python_dash_m_would_run_it(root: Path, tmp_path: Path, how: str) -> None:
+    """`-m MODULE`, as export's check runs: a module that the server imported runs again as __main__."""
+    (root / "probepkg").mkdir()
+    (root / "probepkg" / "__init__.py").write_text("")
+    (root / "probepkg" / "probe.py").write_text(PROBE)
+    (root / "stages" / "probe.py").write_text("import probepkg.probe\n")  # so the server imports it
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        launch_env = {**env, SOCKET_ENV: path} if how == "warm" else env
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.warm", "-m", "probepkg.probe", "6", "--flag"], cwd=root,
+                                env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 6, err
+    assert f"argv ['6', '--flag'] cwd {root}" in out, out
+    assert (f" pid {proc.pid} " in out) == (how == "cold"), out  # warm: a fork of the server, not the launcher
+    assert err.strip() == "to stderr", err  # no refusal, no note of a cold start, no runpy warning
+
+
+@pytest.mark.parametrize("what", ["raise", "interrupt", "message", "at-exit"])
+def test_a_warm_stage_ends_as_a_cold_one_does(root: Path, tmp_path: Path, what: str) -> None:
+    """Status, stderr, atexit handlers, threads and buffered output: as `python script` ends (warm.py skips
+    only the teardown of the modules)."""
+    ended = {}
+    for how in ("cold", "warm"):
+        for leftover in tmp_path.glob("probe.*"):
+            leftover.unlink()
+        env = env_for(tmp_path)
+        with warm_server(root, env) as path:
+            proc = launch(root, {**env, SOCKET_ENV: path} if how == "warm" else env, what)
+            out, err = proc.communicate(timeout=60)
+        files = sorted(f.suffix for f in tmp_path.glob("probe.*") if f.suffix != ".pid")
+        ended[how] = (proc.returncode, out.split(" pid ")[0] + out.split("\n", 1)[1], err.splitlines()[-1:], files)
+    assert ended["warm"] == ended["cold"]
+    expected = {"raise": 1, "interrupt": -signal.SIGINT, "message": 1, "at-exit": 0}[what]
+    assert ended["warm"][0] == expected, ended
+    if what == "at-exit":
+        assert ended["warm"][1].endswith("unflushed") and ended["warm"][3] == [".atexit", ".thread"], ended
 
 
 def test_a_signal_that_ends_the_stage_ends_the_launcher_the_same_way(root: Path, tmp_path: Path) -> None:
