@@ -136,6 +136,24 @@ def test_evaluate_model_scores_its_own_predictions(ev, logreg, splits):
     assert m["loss"] > 0
 
 
+def test_the_loss_is_what_model_evaluate_reports_weight_penalty_included(splits):
+    """One pass over the test set: the loss comes from the predicted logits, with the L2 penalty that
+    model.evaluate adds (pattern_deep and lenet have one)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((28, 28)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+        keras.layers.Dense(10, kernel_regularizer=keras.regularizers.L2(0.05)),
+    ])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    test = splits["test"]
+    expected = model.evaluate(test.x.astype(np.float32), test.y.astype(np.int32), verbose=0, return_dict=True)["loss"]
+    penalty = float(sum(model.losses))
+    assert penalty > 0.1 * expected  # large enough that leaving it out would show
+    assert evaluate_model(model, test, gate=0.5, batch_size=64).metrics["loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_evaluate_model_keeps_timings_out_of_the_metrics(ev, logreg, splits):
     """The throughput goes to `timings`; the metrics of two evaluations of the same model are equal."""
     assert set(ev.timings) == TIMING_KEYS
