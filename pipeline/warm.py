@@ -63,10 +63,11 @@ _PR_SET_PDEATHSIG = 1
 if sys.platform == "linux":  # looked up here: after fork, the child only calls it
     import ctypes
 
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _PRCTL, _FFLUSH = _LIBC.prctl, _LIBC.fflush
     DIE_WITH_PARENT = _die_with_parent
 else:
-    DIE_WITH_PARENT = None
+    DIE_WITH_PARENT = _FFLUSH = None
 
 
 # --- the launcher: the stage command DVC runs ---------------------------------------------------
@@ -337,6 +338,8 @@ def _exit_after(run: Callable[[], object]) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):
             pass
+    if _FFLUSH:
+        _FFLUSH(None)  # what C libraries wrote to their buffered stdout: exit() would flush it, os._exit does not
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
