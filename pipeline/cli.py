@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 
-from pipeline import servers, warm
+from pipeline import integrity, servers, warm
 from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
@@ -65,6 +65,9 @@ def _run_with_prefect(cmd: list[str], warm_starts: bool = False) -> int:
                 signals.check()
                 print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
                 _mark_orphaned_runs(api)  # left Running by an earlier run killed outright
+                broken = integrity.set_aside_unreadable_lock(Path.cwd())  # left by an earlier run killed outright
+                if broken:
+                    print(broken, file=sys.stderr, flush=True)
                 env = {**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id}
                 if warm_starts:
                     env.update(stack.enter_context(warm.server(Path.cwd().resolve(), env)))
@@ -338,9 +341,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Read every output that dvc.lock names, and its cache object; repair or delete what is damaged."""
-    from pipeline.integrity import verify
-
-    findings = verify(Path("."))
+    findings = integrity.verify(Path("."))
     here = Path.cwd()
     for f in findings:
         shown = f.path.relative_to(here) if f.path.is_absolute() and f.path.is_relative_to(here) else f.path

@@ -20,6 +20,39 @@ from pathlib import Path
 import yaml
 
 DIR_SUFFIX = ".dir"  # DVC's listing object of a folder output: [{"md5": ..., "relpath": ...}, ...]
+BROKEN_LOCK = "dvc.lock.broken"  # where an unreadable dvc.lock is moved (set_aside_unreadable_lock)
+
+
+def set_aside_unreadable_lock(root: Path) -> str | None:
+    """Move `root`/dvc.lock to dvc.lock.broken if DVC cannot read it, and say so; else None.
+
+    DVC rewrites dvc.lock in place after every stage, so a run killed at that moment (SIGTERM to
+    its process group, SIGKILL, a power cut) can leave it empty or cut off, and every later `dvc`
+    command stops at "'./dvc.lock' validation failed". Without it, `dvc repro` restores each stage
+    that had finished from the run-cache and runs the rest. A lock that another DVC command holds
+    (it may be writing dvc.lock right now) is left alone.
+    """
+    import zc.lockfile
+    from dvc.utils.strictyaml import YAMLSyntaxError, YAMLValidationError, load
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return None
+    try:
+        (root / ".dvc" / "tmp").mkdir(exist_ok=True)
+        held = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))  # DVC's own lock of the repo
+    except (zc.lockfile.LockError, FileNotFoundError):  # a DVC command runs here, or this is no DVC repo
+        return None
+    try:
+        load(str(lock), COMPILED_LOCKFILE_SCHEMA)
+        return None
+    except (YAMLSyntaxError, YAMLValidationError, UnicodeDecodeError):
+        lock.replace(root / BROKEN_LOCK)
+        return (f"dvc.lock could not be read (a run was stopped while DVC rewrote it); moved to {BROKEN_LOCK}. "
+                "DVC restores the stages that had finished from its run-cache and runs the rest.")
+    finally:
+        held.close()
 
 
 @dataclass(frozen=True)

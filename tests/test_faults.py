@@ -163,6 +163,31 @@ def test_damaged_cache_objects_and_outputs_are_never_trained_on_and_mnist_verify
     assert hashlib.md5(predictions_object.read_bytes()).hexdigest() == predictions_object.parent.name + predictions_object.name
 
 
+def test_a_dvc_lock_left_empty_by_a_killed_run_is_set_aside_and_the_next_run_restores_from_the_run_cache(
+    tmp_path: Path, small_run: SmallRun
+) -> None:
+    """DVC rewrites dvc.lock in place after each stage: a run killed in that moment leaves it empty (seen in a
+    chaos run), and every dvc command then stops on it. `mnist run` moves it aside; nothing trains again."""
+    project = tmp_path / "project"
+    shutil.copytree(small_run.project, project, symlinks=True)
+    env = project_env(PYTHONPATH=str(project))
+    (project / "dvc.lock").write_text("")
+    stuck = dvc(project, "status", env=env, check=False)
+    assert stuck.returncode != 0 and "dvc.lock' validation failed" in stuck.stderr, stuck.stderr[-2000:]
+
+    run = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "dvc.lock could not be read" in run.stderr and "moved to dvc.lock.broken" in run.stderr, run.stderr[-3000:]
+    assert (project / "dvc.lock.broken").read_text() == ""
+    for model in small_run.models():
+        assert f"Stage 'train@{model}' is cached - skipping run" in run.stdout, run.stdout[-3000:]
+        assert f"Running stage 'train@{model}'" not in run.stdout
+        assert digest(project / "data" / "models" / model / "model.keras") == digest(small_run.project / "data" / "models" / model / "model.keras")
+    assert "up to date" in dvc(project, "status", env=env).stdout
+    again = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "dvc.lock could not be read" not in again.stderr, again.stderr[-3000:]  # a good lock stays
+
+
 def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_orphans_are_marked(
     tmp_path: Path, small_run: SmallRun
 ) -> None:
