@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -186,6 +187,25 @@ def test_a_dvc_lock_left_empty_by_a_killed_run_is_set_aside_and_the_next_run_res
     assert "up to date" in dvc(project, "status", env=env).stdout
     again = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "dvc.lock could not be read" not in again.stderr, again.stderr[-3000:]  # a good lock stays
+
+
+def test_a_lock_file_is_left_alone_while_another_dvc_command_holds_the_workspace(tmp_path: Path) -> None:
+    """It may be writing dvc.lock at that very moment: then an empty file is no sign of a killed run."""
+    from pipeline.integrity import set_aside_unreadable_lock
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / "dvc.lock").write_text("")
+    holder = subprocess.Popen(  # as DVC holds it (dvc/lock.py), in another process
+        [sys.executable, "-c", "import sys, time, zc.lockfile\nlock = zc.lockfile.LockFile(sys.argv[1])\nprint('held', flush=True)\n"
+         "time.sleep(120)", str(tmp_path / ".dvc" / "tmp" / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert set_aside_unreadable_lock(tmp_path) is None and (tmp_path / "dvc.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "moved to dvc.lock.broken" in set_aside_unreadable_lock(tmp_path)  # once nothing holds it
+    assert not (tmp_path / "dvc.lock").exists() and (tmp_path / "dvc.lock.broken").read_text() == ""
 
 
 def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_orphans_are_marked(
