@@ -33,8 +33,9 @@ def set_aside_unreadable_lock(root: Path) -> str | None:
     (it may be writing dvc.lock right now) is left alone.
     """
     import zc.lockfile
-    from dvc.utils.strictyaml import YAMLSyntaxError, YAMLValidationError, load
+    from dvc.exceptions import DvcException
     from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from dvc.utils.strictyaml import load
 
     lock = root / "dvc.lock"
     if not lock.exists():
@@ -47,7 +48,7 @@ def set_aside_unreadable_lock(root: Path) -> str | None:
     try:
         load(str(lock), COMPILED_LOCKFILE_SCHEMA)
         return None
-    except (YAMLSyntaxError, YAMLValidationError, UnicodeDecodeError):
+    except DvcException:  # YAML that does not parse, or not DVC's lock schema, or not UTF-8
         lock.replace(root / BROKEN_LOCK)
         return (f"dvc.lock could not be read (a run was stopped while DVC rewrote it); moved to {BROKEN_LOCK}. "
                 "DVC restores the stages that had finished from its run-cache and runs the rest.")
