@@ -78,3 +78,13 @@ def test_the_gpu_lock_is_the_runtime_lock_plus_tensorflows_cuda_libraries() -> N
     added = set(gpu) - set(runtime)
     assert {"nvidia-cudnn-cu12", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12"} <= added, sorted(added)
     assert all(name.startswith("nvidia-") for name in added), sorted(added)
+
+
+def test_dvc_reads_yaml_with_the_c_parser() -> None:
+    """ruamel.yaml.clib is installed and used: DVC's safe YAML loads (dvc.lock at every stage) take the C parser."""
+    from dvc.utils.serialize import parse_yaml
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.clib"), "ruamel.yaml.clib missing: run `make setup`"
+    lock = (REPO / "dvc.lock").read_text()
+    assert parse_yaml(lock, "dvc.lock") == YAML(typ="safe", pure=True).load(lock)
