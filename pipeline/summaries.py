@@ -31,12 +31,9 @@ def digit_grid(images: np.ndarray, columns: int = 10, pad: int = 2) -> np.ndarra
 
 
 def figure_png(fig) -> bytes:
-    """Render a matplotlib figure to PNG bytes and close it."""
-    import matplotlib.pyplot as plt
-
+    """Render a matplotlib figure (matplotlib.figure.Figure, which needs no pyplot) to PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -35,10 +35,8 @@ def evaluate_flow(params: Params, model: str, model_dir: Path, live: Path, data:
         keras_model, test, params.gates[model], params.evaluate.batch_size
     )
     as_task(artifacts.write_evaluation, "write metrics")(out, model, ev.metrics, ev.timings, test.y, ev.predictions, ev.per_class)
-    as_task(pictures.write_report_pictures, "draw pictures")(ev, live, model, out)
-    as_task(views.write_summaries, "tensorboard")(
-        keras_model, ev, test, model, tensorboard, params.evaluate.misclassified_grid, params.evaluate.embedding_sample
-    )
+    drawn = as_task(pictures.write_report_pictures, "draw pictures")(ev, test, live, model, out, params.evaluate.misclassified_grid)
+    as_task(views.write_summaries, "tensorboard")(keras_model, ev, test, drawn, model, tensorboard, params.evaluate.embedding_sample)
     m = ev.metrics
     verdict = "passes" if m["blessed"] else "is UNDER"
     get_run_logger().info("%s: test accuracy %.4f %s its gate %.4f", model, m["accuracy"], verdict, m["gate"])

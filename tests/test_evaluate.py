@@ -227,10 +227,24 @@ def test_read_predictions_of_a_single_image(tmp_path):
     np.testing.assert_array_equal(read_predictions(tmp_path), [7])
 
 
-def test_write_report_pictures_draws_confusion_and_curves(ev, logreg_dir, tmp_path):
-    pictures.write_report_pictures(ev, tiny_live(logreg_dir), "logreg", tmp_path)
-    for name in ("confusion.png", "curves.png"):
-        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
+def test_write_report_pictures_draws_confusion_and_curves(ev, splits, logreg_dir, tmp_path):
+    drawn = pictures.write_report_pictures(ev, splits["test"], tiny_live(logreg_dir), "logreg", tmp_path, grid=20)
+    assert (tmp_path / "confusion.png").read_bytes() == drawn.confusion
+    assert (tmp_path / "curves.png").read_bytes() == drawn.curves
+    for png in (drawn.confusion, drawn.curves, drawn.misclassified):
+        assert png[:8] == PNG_MAGIC
+
+
+def test_the_misclassified_picture_shows_the_first_mistakes_in_rows_of_ten(ev, splits):
+    wrong = np.flatnonzero(ev.predictions != splits["test"].y)
+    assert len(wrong) > 10
+    fig = pictures.misclassified_figure(splits["test"], ev, count=12)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == [f"true {splits['test'].y[i]} / pred {ev.predictions[i]}" for i in wrong[:12]]
+    canvas = fig.axes[0].images[0].get_array()
+    assert canvas.shape[0] == 2 * (10 + 28 + 8)  # two rows: a label, a digit, a gap
+    first = splits["test"].x[wrong[0]]
+    assert np.array_equal(canvas[10 : 10 + 28, 4 : 4 + 28], first)
 
 
 def test_read_history_gives_every_epoch_of_dvclives_files_and_names_a_missing_folder(logreg_dir, tmp_path):
@@ -277,9 +291,10 @@ EMBEDDING_SAMPLE = 50
 
 
 @pytest.fixture(scope="module")
-def logreg_summaries(logreg, ev, splits, tmp_path_factory):
+def logreg_summaries(logreg, ev, splits, logreg_dir, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("tb") / "logreg"
-    write_summaries(logreg, ev, splits["test"], "logreg", logdir, grid=20, sample=EMBEDDING_SAMPLE)
+    drawn = pictures.write_report_pictures(ev, splits["test"], tiny_live(logreg_dir), "logreg", logdir.parent, grid=20)
+    write_summaries(logreg, ev, splits["test"], drawn, "logreg", logdir, sample=EMBEDDING_SAMPLE)
     return logdir
 
 
@@ -289,7 +304,8 @@ def cnn(splits, tmp_path_factory):
     model = artifacts.read_model(model_dir)
     cnn_ev = evaluate_model(model, splits["test"], gate=0.5, batch_size=1000)
     logdir = tmp_path_factory.mktemp("tb") / "cnn"
-    write_summaries(model, cnn_ev, splits["test"], "cnn", logdir, grid=20, sample=EMBEDDING_SAMPLE)
+    drawn = pictures.write_report_pictures(cnn_ev, splits["test"], tiny_live(model_dir), "cnn", logdir.parent, grid=20)
+    write_summaries(model, cnn_ev, splits["test"], drawn, "cnn", logdir, sample=EMBEDDING_SAMPLE)
     return model, cnn_ev, logdir
 
 

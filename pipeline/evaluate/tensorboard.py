@@ -14,7 +14,7 @@ from tensorboard.plugins.pr_curve import summary as pr_summary
 
 from pipeline import summaries, tables
 from pipeline.data import Split
-from pipeline.evaluate.pictures import confusion_figure, misclassified_figure
+from pipeline.evaluate.pictures import Pictures
 from pipeline.evaluate.scores import Evaluation
 from pipeline.mnist import IMAGE_SHAPE, NUM_CLASSES
 
@@ -32,17 +32,18 @@ def pr_curve_counts(scores: np.ndarray, positive: np.ndarray, thresholds: int = 
     return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "precision": precision, "recall": recall}
 
 
-def write_summaries(model: keras.Model, ev: Evaluation, test: Split, name: str, logdir: Path, grid: int, sample: int) -> None:
+def write_summaries(model: keras.Model, ev: Evaluation, test: Split, pictures: Pictures, name: str, logdir: Path, sample: int) -> None:
     """TensorBoard: confusion matrix, misclassified digits, per-class accuracy, PR curves, filters, embeddings.
 
-    The run folder `logdir` is written afresh: an earlier run of the stage is removed first.
+    `pictures` are the ones drawn for the report; `sample` test images go to the projector. The run
+    folder `logdir` is written afresh: an earlier run of the stage is removed first.
     """
     shutil.rmtree(logdir, ignore_errors=True)
     with summaries.writer(logdir).as_default():
         tf.summary.scalar("test/accuracy", ev.metrics["accuracy"], step=0)
         tf.summary.scalar("test/loss", ev.metrics["loss"], step=0)
-        tf.summary.image("confusion_matrix", summaries.png_to_tensor(summaries.figure_png(confusion_figure(ev.confusion, name))), step=0)
-        tf.summary.image("misclassified", summaries.png_to_tensor(summaries.figure_png(misclassified_figure(test, ev, grid))), step=0)
+        tf.summary.image("confusion_matrix", summaries.png_to_tensor(pictures.confusion), step=0)
+        tf.summary.image("misclassified", summaries.png_to_tensor(pictures.misclassified), step=0)
         rows = []
         for d in range(NUM_CLASSES):
             tf.summary.scalar(f"per_class_accuracy/{d}", ev.per_class["accuracy"][d], step=0)
