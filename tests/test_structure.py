@@ -7,6 +7,7 @@ the next module added is checked without anyone listing it here.
 from __future__ import annotations
 
 import ast
+import re
 import shlex
 from pathlib import Path
 
@@ -130,6 +131,20 @@ def test_every_stage_command_is_the_command_line_of_its_flow() -> None:
         arguments = parse_arguments(flow, stage_arguments(cmd))
         assert set(arguments) == set(flow.parameters.properties) - {"params"}, name
         assert arguments.get("model", name.partition("@")[2] or None) == (name.partition("@")[2] or None)
+
+
+def test_the_gpu_check_runs_each_stage_with_the_options_dvc_yaml_gives_it() -> None:
+    """benchmarks/gpu_check.sh runs the stage scripts itself, into a scratch folder: with dvc.yaml's options, no other."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    used = {m[1]: options(shlex.split(m[2])) for m in re.finditer(r"stages/(\w+)\.py([^\n]*)", script)}
+    given = {name.split("@")[0]: options(stage_arguments(cmd)) for name, (cmd, _) in dvc_stages().items()}
+    assert set(used) == {"fetch", "preprocess", "train", "evaluate"}
+    for stage, opts in used.items():
+        assert opts == given[stage], f"benchmarks/gpu_check.sh runs stages/{stage}.py with {sorted(opts)}, dvc.yaml with {sorted(given[stage])}"
+
+
+def options(words: list[str]) -> set[str]:
+    return {w for w in words if w.startswith("--")}
 
 
 def test_the_cli_the_end_to_end_flow_and_the_benchmarks_are_in_no_stage() -> None:
