@@ -18,6 +18,7 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=$(mkdir -p "${1:-/tmp/gpu-check}" && cd "${1:-/tmp/gpu-check}" && pwd)
 MODELS=${MODELS:-cnn mlp deep_mlp}
 W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT  # the scratch folder goes, however the script ends
 # The determinism test runs three trainings side by side: each takes GPU memory as it needs it,
 # instead of TensorFlow's default of nearly all of it for the first process.
 export TF_FORCE_GPU_ALLOW_GROWTH=true
@@ -78,4 +79,3 @@ for m in sys.argv[2:]:
     print(f"{m}: {meta['device']}, {meta['precision']}, {meta['epochs']} epochs, {timings['train_seconds']} s "
           f"(epochs {timings['epoch_seconds']}), val_accuracy {meta['val_accuracy']:.4f}")
 EOF
-rm -rf "$W"
