@@ -173,13 +173,22 @@ def machine() -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """The machine in one line, to print beside every figure: CPU model, vector extensions, cores."""
+    """The machine in one line, to print beside every figure: CPU model, vector extensions, cores.
+
+    The family and model numbers tell apart CPUs sold under one name (two AVX-512 "AMD EPYC"s of
+    different generations ran this project's figures); AMX is named when it is missing too.
+    """
+    cpu = info["cpu_model"]
+    if info.get("cpu_family") and info.get("cpu_model_number"):
+        cpu += f" (family {info['cpu_family']}, model {info['cpu_model_number']})"
     simd = ", ".join(info["simd"])
     if not simd:
         simd = "no AVX2 or AVX-512"
     elif "avx512f" not in info["simd"]:
         simd += ", no AVX-512"
-    return f"{info['cpu_model']}, {simd}, {info['cores']} cores"
+    if "amx_tile" not in info["simd"]:
+        simd += ", no AMX"
+    return f"{cpu}, {simd}, {info['cores']} cores"
 
 
 # --- output ------------------------------------------------------------------------------------

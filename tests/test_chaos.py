@@ -39,6 +39,10 @@ def test_the_machine_line_names_the_cpu_and_its_vector_extensions() -> None:
     from benchmarks.common import describe
 
     base = {"cpu_model": "AMD EPYC", "cores": 2}
-    assert describe({**base, "simd": ["avx2", "fma"]}) == "AMD EPYC, avx2, fma, no AVX-512, 2 cores"
-    assert describe({**base, "simd": ["avx2", "avx512_bf16", "avx512f", "fma"]}) == "AMD EPYC, avx2, avx512_bf16, avx512f, fma, 2 cores"
-    assert describe({**base, "simd": []}) == "AMD EPYC, no AVX2 or AVX-512, 2 cores"
+    assert describe({**base, "simd": ["avx2", "fma"]}) == "AMD EPYC, avx2, fma, no AVX-512, no AMX, 2 cores"
+    assert describe({**base, "simd": ["avx2", "avx512_bf16", "avx512f", "fma"]}) == "AMD EPYC, avx2, avx512_bf16, avx512f, fma, no AMX, 2 cores"
+    assert describe({**base, "simd": []}) == "AMD EPYC, no AVX2 or AVX-512, no AMX, 2 cores"
+    xeon = {"cpu_model": "Intel(R) Xeon(R)", "cpu_family": "6", "cpu_model_number": "143", "cores": 16}
+    assert describe({**xeon, "simd": ["amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"]}) == (
+        "Intel(R) Xeon(R) (family 6, model 143), amx_tile, avx2, avx512_bf16, avx512f, fma, 16 cores"
+    )
