@@ -12,7 +12,8 @@ synthetic), in this one process, alternating A, B, C, A, B, C ... over the round
                  model.fit(x_float32, y, batch_size=bs, epochs=..., shuffle=True, verbose=0),
                  no determinism
     train_model  pipeline.train.loop.train_model itself, validating on all 5,000 validation images:
-                 TensorBoard (histograms), DeadReLU and a checkpoint after every epoch included
+                 TensorBoard (histograms), DeadReLU and a checkpoint after every epoch included;
+                 in float32 whatever params.yaml's precision, as the two above
 
 One measurement is one `fit` call of 1 + k epochs. The first epoch (tracing, iterator start)
 is not timed. In the k others StepTimer notes when each step (or execution of
@@ -273,7 +274,9 @@ def train_model_runner(name: str, params, data: Data, v: Variant, tmp: Path) -> 
         calls[0] += 1
         steps = min(max(spe, round(steps / spe) * spe), available // spe * spe)  # train_model wants spe | steps
         splits = {"train": subset(data.splits["train"], steps * p.batch_size), "val": data.splits["val"]}
-        run_p = p.model_copy(update={"epochs": 1 + timed})
+        # float32 like the other variants: `precision: auto` (bf16 on an AVX512-BF16 CPU) would make
+        # this ratio measure the arithmetic too, not the stage's validation, TensorBoard and checkpoints
+        run_p = p.model_copy(update={"epochs": 1 + timed, "precision": "float32"})
         scratch = tmp / f"train_model-{name}-{calls[0]}"
         timer = step_timer()
         try:
