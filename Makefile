@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup setup-gpu lock run test dashboards bench chaos flow serve
+.PHONY: setup setup-gpu lock run test dashboards bench chaos
 
 setup: $(VENV)/.installed
 
