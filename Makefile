@@ -1,26 +1,37 @@
 # The commands of the README. Each one creates the virtual environment .venv on first use
-# (Python 3.11, every package pinned, with its hashes, in requirements/*.lock) and reuses it afterwards.
+# (Python 3.11, 3.12 or 3.13; every package pinned, with its hashes, in requirements/*.lock) and
+# reuses it afterwards.
 SHELL := /bin/bash
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The newest supported Python that runs (a pyenv shim of a version not selected does not), or PYTHON=.
+PYTHON ?= $(firstword $(foreach v,3.13 3.12 3.11,$(shell python$(v) -c '' 2>/dev/null && command -v python$(v))))
 export PATH := $(abspath $(BIN)):$(PATH)
+# Every install: hashes required, and --no-deps, so the lock alone decides what is installed: pip
+# resolves nothing, whatever newer releases the index holds (pip check then proves the set whole).
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --require-hashes --no-deps --no-build-isolation
 
-.PHONY: setup setup-gpu lock run test dashboards bench chaos
+.PHONY: help setup setup-gpu lock run test check-system dashboards bench chaos
 
-setup: $(VENV)/.installed
+help:             ## this list
+	@grep -E '^[a-z-]+: .*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /  make \1\t/' | expand -t 20
+
+setup: $(VENV)/.installed ## the virtual environment .venv with the locked packages (make setup PYTHON=python3.12 picks one)
 
 # The runtime with TensorFlow's CUDA libraries (the extra `gpu`: NVIDIA's wheels, about 3 GB), for a
 # machine with an NVIDIA GPU and its driver: gpu.lock is runtime.lock plus those packages.
-setup-gpu: setup
-	$(BIN)/pip install --quiet --require-hashes -r requirements/gpu.lock
+setup-gpu: setup  ## setup plus TensorFlow's CUDA libraries, for a machine with an NVIDIA GPU
+	$(PIP_INSTALL) -r requirements/gpu.lock
 
-# pip checks every download against the lock's sha256 hashes; the project itself is installed
-# without a download (no build isolation: the locked setuptools builds it).
-$(VENV)/.installed: requirements/runtime.lock requirements/test.lock pyproject.toml
+# The venv's bundled pip only installs the locked pip, setuptools and wheel (bootstrap.lock); that
+# pip installs the rest. The project itself is installed without a download.
+$(VENV)/.installed: requirements/bootstrap.lock requirements/runtime.lock requirements/test.lock pyproject.toml
+	@PYTHON='$(PYTHON)' VENV='$(VENV)' bash requirements/check-python.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes -r requirements/runtime.lock -r requirements/test.lock
-	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements/bootstrap.lock
+	$(PIP_INSTALL) -r requirements/runtime.lock -r requirements/test.lock
+	$(BIN)/python -m pip check
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
 	touch $@
 
 # uv resolves for every platform (--universal), keeps the pins already in the lock files unless
@@ -28,11 +39,12 @@ $(VENV)/.installed: requirements/runtime.lock requirements/test.lock pyproject.t
 UV := .uv/bin/uv
 LOCK := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet $(ARGS)
 
-lock:             ## requirements/runtime.lock, test.lock and gpu.lock, with hashes, from pyproject.toml
+lock:             ## requirements/*.lock, with hashes, from pyproject.toml and requirements/bootstrap.in
 	test -x $(UV) || ($(PYTHON) -m venv .uv && .uv/bin/pip install --quiet uv==0.13.9)
 	$(UV) pip compile pyproject.toml $(LOCK) -o requirements/runtime.lock
 	$(UV) pip compile --group pyproject.toml:test -c requirements/runtime.lock $(LOCK) -o requirements/test.lock
 	$(UV) pip compile pyproject.toml --extra gpu -c requirements/runtime.lock $(LOCK) -o requirements/gpu.lock
+	$(UV) pip compile requirements/bootstrap.in -c requirements/runtime.lock $(LOCK) -o requirements/bootstrap.lock
 
 run: setup        ## the whole pipeline: dvc repro, every stage reporting to a Prefect server
 	mnist run $(ARGS)
