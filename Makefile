@@ -11,10 +11,10 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # resolves nothing, whatever newer releases the index holds (pip check then proves the set whole).
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --require-hashes --no-deps --no-build-isolation
 
-.PHONY: help setup setup-gpu lock run test check-system dashboards bench chaos
+.PHONY: help setup setup-gpu lock run test test-pythons system-packages dashboards bench chaos
 
 help:             ## this list
-	@grep -E '^[a-z-]+: .*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /  make \1\t/' | expand -t 20
+	@grep -E '^[a-z-]+: .*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## the virtual environment .venv with the locked packages (make setup PYTHON=python3.12 picks one)
 
@@ -49,8 +49,14 @@ lock:             ## requirements/*.lock, with hashes, from pyproject.toml and r
 run: setup        ## the whole pipeline: dvc repro, every stage reporting to a Prefect server
 	mnist run $(ARGS)
 
-test: setup       ## the whole test suite (needs Debian's chromium for the browser tests)
+test: setup       ## the whole test suite; tests that need a missing Debian package skip, named at the end
 	python -m pytest $(ARGS)
+
+test-pythons: setup ## setup, the unit tests and a quick run on Python 3.11, 3.12 and 3.13, each in a clean clone of HEAD
+	bash tests/pythons.sh $(ARGS)
+
+system-packages:  ## (as root) the Debian packages some tests need: requirements/system-packages.txt
+	bash requirements/system-packages.sh
 
 dashboards: setup ## Prefect UI on 127.0.0.1:4200 and TensorBoard on 127.0.0.1:6006
 	mnist dashboards $(ARGS)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import system
 from helpers import MIRROR, REPO
 
 BIN = Path(sys.executable).parent
@@ -50,6 +51,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _services.close()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """End with one line naming the Debian packages whose absence skipped tests, and how to install them."""
+    reasons = [str(r.longrepr[2]) for r in terminalreporter.stats.get("skipped", []) if isinstance(r.longrepr, tuple)]
+    line = system.summary(reasons)
+    if line:
+        terminalreporter.write_sep("-", line, yellow=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 
 from conftest import SmallRun, free_port
+from system import needs
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not shutil.which("chromium"),
-    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it)",
-)
+pytestmark = needs("chromium")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from tensorboard.util import tensor_util
 from conftest import BIN, copy_project, dvc, edit_params, free_port, project_env
 from test_faults import only_logreg
 from test_prefect import flow_runs
+from system import needs
 
 RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
 LIVE_METRICS = "data/live/logreg/metrics.json"  # DVCLive's latest values, rewritten after every epoch
@@ -198,8 +199,7 @@ def test_compare_names_an_unknown_experiment_and_keeps_the_logdir_it_had(sweep: 
     shutil.rmtree(logdir)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"),
-                    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+@needs("chromium")
 def test_compare_serves_both_experiments_to_a_browser(sweep: Sweep) -> None:
     """`mnist compare` (serving) in a real browser: both experiments' runs in the run list, both in HParams."""
     from playwright.sync_api import sync_playwright

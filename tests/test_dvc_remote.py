@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from conftest import SmallRun, edit_params, free_port, project_env
+from system import needs
 
 SSHD = Path("/usr/sbin/sshd")
 MNIST = Path(sys.executable).parent / "mnist"
@@ -355,8 +356,6 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A real sshd on a free port of 127.0.0.1 accepting one throwaway client key for root."""
-    if not SSHD.is_file():
-        pytest.fail(f"{SSHD} is missing: install Debian's openssh-server (apt-get install openssh-server; .ci/run does)")
     folder = tmp_path_factory.mktemp("sshd")
     host_key = keygen(folder / "host_ed25519")
     client_key = keygen(folder / "client_ed25519")
@@ -399,6 +398,7 @@ def add_ssh_remote(project: Path, server: SshServer, path: Path, env: dict[str, 
     run_dvc(project, "remote", "modify", "--local", "ssh", "keyfile", str(server.key), env=env)
 
 
+@needs("openssh-server")
 def test_ssh_remote_push_then_pull_into_a_fresh_clone(
     small_run: SmallRun, sshd: SshServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -23,6 +23,9 @@ import pytest
 
 from conftest import project_env, small_params
 from loopback import BIN, Loopback, Project, auth_header, clone, loopback, psql_value, run, stop_tree
+from system import needs
+
+pytestmark = needs("postgresql")
 
 MODELS = ("logreg", "mlp")
 POOL = "loopback"

@@ -126,3 +126,16 @@ def test_make_setup_names_a_missing_python(tmp_path: Path, python: str, message:
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_missing_system_packages_end_the_run_in_one_line() -> None:
+    import system
+
+    assert set(system.packages()) == {"chromium", "openssh-server", "postgresql"}
+    reasons = ["needs Debian's chromium (sudo make system-packages)"] * 3 + [
+        "needs Debian's openssh-server (sudo make system-packages)", "some other reason"]
+    assert system.summary(reasons) == (
+        "skipped for want of Debian packages: chromium (3 tests), openssh-server (1 test); "
+        "install them with: sudo make system-packages"
+    )
+    assert system.summary(["some other reason"]) is None
