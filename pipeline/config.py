@@ -12,13 +12,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, SerializeAsAny, StringConstraints, TypeAdapter, ValidationError, ValidationInfo,
+    field_validator, model_validator,
 )
 
 from pipeline.errors import ConfigError
@@ -28,6 +30,9 @@ PARAMS_FILE = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+# A model's name is `${key}` in dvc.yaml's shell commands and a folder name under data/: nothing a shell reads.
+MODEL_NAME_PATTERN = r"^[a-z0-9_]+$"
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 
 
 class Section(BaseModel):
@@ -138,8 +143,8 @@ class Params(Section):
     fetch: FetchParams
     data: DataParams
     train: TrainParams
-    models: dict[str, SerializeAsAny[ModelParams]]
-    gates: dict[str, float]
+    models: dict[ModelName, SerializeAsAny[ModelParams]]
+    gates: dict[ModelName, float]
     evaluate: EvaluateParams
     export: ExportParams
     serving: ServingParams
@@ -203,6 +208,9 @@ def _typed_models(
     typed: dict[str, ModelParams] = {}
     problems = []
     for name, block in models.items():
+        if not is_model_name(name):
+            problems.append(_bad_model_name("models", name))
+            continue
         if model_types is None:
             if not isinstance(block, dict):
                 problems.append(f"models.{name} must be a mapping of knobs, not {type(block).__name__}.")
@@ -220,6 +228,26 @@ def _typed_models(
         except ValidationError as exc:
             problems += [_describe(err, cls, path, prefix=("models", name)) for err in exc.errors()]
     return typed, problems + _check_gates(models, raw.get("gates"))
+
+
+def is_model_name(name: Any) -> bool:
+    """Whether `name` is a usable model name ([a-z0-9_]+)."""
+    try:
+        _MODEL_NAME.validate_python(name)
+    except ValidationError:
+        return False
+    return True
+
+
+_MODEL_NAME = TypeAdapter(ModelName, config=ConfigDict(strict=True))
+
+
+def _bad_model_name(section: str, name: Any) -> str:
+    """The problem of a key of `section` (models or gates) that is no allowed model name, with a name that is."""
+    allowed = re.sub(r"[^a-z0-9_]", "_", str(name).lower()) or "model"
+    return (f"{section}.{name!r} is not allowed: a model name is lowercase letters, digits and underscores only "
+            f"([a-z0-9_]+), because dvc.yaml puts it into shell commands as ${{key}}; rename it, e.g. to '{allowed}', "
+            "in models: and gates:.")
 
 
 def _check_gates(models: dict, gates: Any) -> list[str]:
@@ -240,6 +268,8 @@ def _check_gates(models: dict, gates: Any) -> list[str]:
 def _describe(err: dict, root: type[BaseModel], path: Path, prefix: tuple = ()) -> str:
     """One line for one pydantic error: the key, the bad value and what is allowed."""
     loc = tuple(str(p) for p in err["loc"])
+    if loc[-1:] == ("[key]",) and err["type"] == "string_pattern_mismatch":
+        return _bad_model_name(".".join(prefix + loc[:-2]), err["input"])
     key = ".".join(prefix + loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(root, loc[:-1])

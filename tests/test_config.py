@@ -211,6 +211,21 @@ def test_without_model_types_the_model_names_are_still_checked(tmp_path, base, e
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["cnn; touch pwned", "$(id)", "CNN", "my-cnn", "cnn v2", "../cnn"])
+@pytest.mark.parametrize("model_types", [PARAM_TYPES, None], ids=["typed", "untyped"])
+def test_a_model_name_outside_a_z_0_9_and_underscore_is_refused_naming_the_key(tmp_path, base, name, model_types):
+    """dvc.yaml puts each model's name into its stages' shell commands (${key}): only [a-z0-9_]+ gets there.
+    Checked with and without the model types, as every stage loads params.yaml one way or the other."""
+    raw = copy.deepcopy(base)
+    both(rename("models.cnn", name), rename("gates.cnn", name))(raw)
+    with pytest.raises(ConfigError) as err:
+        load_params(write_params(tmp_path, raw), model_types)
+    message = str(err.value)
+    assert f"models.{name!r} is not allowed: a model name is lowercase letters, digits and underscores only ([a-z0-9_]+)" in message
+    assert f"gates.{name!r} is not allowed" in message
+    assert "shell commands" in message and "is not a known model" not in message, message
+
+
 def test_an_unedited_dump_loads(tmp_path, base):
     loaded = load_params(write_params(tmp_path, copy.deepcopy(base)), PARAM_TYPES)
     assert loaded == load_params(PARAMS_YAML, PARAM_TYPES)
