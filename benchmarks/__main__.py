@@ -1,7 +1,7 @@
 """`python -m benchmarks [--quick] [--only NAME ...]`: run the benchmarks, print one table, write results JSON.
 
     python -m benchmarks                      all benchmarks (budget: 15 minutes on 2 cores), benchmarks/results.json
-    python -m benchmarks --quick              tiny sizes, a smoke test (225 s on 2 quiet cores of an AVX2 EPYC, 65 s on an AVX512-BF16 one), benchmarks/results-quick.json
+    python -m benchmarks --quick              tiny sizes, a smoke test, benchmarks/results-quick.json
     python -m benchmarks --only throughput    one benchmark (repeatable); its rows replace that benchmark's in the JSON
     python -m benchmarks --repro-log run.log  orchestration (c) from the output of `make run` instead of Prefect's database
 """

@@ -1,4 +1,4 @@
-"""Chaos: faults injected into runs of the quick configuration, each recovered the way the README
+"""Chaos: faults injected into runs of the quick configuration, each recovered the way docs/reliability.md
 says, and compared with an uninterrupted run of the same commit.
 
     python -m benchmarks.chaos [--kills N] [--seed S] [--models logreg[,cnn]] [--cases a,b] [--out FILE]

@@ -131,7 +131,7 @@ def subset(split, n: int):
 
 
 def autotuned_batches(split, batch_size: int, seed: int, epochs: int):
-    """pipeline.train.inputs.training_batches with tf.data's autotuner on (AUTOTUNE map and prefetch), as before commit 1ee6775."""
+    """pipeline.train.inputs.training_batches with tf.data's autotuner on (AUTOTUNE map and prefetch), for comparison."""
     import tensorflow as tf
 
     x, y, n = tf.constant(split.x), tf.constant(split.y.astype(np.int32)), len(split.y)

@@ -52,7 +52,7 @@ def curves_figure(h: np.ndarray, title: str) -> Figure:
 def misclassified_figure(test: Split, ev: Evaluation, count: int, columns: int = 10) -> Figure:
     """The first `count` misclassified test digits, each under "true D / pred P".
 
-    One image with one label per digit: a subplot per digit took 0.4-0.7 s to draw.
+    One image with one label per digit, not a subplot per digit, which is several times slower to draw.
     """
     wrong = np.flatnonzero(ev.predictions != test.y)[:count]
     rows = max(1, -(-len(wrong) // columns))

@@ -51,8 +51,7 @@ def inference_function(model: keras.Model, image_shape: tuple[int, ...]):
     """`model(batch, training=False)` as one tf.function for float32 batches of any size.
 
     The logits are those of `model.predict`, bit for bit, without its per-call tf.data pipeline and
-    its retrace for a new number of batches: 0.008-0.49 s instead of 0.10-1.29 s for the 10,000
-    test images, measured on the eight committed models.
+    its retrace for a new number of batches (docs/performance.md has the times).
     """
     spec = tf.TensorSpec([None, *image_shape], tf.float32)
     return tf.function(lambda batch: model(batch, training=False), input_signature=[spec])

@@ -8,7 +8,7 @@ import tensorflow as tf
 from pipeline.data import Split
 
 # tf.data's autotuner is off: its optimisation thread, by then waking only every 60 s, made the
-# iterator's teardown at the end of `fit` wait up to a minute (seen here: 8-50 s per train stage).
+# iterator's teardown at the end of `fit` wait up to a minute.
 # Gathering a batch is one cheap op, so a fixed parallelism of 2 and 2 prefetched batches suffice.
 FIXED_PIPELINE = tf.data.Options()
 FIXED_PIPELINE.autotune.enabled = False

@@ -90,7 +90,7 @@ def compile_model(name: str, p: ModelParams, steps_per_epoch: int, steps_per_exe
         loss=registry.loss(name),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution,
-        jit_compile=False,  # XLA measured 5x slower on these CPUs
+        jit_compile=False,  # XLA trained these models several times slower on CPUs
     )
     return model
 

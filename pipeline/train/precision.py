@@ -1,17 +1,11 @@
 """Mixed precision for training (`models.<model>.precision` in params.yaml): the Keras dtype policy of a train stage.
 
-Measured on 2 cores of an AMD EPYC (family 26) with AVX-512 and AVX512-BF16 (Keras 3.15, TensorFlow
-2.21). Seconds per epoch of 12,800 images after a warm-up, float32 then mixed_bfloat16, one model
-after the other: cnn 3.90 -> 2.49, pattern_deep 4.28 -> 2.04, deep_mlp 0.58 -> 0.46, lenet 0.62 ->
-0.54, mlp 0.27 -> 0.24, pattern_small 1.10 -> 1.07, logreg 0.05 -> 0.03, linear 0.03 -> 0.03. In
-whole train stages (a full run in bf16, then the same in float32 as a queued experiment) bf16
-paid for cnn, pattern_small, pattern_deep and deep_mlp (0.69 to 0.90 of the float32 training
-time, test accuracy within 0.03 points, pattern_deep 0.18 points better) and not for linear,
-logreg, mlp and lenet (1.03 to 1.32): params.yaml sets `auto` for the former, `float32` for the
-latter. `auto` trains in bf16 only on a CPU with bf16 instructions and no visible GPU; a CPU
-without them (not measured here) and GPUs (none was available) stay at float32. Only training
+`float32`, `bf16` (mixed_bfloat16) or `fp16` (mixed_float16): float32 weights, with bf16 or fp16
+arithmetic in the mixed policies. `auto` is bf16 only on a CPU with bf16 instructions (AVX512-BF16
+or AMX in /proc/cpuinfo) when TensorFlow sees no GPU, and float32 everywhere else. Only training
 uses the policy: train_model returns the trained weights in a float32 model, which is what
-evaluate and export load.
+evaluate and export load, whatever the precision. The measurements behind each model's setting
+are in docs/performance.md.
 """
 
 from __future__ import annotations
