@@ -26,6 +26,7 @@ TENSORBOARD = "data/tensorboard"  # every stage's --tensorboard folder is under 
 MODELS, EVALUATE = "data/models", "data/evaluate"  # the train and evaluate stages' outputs (dvc.yaml)
 MODEL_FILES = (artifacts.META_FILE, artifacts.TIMINGS_FILE)
 EVALUATE_FILES = (artifacts.METRICS_FILE, artifacts.PER_CLASS_FILE, artifacts.TIMINGS_FILE)
+MARKER = ".mnist-compare"  # written into every logdir that gather lays out: the only kind of folder it replaces
 
 
 def experiments(root: Path, names: list[str]) -> dict[str, str]:
@@ -80,12 +81,23 @@ def write_trials(fs: DVCFileSystem, experiment: str, dest: Path) -> list[str]:
     return models
 
 
+def check_replaceable(logdir: Path) -> None:
+    """Raise PipelineError unless `logdir` is absent or a folder that gather laid out (it holds MARKER)."""
+    if logdir.is_symlink() or (logdir.exists() and not (logdir / MARKER).is_file()):
+        raise PipelineError(
+            f"{logdir} already exists and `mnist compare` did not lay it out (it has no {MARKER} file), so it is "
+            f"left as it is. Give --logdir a folder that does not exist yet, or one that `mnist compare` made."
+        )
+
+
 def gather(root: Path, names: list[str], logdir: Path) -> dict[str, list[str]]:
-    """Lay the named experiments' (or all of HEAD's) runs out in `logdir`, replacing what it held.
+    """Lay the named experiments' (or all of HEAD's) runs out in `logdir`, replacing the layout it held.
 
     Returns each experiment's stages. The folder is made beside `logdir` and renamed into
-    place, so a TensorBoard reading it never sees half of it.
+    place, so a TensorBoard reading it never sees half of it. An existing `logdir` is replaced
+    only if gather laid it out (check_replaceable).
     """
+    check_replaceable(logdir)
     found = experiments(root, names)
     logdir.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(logdir.parent, logdir.name)
@@ -98,5 +110,8 @@ def gather(root: Path, names: list[str], logdir: Path) -> dict[str, list[str]]:
             laid_out[name] = copy_runs(fs, staging / name)
             models.update(write_trials(fs, name, staging / name))
         report.write_hparams_config(staging, sorted(models), list(found))
-        shutil.rmtree(logdir, ignore_errors=True)  # the old layout goes only once the new one is complete
+        (staging / MARKER).write_text("Laid out by `mnist compare`, which replaces this folder on its next run.\n")
+        check_replaceable(logdir)  # again: something may have been put there meanwhile
+        if logdir.exists():
+            shutil.rmtree(logdir)  # the old layout goes only once the new one is complete
     return laid_out

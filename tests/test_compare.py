@@ -22,6 +22,7 @@ from conftest import BIN, copy_project, dvc, edit_params, free_port, project_env
 from test_faults import only_logreg
 from test_prefect import flow_runs
 from system import needs
+MARKER = ".mnist-compare"  # what mnist compare writes into a logdir it lays out (pipeline/compare.py)
 
 RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
 LIVE_METRICS = "data/live/logreg/metrics.json"  # DVCLive's latest values, rewritten after every epoch
@@ -159,7 +160,8 @@ def test_compare_lays_out_each_experiments_runs_and_one_trial_per_experiment_and
     assert done.returncode == 0, done.stderr[-3000:]
     logdir = sweep.project / "data" / "compare"
     assert sorted(p.name for p in logdir.iterdir() if p.is_dir()) == sorted(RATES)
-    assert [p.name.split(".")[1] for p in logdir.iterdir() if p.is_file()] == ["out"]  # HParams' table: one events file
+    assert (logdir / MARKER).is_file()  # laid out by mnist compare: the next one may replace it
+    assert [p.name.split(".")[1] for p in logdir.iterdir() if p.is_file() and p.name != MARKER] == ["out"]  # HParams' table
     assert not list(sweep.project.glob("data/.tmp-*"))
     config = hparams(logdir, "_hparams_/experiment").experiment
     experiment = next(h for h in config.hparam_infos if h.name == "experiment")
@@ -191,12 +193,48 @@ def test_compare_lays_out_each_experiments_runs_and_one_trial_per_experiment_and
 def test_compare_names_an_unknown_experiment_and_keeps_the_logdir_it_had(sweep: Sweep) -> None:
     logdir = sweep.project / "data" / "compare-unknown"
     logdir.mkdir()
+    (logdir / MARKER).write_text("")  # as an earlier `mnist compare` left it
     (logdir / "kept").write_text("")
     done = compare(sweep.project, "lr-low", "no-such-exp", "--no-serve", "--logdir", str(logdir))
     assert done.returncode == 1
     assert "no DVC experiment or git revision named no-such-exp" in done.stderr and "Traceback" not in done.stderr, done.stderr
-    assert [p.name for p in logdir.iterdir()] == ["kept"]
+    assert sorted(p.name for p in logdir.iterdir()) == sorted([MARKER, "kept"])
     shutil.rmtree(logdir)
+
+
+@pytest.fixture(scope="module")
+def committed_run(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Path:
+    """A logreg-only small run with its dvc.lock committed: HEAD then names outputs that are in its cache."""
+    project = copy_project(tmp_path_factory.mktemp("committed"))
+    edit_params(project, only_logreg)
+    dvc(project, "repro")
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the small run"], cwd=project, check=True)
+    return project
+
+
+@pytest.mark.parametrize("logdir", ["keepme", "data/serving"])
+def test_compare_refuses_a_logdir_it_did_not_lay_out_and_deletes_nothing(committed_run: Path, logdir: str) -> None:
+    """`--logdir` naming a folder of the user's own (or the published models) stops with its name; nothing is removed."""
+    folder = committed_run / logdir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    done = compare(committed_run, "HEAD", "--no-serve", "--logdir", logdir)
+    assert done.returncode != 0, f"exit {done.returncode}; {folder} now holds {sorted(p.name for p in folder.iterdir()) if folder.exists() else 'nothing'}"
+    assert f"{logdir} already exists and `mnist compare` did not lay it out (it has no {MARKER} file)" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_compare_replaces_the_logdir_it_laid_out(committed_run: Path) -> None:
+    first = compare(committed_run, "HEAD", "--no-serve", "--logdir", "cmp")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (committed_run / "cmp" / MARKER).is_file() and (committed_run / "cmp" / "HEAD" / "train").is_dir()
+    again = compare(committed_run, "HEAD", "--no-serve", "--logdir", "cmp")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (committed_run / "cmp" / MARKER).is_file() and (committed_run / "cmp" / "HEAD" / "train").is_dir()
+    assert not list(committed_run.glob(".tmp-cmp-*"))
 
 
 @needs("chromium")
