@@ -324,6 +324,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """The TensorBoard runs of DVC experiments side by side in one logdir; then TensorBoard on it until Ctrl-C."""
     from pipeline.compare import gather
 
+    if not args.no_serve and not servers.is_loopback(args.host):
+        raise PipelineError(
+            f"--host {args.host} would let other machines reach TensorBoard, which has no authentication: bind a "
+            f"loopback address (the default 127.0.0.1), and from another machine tunnel to it: "
+            f"ssh -L {args.port}:127.0.0.1:{args.port} <this machine>."
+        )
     laid_out = gather(Path("."), args.experiments, args.logdir)
     for name, stages in laid_out.items():
         print(f"{args.logdir}/{name}/: {', '.join(stages)}, report (HParams trials)")

@@ -268,3 +268,26 @@ def test_compare_serves_both_experiments_to_a_browser(sweep: Sweep) -> None:
         server.terminate()
         code = server.wait(timeout=60)
     assert code == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::", "build-host"])
+def test_compare_refuses_to_serve_tensorboard_beyond_loopback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, host: str
+) -> None:
+    """TensorBoard has no authentication: `mnist compare --host` takes a loopback address only (servers.is_loopback,
+    as `mnist dashboards` keeps its TensorBoard), and says so before laying anything out."""
+    from pipeline import cli, compare as compare_module
+
+    calls: list[str] = []
+
+    def tensorboard_server(logdir, host, port, **options):
+        calls.append(f"tensorboard on {host}")
+        raise cli.PipelineError("stopped here: nothing is started in this test")
+
+    monkeypatch.setattr(compare_module, "gather", lambda *a: calls.append("gather") or {})
+    monkeypatch.setattr(cli.servers, "tensorboard_server", tensorboard_server)
+    assert cli.main(["compare", "--host", host, "--port", "6123"]) == 1
+    err = capsys.readouterr().err
+    assert f"--host {host} would let other machines reach TensorBoard, which has no authentication" in err, err
+    assert "ssh -L 6123:127.0.0.1:6123" in err and "Traceback" not in err
+    assert calls == [], calls
