@@ -257,8 +257,28 @@ def newest_saved_model(model: str, serving_base: Path, exports: Path = EXPORT_RO
     )
 
 
+# What `mnist predict` decodes of a PNG, checked before decoding (TensorFlow alone would take up to 2^29
+# pixels, and resizes in float: 4 bytes a pixel). A digit photographed at 8192x4096 still fits.
+MAX_PNG_BYTES = 32 << 20  # the PNG file's size
+MAX_PNG_PIXELS = 1 << 25  # its width x height, as its IHDR header gives them
+
+
+def check_png_size(path: Path, header: bytes) -> None:
+    """Raise PipelineError if the PNG at `path` (its first 24 bytes: `header`) is over MAX_PNG_BYTES or MAX_PNG_PIXELS."""
+    size = path.stat().st_size
+    if size > MAX_PNG_BYTES:
+        raise PipelineError(f"{path} is a PNG of {size:,} bytes; `mnist predict` reads PNGs of up to {MAX_PNG_BYTES:,} bytes "
+                            f"({MAX_PNG_BYTES >> 20} MiB): scale the image down (the model sees 28x28 pixels).")
+    if len(header) < 24 or header[12:16] != b"IHDR":
+        raise PipelineError(f"{path} is not a readable PNG (no IHDR header where the PNG format puts it).")
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    if width * height > MAX_PNG_PIXELS:
+        raise PipelineError(f"{path} is a PNG of {width}x{height} pixels; `mnist predict` decodes up to {MAX_PNG_PIXELS:,} "
+                            "pixels: scale the image down (the model sees 28x28 pixels).")
+
+
 def read_images(path: Path, invert: bool) -> "np.ndarray":
-    """A PNG (any size, resized to MNIST's 28x28) or an IDX image file, as uint8 [n, height, width]."""
+    """A PNG (up to MAX_PNG_BYTES and MAX_PNG_PIXELS, resized to MNIST's 28x28) or an IDX image file, as uint8 [n, height, width]."""
     # TensorFlow and the models load only for the commands that use them (predict, describe):
     # `mnist run` and `mnist dashboards` start without paying for them.
     import numpy as np
@@ -266,8 +286,11 @@ def read_images(path: Path, invert: bool) -> "np.ndarray":
 
     if not path.is_file():
         raise PipelineError(f"{path} does not exist.")
-    data = path.read_bytes()
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
+    with open(path, "rb") as f:
+        header = f.read(24)
+    if header[:8] == b"\x89PNG\r\n\x1a\n":
+        check_png_size(path, header)
+        data = path.read_bytes()
         try:
             image = tf.io.decode_png(data, channels=1)
         except tf.errors.InvalidArgumentError as exc:
@@ -275,9 +298,9 @@ def read_images(path: Path, invert: bool) -> "np.ndarray":
         if tuple(image.shape[:2]) != IMAGE_SHAPE:
             image = tf.cast(tf.image.resize(image, IMAGE_SHAPE, antialias=True), tf.uint8)
         images = image.numpy()[None, :, :, 0]
-    elif data[:3] == b"\x00\x00\x08":
+    elif header[:3] == b"\x00\x00\x08":
         try:
-            images = parse_idx(data, path.name, ndim=3)
+            images = parse_idx(path.read_bytes(), path.name, ndim=3)
         except DataError as exc:
             raise PipelineError(f"{path} is not an IDX file of images: {str(exc).split('. ')[0]}.") from None
     else:

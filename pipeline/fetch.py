@@ -7,7 +7,6 @@ verified by sha256, so it is the same whichever mirror served it.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import time
@@ -28,6 +27,12 @@ from pipeline.mnist import FILES
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "MNIST_MIRROR"
+# What one mirror may hand over for one file before its sha256 is known. MNIST's largest file,
+# train-images-idx3-ubyte, is 47,040,016 bytes decompressed and 9.9 MB gzipped; a mirror may also
+# serve it plain. 64 MiB each leaves room for every MNIST file and bounds the memory that a wrong or
+# hostile mirror (an endless body, a gzip bomb) can take.
+MAX_DOWNLOAD_BYTES = 64 << 20  # the bytes read from a mirror for one file (gzipped or plain)
+MAX_FILE_BYTES = 64 << 20  # the bytes one file may decompress to
 
 
 @dataclass(frozen=True)
@@ -74,27 +79,66 @@ def read_from_mirror(mirror: str, name: str, pool: urllib3.PoolManager) -> bytes
     url = urlparse(mirror)
     if url.scheme in ("http", "https"):
         target = mirror.rstrip("/") + f"/{name}.gz"
-        try:
-            response = pool.request("GET", target, preload_content=True)
-        except urllib3.exceptions.HTTPError as exc:
-            raise MirrorFailed(f"{target}: {type(exc).__name__}: {exc}") from None
-        if response.status != 200:
-            raise MirrorFailed(f"{target}: HTTP {response.status}")
-        return _decompress(response.data, target)
+        return _decompress(_download(target, pool), target)
     folder = Path(url.path if url.scheme == "file" else mirror)
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
-            return _decompress(candidate.read_bytes(), str(candidate))
+            with open(candidate, "rb") as f:
+                data = f.read(MAX_DOWNLOAD_BYTES + 1)
+            if len(data) > MAX_DOWNLOAD_BYTES:
+                raise MirrorFailed(_too_big(str(candidate), "is larger than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
+            return _decompress(data, str(candidate))
     raise MirrorFailed(f"neither {folder / name}.gz nor {folder / name} exists")
 
 
+def _download(target: str, pool: urllib3.PoolManager) -> bytes:
+    """The body of `target`, at most MAX_DOWNLOAD_BYTES (raise MirrorFailed beyond, or on any HTTP failure)."""
+    try:
+        response = pool.request("GET", target, preload_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise MirrorFailed(f"{target}: {type(exc).__name__}: {exc}") from None
+    try:
+        if response.status != 200:
+            raise MirrorFailed(f"{target}: HTTP {response.status}")
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+            raise MirrorFailed(_too_big(target, f"announces {int(length):,} bytes, more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
+        data = response.read(MAX_DOWNLOAD_BYTES + 1)  # urllib3 bounds a Content-Encoding's output by the same amount
+        if len(data) > MAX_DOWNLOAD_BYTES:
+            raise MirrorFailed(_too_big(target, "sends more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
+        return data
+    except urllib3.exceptions.HTTPError as exc:
+        raise MirrorFailed(f"{target}: {type(exc).__name__}: {exc}") from None
+    finally:
+        response.close()  # a body left unread must not go back to the pool
+
+
 def _decompress(data: bytes, source: str) -> bytes:
+    """`data` itself, or if gzipped its content, at most MAX_FILE_BYTES (raise MirrorFailed beyond, or if it is no valid gzip)."""
     if data[:2] != b"\x1f\x8b":
         return data
+    parts: list[bytes] = []
+    size = 0
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
+        while data[:2] == b"\x1f\x8b":  # one gzip member after another, as gzip.decompress reads them
+            member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            while not member.eof:  # 1 MiB at a time: never much more in memory than the cap
+                parts.append(member.decompress(data, 1 << 20))
+                data = member.unconsumed_tail
+                if not parts[-1] and not data:
+                    raise MirrorFailed(f"{source}: not a valid gzip file (it ends before its end-of-stream marker)")
+                size += len(parts[-1])
+                if size > MAX_FILE_BYTES:
+                    raise MirrorFailed(_too_big(source, "decompresses to more than", MAX_FILE_BYTES, "MAX_FILE_BYTES"))
+            data = member.unused_data
+    except zlib.error as exc:
         raise MirrorFailed(f"{source}: not a valid gzip file ({exc})") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_big(source: str, what: str, cap: int, constant: str) -> str:
+    return (f"{source} {what} {cap:,} bytes ({cap >> 20} MiB, pipeline/fetch.py {constant}): no MNIST file is "
+            "that large, so this is not the file asked for; not read further")
 
 
 def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolManager) -> Fetched:

@@ -254,6 +254,31 @@ def test_predict_reports_a_corrupt_png_in_one_line(exported, capsys, tmp_path):
     assert err.startswith("error: ") and "cut.png" in err
 
 
+PNG_CAP_BYTES, PNG_CAP_PIXELS = 32 << 20, 1 << 25  # cli.MAX_PNG_BYTES and MAX_PNG_PIXELS: a digit at 8192x4096 fits
+
+
+def test_predict_refuses_a_png_of_more_pixels_than_it_decodes_from_its_header(exported, capsys, tmp_path):
+    """6000x6000 pixels (36 MP, under TensorFlow's own 2^29 but over 2^25): refused from the IHDR header, before
+    TensorFlow decodes 36 MB and resizes 144 MB of floats; the other files of the command are not read either."""
+    big = write_png(tmp_path / "poster.png", np.zeros((6000, 6000), dtype=np.uint8))
+    assert big.stat().st_size < PNG_CAP_BYTES  # zeros compress: the pixel count alone is over
+    code, out, err = predict(capsys, str(big), "--saved-model", str(exported["saved_model"]))
+    assert code == 1 and out == "", out
+    assert err == (f"error: {big} is a PNG of 6000x6000 pixels; `mnist predict` decodes up to {PNG_CAP_PIXELS:,} pixels: "
+                   "scale the image down (the model sees 28x28 pixels).\n"), err
+
+
+def test_predict_refuses_a_png_file_larger_than_it_reads(exported, capsys, tmp_path):
+    """A 28x28 PNG padded past 32 MiB after its end (decoders ignore what follows IEND): refused by its size."""
+    png = write_png(tmp_path / "padded.png", exported["test"].x[0])
+    with open(png, "r+b") as f:
+        f.truncate(PNG_CAP_BYTES + 1)  # sparse: nothing is written to the disk
+    code, out, err = predict(capsys, str(png), "--saved-model", str(exported["saved_model"]))
+    assert code == 1 and out == "", out
+    assert f"error: {png} is a PNG of {PNG_CAP_BYTES + 1:,} bytes; `mnist predict` reads PNGs of up to {PNG_CAP_BYTES:,} bytes" in err, err
+    assert "Traceback" not in err
+
+
 # --- newest_saved_model: the newest published version, else the export, else an error -----------
 
 

@@ -320,3 +320,97 @@ def test_http_pool_carries_timeout_and_retries():
     assert timeout.connect_timeout == 0.5 and timeout.read_timeout == 0.5
     assert retries.total == 3 and retries.backoff_factor == 0.25
     assert 503 in retries.status_forcelist and 404 not in retries.status_forcelist
+
+
+# --- bounded input: a mirror cannot make the fetch read or decompress without limit ------
+
+CAP = 64 << 20  # pipeline/fetch.py's MAX_DOWNLOAD_BYTES and MAX_FILE_BYTES: MNIST's largest file is 47,040,016 bytes
+
+
+def gzip_of_zeros(size: int) -> bytes:
+    """A gzip file of `size` zero bytes, made in 1 MiB steps (a bomb: about 1/1000 of its content)."""
+    import zlib
+
+    packer, chunk, parts = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), bytes(1 << 20), []
+    for _ in range(size >> 20):
+        parts.append(packer.compress(chunk))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def test_a_gzip_bomb_in_a_mirror_folder_is_refused_before_it_is_decompressed(tmp_path):
+    """256 MiB of zeros in a 256 KB file: refused after MAX_FILE_BYTES (64 MiB), naming the file and the mirror."""
+    import tracemalloc
+
+    folder = tmp_path / "bombs"
+    folder.mkdir()
+    name = "train-labels-idx1-ubyte"
+    (folder / f"{name}.gz").write_bytes(gzip_of_zeros(256 << 20))
+    out = tmp_path / "raw"
+    tracemalloc.start()
+    try:
+        with pytest.raises(FetchError) as err:
+            fetch_file(name, [str(folder)], out, http_pool(params(str(folder))))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(err.value)
+    assert f"  - {folder}: {folder / name}.gz decompresses to more than {CAP:,} bytes (64 MiB" in message, message
+    assert peak < 2 * CAP, f"{peak:,} bytes allocated to refuse it"
+    assert listing(out) == []
+
+
+def test_a_mirror_file_larger_than_any_mnist_file_is_not_read(tmp_path):
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    name = "t10k-labels-idx1-ubyte"
+    with open(folder / name, "wb") as f:  # plain, sparse: nothing is written to the disk
+        f.truncate(CAP + 1)
+    with pytest.raises(FetchError) as err:
+        fetch_file(name, [str(folder)], tmp_path / "raw", http_pool(params(str(folder))))
+    assert f"  - {folder}: {folder / name} is larger than {CAP:,} bytes" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("how", ["announced", "endless body", "content-encoding bomb"])
+def test_an_http_mirror_sending_more_than_any_mnist_file_is_cut_off(tmp_path, how):
+    """A Content-Length above MAX_DOWNLOAD_BYTES is refused before the body; a body without one is read up
+    to MAX_DOWNLOAD_BYTES only, and so is one that urllib3 decodes (Content-Encoding: gzip)."""
+    bomb = gzip_of_zeros(256 << 20) if how == "content-encoding bomb" else b""
+
+    class TooMuch(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # the body ends when the connection closes: no Content-Length needed
+
+        def do_GET(self):
+            self.send_response(200)
+            if how == "announced":
+                self.send_header("Content-Length", str(10 << 30))
+            if how == "content-encoding bomb":
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(bomb)))
+            self.end_headers()
+            try:
+                if how == "content-encoding bomb":
+                    self.wfile.write(bomb)
+                elif how == "endless body":
+                    chunk = b"x" * (1 << 20)
+                    for _ in range((CAP >> 20) + 16):  # 16 MiB past the cap, then it ends
+                        self.wfile.write(chunk)
+                else:
+                    self.wfile.write(b"x" * 1000)  # then nothing: the announced 10 GiB never come
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, format, *args):  # noqa: A002
+            pass
+
+    name = "t10k-labels-idx1-ubyte"
+    with serve_handler(TooMuch) as url:
+        start = time.monotonic()
+        with pytest.raises(FetchError) as err:
+            fetch_file(name, [url], tmp_path / "raw", http_pool(params(url, timeout_s=10)))
+        seconds = time.monotonic() - start
+    expected = {"announced": f"announces {10 << 30:,} bytes, more than {CAP:,} bytes"}.get(
+        how, f"sends more than {CAP:,} bytes")
+    assert f"  - {url}: {url}{name}.gz {expected} (64 MiB, pipeline/fetch.py MAX_DOWNLOAD_BYTES)" in str(err.value), str(err.value)
+    assert seconds < 9, f"{seconds:.1f} s: it waited for the body"
+    assert listing(tmp_path / "raw") == []
