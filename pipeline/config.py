@@ -23,7 +23,7 @@ from pydantic import (
     field_validator, model_validator,
 )
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, redact_url
 from pipeline.mnist import TRAIN_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
@@ -42,17 +42,18 @@ class Section(BaseModel):
 
 
 def check_mirror(mirror: str) -> str:
-    """Return `mirror` if it is an http(s):// or file:// URL or a local path, else raise ValueError."""
+    """Return `mirror` if it is an http(s):// or file:// URL or a local path, else raise ValueError
+    (whose message shows the mirror without credentials: redact_url)."""
     if not mirror.strip():
         raise ValueError("a mirror is an http(s):// URL prefix or a local directory, not an empty string")
     if "://" in mirror:
-        url = urlparse(mirror)
+        url, shown = urlparse(mirror), redact_url(mirror)
         if url.scheme not in ("http", "https", "file"):
-            raise ValueError(f"'{mirror}' has the scheme '{url.scheme}'; use http://, https://, file:// or a local path")
-        if url.scheme != "file" and not url.netloc:
-            raise ValueError(f"'{mirror}' names no host; write it as https://host/path/")
+            raise ValueError(f"'{shown}' has the scheme '{url.scheme}'; use http://, https://, file:// or a local path")
+        if url.scheme != "file" and not url.hostname:
+            raise ValueError(f"'{shown}' names no host; write it as https://host/path/")
         if url.scheme == "file" and url.netloc not in ("", "localhost"):
-            raise ValueError(f"'{mirror}' is not an absolute file:// URL; write file:///absolute/path or a plain path")
+            raise ValueError(f"'{shown}' is not an absolute file:// URL; write file:///absolute/path or a plain path")
     return mirror
 
 
@@ -280,7 +281,9 @@ def _describe(err: dict, root: type[BaseModel], path: Path, prefix: tuple = ()) 
     message = err["msg"].removeprefix("Value error, ")
     if isinstance(err["input"], dict):  # a check across a whole block: its message names the keys
         return f"{key}: {message}."
-    return f"{key} = {err['input']!r} is not allowed: {message}."
+    value = [redact_url(v) if isinstance(v, str) else v for v in err["input"]] if isinstance(err["input"], list) else (
+        redact_url(err["input"]) if isinstance(err["input"], str) else err["input"])  # a mirror's credentials stay out
+    return f"{key} = {value!r} is not allowed: {message}."
 
 
 def _allowed_keys(root: type[BaseModel], loc: tuple[str, ...]) -> list[str]:

@@ -21,7 +21,7 @@ import urllib3
 from pipeline import summaries, tables
 from pipeline.config import FetchParams, check_mirror
 from pipeline.data import atomic_write, sha256
-from pipeline.errors import ConfigError, FetchError
+from pipeline.errors import ConfigError, FetchError, redact_url
 from pipeline.mnist import FILES
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ MAX_FILE_BYTES = 64 << 20  # the bytes one file may decompress to
 
 @dataclass(frozen=True)
 class Fetched:
-    """What one file's fetch did: where it came from, how big, how long."""
+    """What one file's fetch did: where it came from (redact_url), how big, how long."""
 
     name: str
     mirror: str
@@ -57,7 +57,7 @@ def mirrors_to_try(params: FetchParams, environ: dict[str, str] = os.environ) ->
     try:
         check_mirror(override)
     except ValueError as exc:
-        raise ConfigError(f"{MIRROR_ENV}={override!r} is not usable: {exc}.") from None
+        raise ConfigError(f"{MIRROR_ENV}={redact_url(override)!r} is not usable: {exc}.") from None
     return [override] + [m for m in params.mirrors if m != override]
 
 
@@ -79,7 +79,7 @@ def read_from_mirror(mirror: str, name: str, pool: urllib3.PoolManager) -> bytes
     url = urlparse(mirror)
     if url.scheme in ("http", "https"):
         target = mirror.rstrip("/") + f"/{name}.gz"
-        return _decompress(_download(target, pool), target)
+        return _decompress(_download(target, pool), redact_url(target))
     folder = Path(url.path if url.scheme == "file" else mirror)
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
@@ -92,25 +92,33 @@ def read_from_mirror(mirror: str, name: str, pool: urllib3.PoolManager) -> bytes
 
 
 def _download(target: str, pool: urllib3.PoolManager) -> bytes:
-    """The body of `target`, at most MAX_DOWNLOAD_BYTES (raise MirrorFailed beyond, or on any HTTP failure)."""
+    """The body of `target`, at most MAX_DOWNLOAD_BYTES (raise MirrorFailed beyond, or on any HTTP failure).
+    Its messages show the URL without credentials or query values (redact_url)."""
+    shown = redact_url(target)
     try:
         response = pool.request("GET", target, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
-        raise MirrorFailed(f"{target}: {type(exc).__name__}: {exc}") from None
+        raise MirrorFailed(_http_failure(shown, exc)) from None
     try:
         if response.status != 200:
-            raise MirrorFailed(f"{target}: HTTP {response.status}")
+            raise MirrorFailed(f"{shown}: HTTP {response.status}")
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
-            raise MirrorFailed(_too_big(target, f"announces {int(length):,} bytes, more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
+            raise MirrorFailed(_too_big(shown, f"announces {int(length):,} bytes, more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
         data = response.read(MAX_DOWNLOAD_BYTES + 1)  # urllib3 bounds a Content-Encoding's output by the same amount
         if len(data) > MAX_DOWNLOAD_BYTES:
-            raise MirrorFailed(_too_big(target, "sends more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
+            raise MirrorFailed(_too_big(shown, "sends more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
         return data
     except urllib3.exceptions.HTTPError as exc:
-        raise MirrorFailed(f"{target}: {type(exc).__name__}: {exc}") from None
+        raise MirrorFailed(_http_failure(shown, exc)) from None
     finally:
         response.close()  # a body left unread must not go back to the pool
+
+
+def _http_failure(shown: str, exc: urllib3.exceptions.HTTPError) -> str:
+    """What went wrong, without the request's path and query that urllib3's MaxRetryError repeats."""
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+    return f"{shown}: {type(reason).__name__}: {reason}"
 
 
 def _decompress(data: bytes, source: str) -> bytes:
@@ -150,6 +158,7 @@ def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolM
     expected = FILES[name]
     failures = []
     for mirror in mirrors:
+        shown = redact_url(mirror)  # what logs, messages and the TensorBoard summary show of it
         start = time.perf_counter()
         try:
             data = read_from_mirror(mirror, name, pool)
@@ -157,13 +166,13 @@ def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolM
             if digest != expected:
                 raise MirrorFailed(f"{name} failed verification: sha256 {digest[:16]}..., expected {expected[:16]}...")
         except (MirrorFailed, OSError) as exc:
-            log.warning("mirror %s could not give %s: %s", mirror, name, exc)
-            failures.append(f"{mirror}: {exc}")
+            log.warning("mirror %s could not give %s: %s", shown, name, exc)
+            failures.append(f"{shown}: {exc}")
             continue
         atomic_write(out_dir / name, data)
         seconds = time.perf_counter() - start
-        log.info("%s: %d bytes from %s in %.2f s, sha256 verified", name, len(data), mirror, seconds)
-        return Fetched(name, mirror, len(data), seconds)
+        log.info("%s: %d bytes from %s in %.2f s, sha256 verified", name, len(data), shown, seconds)
+        return Fetched(name, shown, len(data), seconds)
     raise FetchError(
         f"No mirror delivered a verified copy of {name}:\n  - "
         + "\n  - ".join(failures)

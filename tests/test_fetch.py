@@ -414,3 +414,74 @@ def test_an_http_mirror_sending_more_than_any_mnist_file_is_cut_off(tmp_path, ho
     assert f"  - {url}: {url}{name}.gz {expected} (64 MiB, pipeline/fetch.py MAX_DOWNLOAD_BYTES)" in str(err.value), str(err.value)
     assert seconds < 9, f"{seconds:.1f} s: it waited for the body"
     assert listing(tmp_path / "raw") == []
+
+
+# --- a mirror's credentials stay out of logs, messages and the TensorBoard summary ------
+
+SECRETS = ("s3cret", "t0ken")
+
+
+def with_secrets(url: str) -> str:
+    """`url` (http://127.0.0.1:PORT/) with a user and password, as an internal mirror's URL may carry them."""
+    return url.replace("http://", "http://mnist:s3cret@", 1)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:s3cret@mirror.example:8443/mnist/", "https://mirror.example:8443/mnist/"),
+    ("https://t0ken@mirror.example/mnist/", "https://mirror.example/mnist/"),
+    ("https://mirror.example/mnist/?token=t0ken&v=2#part", "https://mirror.example/mnist/?token=***&v=***"),
+    ("https://mirror.example/mnist/?t0ken", "https://mirror.example/mnist/?***"),
+    ("https://user:s3cret@[::1]:8080/m/", "https://[::1]:8080/m/"),
+    ("https://user:s3cret@host:99999999/", "https://***"),
+    ("https://mirror.example/mnist/", "https://mirror.example/mnist/"),
+    ("file:///data/mnist", "file:///data/mnist"),
+    ("/data/mnist", "/data/mnist"),
+])
+def test_redact_url_strips_user_password_and_query_values(url, shown):
+    from pipeline.errors import redact_url
+
+    assert redact_url(url) == shown
+
+
+@needs_mirror
+def test_a_mirrors_credentials_are_in_no_log_line_summary_or_message(tmp_path, good_mirror, caplog):
+    """A mirror URL with a user and password (or a token in its query) serves as before; what is logged, raised
+    and written into the fetch stage's TensorBoard text (a DVC output, pushed to remotes) shows it without them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.config import check_mirror
+    from pipeline.fetch import write_summaries
+
+    name = "t10k-labels-idx1-ubyte"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with serve_directory(good_mirror) as good, serve_directory(empty) as missing:
+        failing = [with_secrets(missing), with_secrets(closed_port_url()) + "?token=t0ken"]
+        mirrors = [*failing, with_secrets(good)]
+        with caplog.at_level(logging.INFO, logger="pipeline.fetch"):
+            fetched = fetch_file(name, mirrors, tmp_path / "raw", http_pool(params(*mirrors)))
+            with pytest.raises(FetchError) as err:
+                fetch_file(name, failing, tmp_path / "raw2", http_pool(params(*failing)))
+    assert sha256((tmp_path / "raw" / name).read_bytes()) == FILES[name]
+    write_summaries([fetched], tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    (table,) = events.Tensors("fetch/files")
+    said = {
+        "log": "\n".join(r.getMessage() for r in caplog.records),
+        "error": str(err.value),
+        "summary": table.tensor_proto.string_val[0].decode(),
+        "events file": b"".join(p.read_bytes() for p in (tmp_path / "tb").rglob("*") if p.is_file()).decode("latin-1"),
+    }
+    for secret in SECRETS:
+        for where, text in said.items():
+            assert secret not in text, f"{secret} in the {where}:\n{text}"
+    assert fetched.mirror == good  # the mirror that served, as logged and summarised
+    assert f"  - {missing}: {missing}{name}.gz: HTTP 404" in said["error"], said["error"]
+    assert f"{good} in" in said["log"] and good in said["summary"]
+    with pytest.raises(ConfigError) as bad:
+        mirrors_to_try(params(good), environ={MIRROR_ENV: "ftp://mnist:s3cret@host/mnist/"})
+    assert "ftp://host/mnist/" in str(bad.value) and "s3cret" not in str(bad.value), str(bad.value)
+    with pytest.raises(ValueError) as bad:
+        check_mirror("https://mnist:s3cret@/mnist/")
+    assert "s3cret" not in str(bad.value), str(bad.value)
