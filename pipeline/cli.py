@@ -15,7 +15,7 @@ from typing import Iterator
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import StateType
-from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
 from prefect.states import Crashed
 
 from pipeline import integrity, servers, warm
@@ -23,7 +23,7 @@ from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
 from pipeline.mnist import IMAGE_SHAPE
-from pipeline.stage import RUN_ID_ENV, check_prefect_api, run_tag, this_process
+from pipeline.stage import RUN_ID_ENV, check_prefect_api, client_settings, run_tag, this_process
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
@@ -68,7 +68,10 @@ def _run_with_prefect(cmd: list[str], warm_starts: bool = False) -> int:
                 broken = integrity.set_aside_unreadable_lock(Path.cwd())  # left by an earlier run killed outright
                 if broken:
                     print(broken, file=sys.stderr, flush=True)
-                env = {**os.environ, "PREFECT_API_URL": api, RUN_ID_ENV: run_id}
+                # this environment's bin first: `dvc`, and the `python` of dvc.yaml's commands, are its own
+                # even when the venv is not activated (.venv/bin/mnist run)
+                path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+                env = {**os.environ, "PATH": path, "PREFECT_API_URL": api, RUN_ID_ENV: run_id}
                 if warm_starts:
                     env.update(stack.enter_context(warm.server(Path.cwd().resolve(), env)))
                 child = subprocess.Popen(cmd, env=env)
@@ -129,15 +132,6 @@ def mark_orphaned_runs() -> list[str]:
                 client.set_flow_run_state(run.id, Crashed(message=message), force=True)
                 marked.append(run.name)
     return marked
-
-
-def client_settings(api: str) -> dict:
-    """Prefect settings for this command's own calls to the server at `api`: its URL and, for a server
-    started here with basic authentication (PREFECT_SERVER_API_AUTH_STRING), the same string as a client."""
-    updates = {PREFECT_API_URL: api}
-    if os.environ.get(servers.AUTH_ENV) and not PREFECT_API_AUTH_STRING.value():
-        updates[PREFECT_API_AUTH_STRING] = os.environ[servers.AUTH_ENV]
-    return updates
 
 
 def _mark_orphaned_runs(api: str) -> None:
@@ -226,11 +220,11 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
                 TENSORBOARD_LOGDIR, "127.0.0.1", args.tensorboard_port, live=TRAINING_NOW, signals=signals
             ) as tb:
                 _mark_orphaned_runs(api)
-                if args.prefect_port == servers.PREFECT_PORT and not os.environ.get(servers.AUTH_ENV):
-                    clients = "A bare `dvc repro`, `dvc exp run` or queued experiment reports here with no setting (pipeline/stage.py)."
-                else:  # the stages look on 127.0.0.1:4200 only, without credentials
-                    clients = f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}" + (
-                        " PREFECT_API_AUTH_STRING=<the server auth string>" if os.environ.get(servers.AUTH_ENV) else "")
+                if args.prefect_port == servers.PREFECT_PORT:  # the stages look for the project's server there
+                    clients = "A bare `dvc repro`, `dvc exp run` or queued experiment reports here with no setting."
+                else:
+                    clients = (f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}"
+                               " PREFECT_API_AUTH_STRING=<the auth string above>")
                 print(f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n{clients}\nCtrl-C stops both.", flush=True)
                 until_stopped(signals)
         except servers.Stopped:
@@ -369,17 +363,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Read every output that dvc.lock names, and its cache object; repair or delete what is damaged."""
-    findings = integrity.verify(Path("."))
-    here = Path.cwd()
-    for f in findings:
-        shown = f.path.relative_to(here) if f.path.is_absolute() and f.path.is_relative_to(here) else f.path
-        print(f"{shown}: {f.what}: {f.action}")
-    if not findings:
-        print("every output in dvc.lock and its cache object hold the bytes dvc.lock records")
+    """Read every output that dvc.lock names, and its cache object; repair what is damaged, moving the damaged
+    copies aside; report a modified output and leave it alone. Exit 1 if anything was damaged."""
+    if not Path("dvc.lock").exists():
+        print("no dvc.lock here: nothing is recorded to verify (run the pipeline first, from the project root)")
         return 0
-    if any(f.action == "deleted" for f in findings):
-        print("run `dvc repro` to make the deleted outputs again (or `dvc pull` to fetch them from the remote)")
+    report = integrity.verify(Path("."))
+    here = Path.cwd().resolve()
+
+    def shown(path: Path) -> Path:
+        return path.relative_to(here) if path.is_absolute() and path.is_relative_to(here) else path
+
+    for f in report.findings:
+        print(f"{shown(f.path)}: {f.what}: {f.action}" + (f" (the damaged copy: {shown(f.aside)})" if f.aside else ""))
+    if any(not f.damage for f in report.findings):
+        print("a modified output is left as it is: `dvc commit` records it, `dvc checkout <path>` puts back what dvc.lock records")
+    if report.aside:
+        print(f"nothing was deleted: each damaged copy is in {shown(report.aside)}/, under its own path; "
+              f"to put one back: mv {shown(report.aside)}/<path> <path>")
+    if not report.damaged:
+        print("no damage: every output in dvc.lock and its cache object hold the bytes dvc.lock records"
+              + (", or are newer outputs" if report.findings else ""))
+        return 0
+    if any(f.action == "moved aside" for f in report.damaged):
+        print("run `dvc repro` to make the outputs moved aside again (or `dvc pull` to fetch them from the remote)")
     return 1
 
 

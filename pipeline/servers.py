@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Callable, Iterator
 
 import httpx
 
+from pipeline import localserver
 from pipeline.errors import PipelineError
+from pipeline.localserver import CLIENT_AUTH_ENV
+from pipeline.localserver import SERVER_AUTH_ENV as AUTH_ENV  # Prefect's basic authentication: "user:password"
 from pipeline.warm import DIE_WITH_PARENT, stop
 
 PREFECT_PORT = 4200
 TENSORBOARD_PORT = 6006
-AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # Prefect's basic authentication: "user:password"
 DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
 
 
@@ -172,6 +175,30 @@ class Watchdog(threading.Thread):
         return self.process
 
 
+class Stranger(PipelineError):
+    """Something that is not a server of this project answers on the port asked for."""
+
+
+def stranger_message(host: str, port: int) -> str:
+    return (
+        f"Something answers on {host}:{port} that is not a Prefect server this project started: "
+        f"{localserver.describe_listener(port)}. Nothing was sent to it. Stop it, or pick another port "
+        f"(mnist dashboards --prefect-port), or, to use that server on purpose, set PREFECT_API_URL to it "
+        f"(and {CLIENT_AUTH_ENV} if it asks for one)."
+    )
+
+
+@contextmanager
+def _locked(path: Path, mode: int) -> Iterator[int]:
+    """An flock of `mode` on `path` (created if missing), held while in the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @contextmanager
 def prefect_server(
     host: str = "127.0.0.1",
@@ -181,20 +208,24 @@ def prefect_server(
     signals: Signals | None = None,
     restart: bool = False,
     on_restart: Callable[[str], None] | None = None,
+    auth: bool = True,
 ) -> Iterator[str]:
-    """Yield the API URL of a Prefect server on host:port, starting one unless one already answers.
+    """Yield the API URL of a Prefect server on host:port: this project's server already running
+    there, or one started now. Anything else answering on the port raises Stranger.
 
-    A server started here is stopped on exit; one that was already running is left alone.
+    A server started here asks every client for an auth string: PREFECT_SERVER_API_AUTH_STRING if
+    set, else a random one (`auth=False`: none). It is recorded for other commands of this user
+    (pipeline/localserver.py), and for the block PREFECT_API_AUTH_STRING in os.environ holds it, so
+    child processes send it. Checking and starting happen under a lock, so two commands starting
+    at once get one server. It is stopped on exit, once no other command is using it (they hold
+    the port's `users` lock); a server that was running already is left alone.
     Its database is `database_url` (a PostgreSQL URL, postgresql+asyncpg://...) if given, else
     PREFECT_SERVER_DATABASE_CONNECTION_URL if set, else Prefect's SQLite file under PREFECT_HOME.
-    With PREFECT_SERVER_API_AUTH_STRING set, the server asks every client for it. With `signals`,
-    a SIGINT or SIGTERM during start-up stops it and raises Stopped. With `restart`, a server
-    started here that dies is started again (Watchdog), and `on_restart` runs once it answers.
+    With `signals`, a SIGINT or SIGTERM during start-up stops it and raises Stopped. With `restart`,
+    a server started here that dies is started again (Watchdog), and `on_restart` runs once it answers.
     """
     api = f"http://{host}:{port}/api"
-    if answers(f"{api}/health"):
-        yield api
-        return
+    records = localserver.folder()
     log = log or Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / f"server-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # The UI calls the API at PREFECT_SERVER_API_HOST/PORT; --port alone leaves it calling 4200.
@@ -203,6 +234,11 @@ def prefect_server(
     if database_url:
         env[DATABASE_ENV] = database_url
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    secret = os.environ.get(AUTH_ENV) or (localserver.new_auth() if auth else None)
+    if secret:
+        env[AUTH_ENV] = secret
+    else:
+        env.pop(AUTH_ENV, None)
 
     def start() -> subprocess.Popen:
         with open(log, "ab") as out:
@@ -210,20 +246,53 @@ def prefect_server(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
             )
+        localserver.write(localserver.Record(pid=process.pid, port=port, auth=secret))
         return process
 
-    process, watchdog = start(), None
-    try:
-        _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log, signals)
-        if restart:
-            after = (lambda: on_restart(api)) if on_restart else None
-            watchdog = Watchdog(start, process, f"{api}/health", f"The Prefect server on {host}:{port}", after, log=log)
-            watchdog.start()
-        yield api
-    finally:
-        if watchdog:
-            process = watchdog.stop()
-        stop(process)
+    process, watchdog, saved_auth = None, None, os.environ.get(CLIENT_AUTH_ENV)
+    with ExitStack() as users:
+        with _locked(records / f"{port}.lock", fcntl.LOCK_EX):
+            # a command stopping its server holds `users` exclusively until the server is gone
+            users_fd = users.enter_context(_locked(records / f"{port}.users", fcntl.LOCK_SH))
+            record = localserver.ours(port)
+            if record is None and answers(f"{api}/health"):
+                raise Stranger(stranger_message(host, port))
+            if record is not None:
+                secret = record.auth
+            else:
+                process = start()
+                try:
+                    _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log, signals)
+                except BaseException:
+                    localserver.forget(port, process.pid)
+                    raise
+                if secret and not os.environ.get(AUTH_ENV):  # shown once: the browser asks for it
+                    print(f"Prefect: started a server on {host}:{port}; its UI asks for this auth string: {secret}",
+                          flush=True)
+        try:
+            if secret:
+                os.environ[CLIENT_AUTH_ENV] = secret
+            if process is not None and restart:
+                after = (lambda: on_restart(api)) if on_restart else None
+                watchdog = Watchdog(start, process, f"{api}/health", f"The Prefect server on {host}:{port}", after, log=log)
+                watchdog.start()
+            yield api
+        finally:
+            if saved_auth is None:
+                os.environ.pop(CLIENT_AUTH_ENV, None)
+            else:
+                os.environ[CLIENT_AUTH_ENV] = saved_auth
+            if process is not None:
+                if watchdog:
+                    process = watchdog.stop()
+                try:
+                    fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"Prefect: other commands still use the server on {host}:{port}; stopping it once they end ...",
+                          file=sys.stderr, flush=True)
+                    fcntl.flock(users_fd, fcntl.LOCK_EX)
+                localserver.forget(port, process.pid)
+                stop(process)
 
 
 @contextmanager

@@ -18,12 +18,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+from prefect.settings import (
+    PREFECT_API_AUTH_STRING,
+    PREFECT_API_URL,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    get_current_settings,
+    temporary_settings,
+)
 from pydantic import ValidationError
 
-from pipeline import warm
+from pipeline import localserver, warm
 from pipeline.config import ModelParams, load_params
 from pipeline.data import is_disk_full
 from pipeline.errors import PipelineError
@@ -146,12 +153,23 @@ def check_prefect_api(timeout_s: float = 3.0, wait_s: float = SERVER_WAIT_S) -> 
 
 
 def dashboards_api(timeout_s: float = 2.0) -> str | None:
-    """DASHBOARDS_API_URL if a Prefect server answers there (`make dashboards` running on this machine), else None."""
+    """DASHBOARDS_API_URL if this project's Prefect server answers there (`make dashboards` running on this
+    machine, pipeline/localserver.py), with its auth string in os.environ; else None. A server there that
+    is not the project's gets nothing (a note says what answered)."""
+    port = urlsplit(DASHBOARDS_API_URL).port or 80
+    record = localserver.ours(port)
     try:
         answer = httpx.get(DASHBOARDS_API_URL + "/health", timeout=timeout_s)
         healthy = answer.status_code == 200 and answer.json() is True
     except (httpx.HTTPError, ValueError):
         return None
+    if healthy and record is None:
+        print(f"Prefect: {DASHBOARDS_API_URL} answers but is not a server this project started "
+              f"({localserver.describe_listener(port)}); this stage reports to a temporary server instead.",
+              file=sys.stderr, flush=True)
+        return None
+    if healthy and record is not None and record.auth:
+        os.environ[localserver.CLIENT_AUTH_ENV] = record.auth
     return DASHBOARDS_API_URL if healthy else None
 
 
@@ -164,6 +182,14 @@ def reporting_api() -> str | None:
     if api is None and (api := dashboards_api()):
         print(f"Prefect: reporting to the server of `make dashboards` at {api}.", file=sys.stderr, flush=True)
     return api
+
+
+def client_settings(api: str | None) -> dict:
+    """Prefect settings for calls to `api`: its URL, and the auth string that the environment holds for it."""
+    if not api:
+        return {}
+    auth = os.environ.get(localserver.CLIENT_AUTH_ENV)
+    return {PREFECT_API_URL: api, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
 
 
 def this_process() -> str:
@@ -261,7 +287,7 @@ def run_stage(
         gc.freeze()
         run_name = f"{stage}-{model}" if model else stage
         hook = record_run(stage_labels(stage, model))
-        with temporary_settings(updates={**prefect_settings(), **({PREFECT_API_URL: api} if api else {})}):
+        with temporary_settings(updates={**prefect_settings(), **client_settings(api)}):
             state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)

@@ -44,7 +44,9 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="prefect-home-"))
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    api = _services.enter_context(servers.prefect_server("127.0.0.1", free_port(), log=home / "server.log"))
+    # Without an auth string, so that the browser tests open its UI directly; tests/test_servers.py
+    # covers the servers the commands start, which ask for one.
+    api = _services.enter_context(servers.prefect_server("127.0.0.1", free_port(), log=home / "server.log", auth=False))
     os.environ["PREFECT_API_URL"] = api
     _services.callback(shutil.rmtree, home, ignore_errors=True)
 

@@ -28,6 +28,8 @@ find_python() {
 
 work=$(mktemp -d /tmp/mnist-pythons.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+# the tests look for the local mirror beside the project, as in the repository's own folder
+[ -d "$repo/../shared" ] && ln -s "$(cd "$repo/.." && pwd)/shared" "$work/shared"
 summary=()
 for v in "${versions[@]}"; do
     python=$(find_python "$v") || { echo "pythons: no Python $v found (PATH, pyenv)" >&2; exit 1; }

@@ -380,7 +380,8 @@ def start_dashboards(tmp_path: Path, **extra_env: str) -> tuple[subprocess.Popen
 @pytest.mark.parametrize("auth", ["", "mnist:a-long-secret"], ids=["open", "basic auth"])
 def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path, auth: str) -> None:
     """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both.
-    With basic authentication, the command's own calls (the check for orphaned runs) use it too."""
+    The server asks for an auth string (the user's, or a random one shown once), and the command's
+    own calls (the check for orphaned runs) send it."""
     import psutil
 
     from pipeline.servers import AUTH_ENV, answers
@@ -409,7 +410,8 @@ def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Pat
     assert command.returncode == 0, output
     assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in output
     assert "could not check for orphaned" not in output, output
-    assert ("PREFECT_API_AUTH_STRING=" in output) == bool(auth), output
+    assert "PREFECT_API_AUTH_STRING=" in output, output  # the server asks for one either way
+    assert ("its UI asks for this auth string: mnist:" in output) == (not auth), output  # a random one is shown once
     assert not any(answers(url, timeout_s=1.0) for url in urls)
 
 
