@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,10 +42,15 @@ from typing import Callable, Iterator, NoReturn
 SOCKET_ENV = "PIPELINE_WARM_SOCKET"
 LAUNCHED_ENV = "PIPELINE_STAGE_LAUNCHED"  # "<unix time> warm|cold": when and how the launcher started the stage
 MAX_MESSAGE = 1 << 20  # a request: the script, its arguments, the working directory and the environment
+EXCHANGE_TIMEOUT_S = 30.0  # for a request and its reply; the stage's own run has no limit
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Variables that libraries read when they are imported (Prefect's settings, TensorFlow's, Python's):
 # a stage whose values differ from the server's starts cold.
-READ_AT_IMPORT = ("PREFECT_", "TF_", "CUDA_", "KERAS_", "OMP_", "PYTHON")
+READ_AT_IMPORT = ("PREFECT_", "TF_", "CUDA_", "KERAS_", "OMP_", "OPENBLAS_", "PYTHON")
+# numpy's OpenBLAS starts a worker thread per core when imported. The stages do no BLAS work in
+# numpy (TensorFlow has its own threads, started later), and the server only forks while it has
+# a single thread: so a stage, warm or cold, runs with one OpenBLAS thread unless the user says otherwise.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
 # Modules that the stages import only once they run (Prefect's engines and the encoder it takes from
 # FastAPI, DVCLive's DVC, TensorBoard's summary ops): about 0.15 s per stage, 0.25 s per train stage,
 # found with PYTHONPROFILEIMPORTTIME=1 on a warm `mnist run`. The server imports them too, where they exist.
@@ -78,6 +84,8 @@ def launch(argv: list[str]) -> None:
     answers, else here, cold."""
     if not argv or not (argv[0].endswith(".py") or (argv[0] == "-m" and len(argv) > 1)):
         sys.exit("usage: python -m pipeline.warm stages/<stage>.py [ARGS...]  (or: -m MODULE [ARGS...])")
+    for name, value in ONE_THREAD.items():
+        os.environ.setdefault(name, value)
     path = os.environ.get(SOCKET_ENV)
     if path:
         os.environ[LAUNCHED_ENV] = f"{time.time():.6f} warm"
@@ -101,10 +109,12 @@ def _run_warm(path: str, argv: list[str]) -> int | None:
     """The child's exit status (negative: the signal that ended it), or None if the server cannot take the run."""
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.settimeout(EXCHANGE_TIMEOUT_S)
         conn.connect(path)
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         reply = json.loads(conn.recv(MAX_MESSAGE) or b"{}")
+        conn.settimeout(None)  # from here on, the wait is the stage's run
     except (OSError, ValueError) as exc:
         print(f"warm start not possible ({exc}); starting {argv[0]} cold", file=sys.stderr)
         return None
@@ -181,6 +191,8 @@ def serve(path: str, root: Path) -> None:
 
     server, parent = os.getpid(), os.getppid()
     os.chdir(root)
+    for name, value in ONE_THREAD.items():
+        os.environ.setdefault(name, value)
     for script in sorted((root / "stages").glob("*.py")):
         runpy.run_path(str(script), run_name="__warm__")  # its imports and definitions; not its main block
     for name in IMPORTED_LATER:
@@ -203,26 +215,63 @@ def serve(path: str, root: Path) -> None:
                 conn, _ = listener.accept()
             except socket.timeout:
                 continue
-            conn.settimeout(None)
             with conn:
-                message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
-                try:
-                    request = json.loads(message)
-                    refused = refusal(request, root, loaded)
-                    if refused:
-                        conn.send(json.dumps({"refused": refused}).encode())
-                    else:
-                        sys.stdout.flush(), sys.stderr.flush()
-                        if os.fork() == 0:
-                            listener.close()
-                            _supervise(conn, request, fds)  # never returns: the supervisor and the stage end in os._exit
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                _answer(conn, listener, root, loaded)
     finally:
         if os.getpid() == server:
             listener.close()
             Path(path).unlink(missing_ok=True)
+
+
+def _answer(conn: socket.socket, listener: socket.socket, root: Path, loaded: dict[str, int]) -> None:
+    """Take one launcher's request: fork a supervisor for it, or refuse it. A bad request, a launcher
+    gone mid-way or a failed fork is refused (the launcher then starts cold); the server goes on."""
+    fds: list[int] = []
+    try:
+        conn.settimeout(EXCHANGE_TIMEOUT_S)
+        message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
+        conn.settimeout(None)
+        refused = _peer_refusal(conn) or _request_refusal(message, fds, root, loaded)
+        if refused:
+            conn.send(json.dumps({"refused": refused}).encode())
+            return
+        sys.stdout.flush(), sys.stderr.flush()
+        if os.fork() == 0:
+            try:
+                listener.close()
+                _supervise(conn, json.loads(message), fds)  # never returns: it ends in os._exit
+            finally:
+                os._exit(1)  # an error in the supervisor must not go on as a second server
+    except (OSError, ValueError) as exc:  # the launcher went away, or the fork failed
+        try:
+            conn.send(json.dumps({"refused": f"the server could not take the request ({exc})"}).encode())
+        except OSError:
+            pass
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _peer_refusal(conn: socket.socket) -> str | None:
+    """Why the process at the other end may not use this server (another account's), or None."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return None if uid == os.getuid() else f"the launcher runs as uid {uid}, the server as uid {os.getuid()}"
+
+
+def _request_refusal(message: bytes, fds: list[int], root: Path, loaded: dict[str, int]) -> str | None:
+    """Why the request cannot be run here: malformed, or to be run cold (see refusal); or None."""
+    try:
+        request = json.loads(message)
+        if len(fds) != 3 or not isinstance(request, dict) or not isinstance(request.get("argv"), list) \
+                or not isinstance(request.get("cwd"), str) or not isinstance(request.get("env"), dict):
+            return "a malformed request (argv, cwd, env and three streams expected)"
+        threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
+        if threads != 1:
+            return f"the server runs {threads} threads, and a fork of it would hold their locks"
+        return refusal(request, root, loaded)
+    except ValueError:
+        return "a malformed request (not JSON)"
 
 
 def refusal(request: dict, root: Path, loaded: dict[str, int]) -> str | None:

@@ -3,8 +3,11 @@ imported it, or cold when there is none, with the same arguments, streams, statu
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +245,70 @@ def test_a_warm_train_stage_writes_the_same_bytes_as_a_cold_one(small_run: Small
     with warm_server(project, env) as path:
         warm = train(tmp_path / "warm", {SOCKET_ENV: path})
     assert warm.read_bytes() == (project / "data" / "models" / "logreg" / "model.keras").read_bytes()
+
+
+def ask(path: str, message: bytes, streams: list[int] | None = None) -> bytes:
+    """Send one raw request to the warm server at `path` (with `streams` as its file descriptors); its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.settimeout(30)
+        conn.connect(path)
+        socket.send_fds(conn, [message], streams or [])
+        return conn.recv(1 << 16)
+
+
+def test_a_bad_request_or_a_vanished_launcher_leaves_the_server_serving(root: Path, tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        assert b"not JSON" in ask(path, b"not json")
+        assert b"malformed" in ask(path, b'{"argv": 1}', [0, 1, 2])
+        assert b"malformed" in ask(path, json.dumps({"argv": ["stages/probe.py"], "cwd": str(root), "env": {}}).encode())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:  # connects, sends nothing, goes
+            gone.connect(path)
+        proc = launch(root, {**env, SOCKET_ENV: path}, "5")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, err
+    assert "cold" not in err and "refused" not in err, err
+    assert f" pid {proc.pid} " not in out  # a fork of the server, not the launcher itself
+
+
+def test_a_server_with_a_second_thread_does_not_fork_and_the_stage_starts_cold(root: Path, tmp_path: Path) -> None:
+    (root / "stages" / "probe.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n" + PROBE)
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        proc = launch(root, {**env, SOCKET_ENV: path}, "4")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, err
+    assert "warm start refused: the server runs 2 threads" in err and "starting stages/probe.py cold" in err, err
+    assert f" pid {proc.pid} " in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as another account")
+def test_a_launcher_of_another_account_is_refused(tmp_path: Path) -> None:
+    """The socket's folder is private; here it is open to all, so the server's own check (SO_PEERCRED) must refuse."""
+    import tempfile
+
+    open_folder = Path(tempfile.mkdtemp(prefix="mnist-warm-open-"))  # under /tmp, which every account may enter
+    open_folder.chmod(0o777)
+    root = open_folder / "root"
+    (root / "stages").mkdir(parents=True)
+    (root / "stages" / "probe.py").write_text(PROBE)
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        os.chmod(path, 0o777)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # as user `nobody`
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                request = {"argv": ["stages/probe.py", "0"], "cwd": str(root), "env": dict(os.environ)}
+                os.write(write, ask(path, json.dumps(request).encode(), [0, 1, 2]))
+            finally:
+                os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(child, 0)
+        reply = os.read(read, 1 << 16)
+        os.close(read)
+    shutil.rmtree(open_folder)
+    assert status == 0 and b"the launcher runs as uid 65534" in reply, reply
