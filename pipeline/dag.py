@@ -22,6 +22,9 @@ from prefect.states import Cancelled, Completed, Failed, State
 from pipeline.stage import RUN_ID_ENV, record_run, run_tag
 
 RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN = "ran", "restored", "up to date", "failed", "not run"
+# Set by `mnist serve` for its deployment's runs: the one folder they may run. Anyone who reaches the
+# server can start a run with any parameters, and a folder's dvc.yaml runs commands as this user.
+SERVED_ROOT_ENV = "MNIST_SERVED_ROOT"
 
 
 def stages_in_order(root: Path = Path(".")) -> tuple[list[str], dict[str, set[str]]]:
@@ -70,6 +73,10 @@ def pipeline_flow(root: str = ".") -> dict[str, str]:
     """Run every stage of the DVC pipeline in order; return each stage's outcome."""
     logger = get_run_logger()
     path = Path(root).resolve()
+    served = os.environ.get(SERVED_ROOT_ENV)
+    if served and path != Path(served).resolve():
+        logger.error("refused: this deployment runs the pipeline of %s only, not of %s", served, path)
+        return Failed(message=f"this deployment runs the pipeline of {served} only; root={root} refused")
     run_id = os.environ.get(RUN_ID_ENV) or f"flow-{flow_run.get_name()}"
     order, upstream = stages_in_order(path)
     logger.info("%d stages: %s", len(order), ", ".join(order))
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", default="0 3 * * *", help="schedule (with --serve); '' for none")
     args = parser.parse_args(argv)
     if args.serve:
+        os.environ[SERVED_ROOT_ENV] = str(Path.cwd().resolve())  # the runs it starts inherit it
         pipeline_flow.serve(name=args.name, cron=args.cron or None, parameters={"root": str(Path.cwd())})
     else:
         run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("flow-%Y%m%d-%H%M%S"))

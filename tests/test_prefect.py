@@ -337,7 +337,7 @@ def test_a_bad_prefect_setting_stops_the_stage_with_its_name(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> None:
+def test_deployment_triggered_through_the_api_completes(small_run: SmallRun, tmp_path: Path) -> None:
     from prefect.deployments import run_deployment
 
     env = project_env(PREFECT_RUNNER_POLL_FREQUENCY="1")
@@ -358,6 +358,15 @@ def test_deployment_triggered_through_the_api_completes(small_run: SmallRun) -> 
                     time.sleep(1)
         flow_run = run_deployment("pipeline/test", timeout=600)
         assert flow_run.state.type == StateType.COMPLETED, flow_run.state
+        # whoever reaches the server cannot point the deployment at a folder of theirs
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "dvc.yaml").write_text("stages:\n  x:\n    cmd: touch ran-here\n")
+        subprocess.run(["git", "init", "-q"], cwd=elsewhere, check=True)
+        subprocess.run(["dvc", "init", "-q"], cwd=elsewhere, env=env, check=True)
+        refused = run_deployment("pipeline/test", parameters={"root": str(elsewhere)}, timeout=600)
+        assert refused.state.type == StateType.FAILED and "refused" in refused.state.message, refused.state
+        assert not (elsewhere / "ran-here").exists()
     finally:
         server.terminate()
         server.wait(timeout=30)
