@@ -74,7 +74,7 @@ def _run_with_prefect(cmd: list[str], warm_starts: bool = False) -> int:
                 env = {**os.environ, "PATH": path, "PREFECT_API_URL": api, RUN_ID_ENV: run_id}
                 if warm_starts:
                     env.update(stack.enter_context(warm.server(Path.cwd().resolve(), env)))
-                child = subprocess.Popen(cmd, env=env)
+                child = subprocess.Popen(cmd, env=env, preexec_fn=warm.DIE_WITH_PARENT)  # dvc goes if this command is killed
                 signals.adopt(child)
                 code = exit_status(child.wait())
                 _mark_killed_runs(api, run_id)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -31,7 +34,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, redact_url
 from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
 
 CHAIN_FLOW = "model-chain"  # deployed once per work pool, as model-chain/<pool>, by `mnist deploy`
@@ -46,13 +49,44 @@ WRITTEN_BY_DVC = ("dvc.lock", "data/")
 COMMAND_TIMEOUT_S = 6 * 3600  # one dvc command; a chain trains a model
 
 
-def command(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    """Run `args` in `cwd`; return what it printed; raise PipelineError with its output's tail if it fails."""
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
-    output = done.stdout + done.stderr
-    if done.returncode != 0:
-        raise PipelineError(f"`{' '.join(args)}` failed ({done.returncode}) in {cwd}:\n{output[-3000:]}")
+def command(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout_s: float = COMMAND_TIMEOUT_S) -> str:
+    """Run `args` in `cwd`; return what it printed; raise PipelineError with its output's tail if it fails.
+
+    It runs in a process group of its own: past `timeout_s`, the whole group (dvc and the stage it
+    started) is killed, not dvc alone. URLs with credentials are masked in what it raises.
+    """
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise PipelineError(f"`{mask(' '.join(args))}` took longer than {timeout_s:.0f} s in {cwd}: stopped, with what it started") from None
+    output = stdout + stderr
+    if process.returncode != 0:
+        raise PipelineError(f"`{mask(' '.join(args))}` failed ({process.returncode}) in {cwd}:\n{mask(output[-3000:])}")
     return output
+
+
+def mask(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced by `***`."""
+    return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", r"\1***@", text)
+
+
+def refuse_credentials(url: str, what: str) -> str:
+    """`url` as it is; PipelineError if it carries a password (or, for http(s), any user part): the workers
+    get it as a flow-run parameter, which the server stores and shows."""
+    parts = urlsplit(url) if "://" in url else None
+    if parts and (parts.password or (parts.username and parts.scheme in ("http", "https"))):
+        raise PipelineError(
+            f"The {what} URL {redact_url(url)} carries credentials, which would reach every worker as a flow-run "
+            "parameter, stored on the Prefect server. Use a URL without them and give the workers the credentials "
+            "themselves: a git credential helper or SSH key for git; for DVC, `dvc remote modify --local NAME "
+            "password ...` (or user, access_key_id, secret_access_key) on each worker, or the remote's environment "
+            "variables (AWS_ACCESS_KEY_ID, ...)."
+        )
+    return url
 
 
 def dvc_env(workspace: Path, run_id: str) -> dict[str, str]:
@@ -98,8 +132,8 @@ def pushed_commit(root: Path) -> tuple[str, str]:
         raise PipelineError("This clone has no git remote `origin`: the workers clone the commit from there.") from None
     command(["git", "fetch", "--quiet", "origin"], root)
     if not command(["git", "branch", "--remotes", "--contains", commit], root).strip():
-        raise PipelineError(f"Commit {commit[:12]} is not on origin ({origin}): `git push` it first.")
-    return commit, origin
+        raise PipelineError(f"Commit {commit[:12]} is not on origin ({redact_url(origin)}): `git push` it first.")
+    return commit, refuse_credentials(origin, "git origin")
 
 
 def default_remote(root: Path) -> str:
@@ -112,9 +146,9 @@ def default_remote(root: Path) -> str:
     if not url:
         raise PipelineError(
             "No default DVC remote: the workers exchange data through it. Add one that every worker "
-            "reaches, e.g. `dvc remote add -d shared ssh://host/path` (see the README, 'Share and reuse')."
+            "reaches, e.g. `dvc remote add -d shared ssh://host/path` (see docs/remotes.md)."
         )
-    return url
+    return refuse_credentials(url, "DVC remote")
 
 
 def stale_models(root: Path, models: list[str], run_id: str) -> list[str]:
@@ -287,6 +321,7 @@ def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> str:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except ObjectAlreadyExists:
             pass
+    repo = refuse_credentials(repo, "git repository")  # it becomes the deployment's pull step, stored on the server
     source = flow.from_source(source=GitRepository(url=repo), entrypoint="pipeline/fanout.py:chain_flow")
     deployment_id = source.deploy(
         name=pool, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,

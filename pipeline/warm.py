@@ -86,6 +86,11 @@ def launch(argv: list[str]) -> None:
         sys.exit("usage: python -m pipeline.warm stages/<stage>.py [ARGS...]  (or: -m MODULE [ARGS...])")
     for name, value in ONE_THREAD.items():
         os.environ.setdefault(name, value)
+    if DIE_WITH_PARENT:  # the stage goes when DVC does, even killed outright (kept across os.execv)
+        parent = os.getppid()
+        DIE_WITH_PARENT()
+        if os.getppid() != parent:  # DVC was gone before the call
+            sys.exit(f"{argv[0]}: the process that started it ended; not running")
     path = os.environ.get(SOCKET_ENV)
     if path:
         os.environ[LAUNCHED_ENV] = f"{time.time():.6f} warm"

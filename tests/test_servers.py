@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -158,3 +159,32 @@ def test_two_mnist_runs_in_two_workspaces_without_a_server_share_one(home: Path,
     assert sum("Prefect: started a server" in output for output in outputs) == 1, outputs
     assert localserver.read(servers.PREFECT_PORT) is None
     assert not servers.answers(f"http://127.0.0.1:{servers.PREFECT_PORT}/api/health")
+
+
+def test_mnist_run_killed_outright_takes_dvc_and_its_stage_with_it(home: Path, tmp_path: Path) -> None:
+    import psutil
+
+    project = copy_project(tmp_path / "project")
+    edit_params(project, only_logreg)
+    env = {**project_env(PREFECT_HOME=str(home)), "PYTHONPATH": str(project)}
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen(["mnist", "run", "--cold"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def in_project() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cwd", "cmdline"]):
+            if proc.info["cwd"] == str(project) and proc.pid != run.pid:
+                found.append(proc)
+        return found
+
+    deadline = time.monotonic() + 600
+    while not any("stages/" in " ".join(p.info["cmdline"] or []) for p in in_project()):
+        assert run.poll() is None and time.monotonic() < deadline, "no stage started"
+        time.sleep(0.2)
+    run.kill()
+    run.wait()
+    # at once, not when a stage gives up on the server that went with the command (30 s: stage.SERVER_WAIT_S)
+    deadline = time.monotonic() + 20
+    while left := [p for p in in_project() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < deadline, [" ".join(p.info["cmdline"] or []) for p in left]
+        time.sleep(0.2)

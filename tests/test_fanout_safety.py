@@ -1,0 +1,53 @@
+"""The fan-out's commands and parameters: no credentials in what the server stores or the logs show,
+and a command past its time limit ends with everything it started. No server needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import fanout
+from pipeline.errors import PipelineError
+
+
+@pytest.mark.parametrize("url", ["https://user:tok3n@git.example/repo.git", "https://tok3n@git.example/repo.git",
+                                 "ssh://user:tok3n@host/srv/remote"])
+def test_a_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
+    with pytest.raises(PipelineError) as refused:
+        fanout.refuse_credentials(url, "DVC remote")
+    assert "carries credentials" in str(refused.value) and "tok3n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["ssh://git@host/repo.git", "https://git.example/repo.git", "s3://bucket/path", "/srv/remote"])
+def test_a_url_without_credentials_passes(url: str) -> None:
+    assert fanout.refuse_credentials(url, "DVC remote") == url
+
+
+def test_the_default_remote_with_a_password_never_becomes_a_parameter(tmp_path: Path) -> None:
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "remote", "add", "-d", "shared", "https://mnist:s3cret@dvc.example/store"], cwd=tmp_path, check=True)
+    with pytest.raises(PipelineError) as refused:
+        fanout.default_remote(tmp_path)
+    assert "s3cret" not in str(refused.value) and "dvc remote modify --local" in str(refused.value)
+
+
+def test_a_failed_commands_message_masks_the_credentials_in_its_urls(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError) as failed:
+        fanout.command(["git", "ls-remote", "http://mnist:s3cret@127.0.0.1:1/repo.git"], tmp_path)
+    assert "s3cret" not in str(failed.value) and "http://***@127.0.0.1:1/repo.git" in str(failed.value)
+
+
+def test_a_command_past_its_time_limit_is_stopped_with_what_it_started(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    with pytest.raises(PipelineError, match="took longer than"):
+        fanout.command(["bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], tmp_path, timeout_s=2)
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, f"the command's child {pid} outlived the time limit"
+        time.sleep(0.1)
