@@ -28,7 +28,9 @@ def sha256(data: bytes) -> str:
 def atomic_path(final: Path, needed: int = 0, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it into place, else delete it.
 
-    A reader never sees a half-written `final`: it either does not exist or is complete.
+    A reader never sees a half-written `final`: it either does not exist or is complete, and
+    durably so: what was written is on disk (fsync) before the rename, and the rename is on disk
+    (the folder's fsync) before this returns, so a power cut cannot leave `final` with empty files.
     The temporary name starts with '.tmp-' so that a crash leaves nothing that looks final.
     A full disk becomes DiskFull naming `final` and the space it needs: at least `needed`
     bytes (the caller's estimate) and more than was written before the disk filled.
@@ -37,7 +39,9 @@ def atomic_path(final: Path, needed: int = 0, tmp: Path | None = None) -> Iterat
     tmp = tmp or final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
         yield tmp
+        fsync_tree(tmp)
         os.replace(tmp, final)
+        fsync_tree(final.parent, files=False)
     except Exception as exc:
         written = disk_bytes(tmp)
         _remove(tmp)
@@ -46,6 +50,25 @@ def atomic_path(final: Path, needed: int = 0, tmp: Path | None = None) -> Iterat
         raise
     finally:
         _remove(tmp)
+
+
+def fsync_tree(path: Path, files: bool = True) -> None:
+    """Flush `path` to disk: a file; or a folder, its subfolders and (with `files`) every file in them."""
+    if path.is_dir():
+        for folder, _, names in os.walk(path):
+            for name in names if files else ():
+                _fsync(Path(folder) / name, os.O_RDONLY)
+            _fsync(Path(folder), os.O_RDONLY | os.O_DIRECTORY)
+    elif files and path.exists():
+        _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -93,11 +116,8 @@ def megabytes(n: int) -> str:
 
 def atomic_write(final: Path, data: bytes) -> None:
     """Write `data` to `final` through a temporary file and a rename."""
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(final) as tmp:  # which flushes it to disk before the rename
+        tmp.write_bytes(data)
 
 
 def remove_leftovers(folder: Path, name: str = "") -> None:

@@ -2,13 +2,17 @@
 
 The folder is TF Serving's model base path, outside DVC's outputs, so that versions accumulate
 across runs. A SavedModel becomes a new integer version only when it differs from the newest
-one there. It is copied under a temporary name and made visible by one rename, and old versions
-are renamed away before they are deleted: a server watching the folder never sees a missing or
-partial version.
+one there. It is copied under a temporary name, flushed to disk and made visible by one rename,
+and old versions are renamed away before they are deleted: a server watching the folder never
+sees a missing or partial version, even after a power cut. Publishers of one folder take turns
+(an flock on the folder itself), so none deletes another's copy in progress or takes its
+version number.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,16 @@ class Published:
 def publish(model: str, saved_model: Path, folder: Path, keep: int) -> Published:
     """Make `saved_model` the newest version in `folder` unless it already is; keep the last `keep` versions."""
     folder.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder)
+    lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _publish(model, saved_model, folder, keep)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _publish(model: str, saved_model: Path, folder: Path, keep: int) -> Published:
+    remove_leftovers(folder)  # no other publisher runs: what is left is an interrupted one's
     held = artifacts.versions(folder)
     if held and artifacts.tree_digest(folder / str(held[-1])) == artifacts.tree_digest(saved_model):
         return Published(model, held[-1], False, prune(folder, keep))
