@@ -11,6 +11,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
@@ -208,6 +209,12 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
         raise PipelineError(
             f"--host {args.host} lets other machines reach the Prefect server: set {servers.AUTH_ENV}=user:password "
             f"first (and PREFECT_API_AUTH_STRING to the same on every client and worker), or bind 127.0.0.1."
+        )
+    if args.database_url and urlsplit(args.database_url).password:
+        raise PipelineError(
+            "--database-url carries a password, and a command line is visible to every account on this machine "
+            f"(ps). Put the URL in the environment instead: export {servers.DATABASE_ENV}='postgresql+asyncpg://...' "
+            "and leave out --database-url."
         )
     # From the first moment to the last, SIGINT and SIGTERM only ask for a stop: a signal during
     # start-up or shut-down cuts nothing halfway, and every server started is stopped.
@@ -421,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                       "PREFECT_SERVER_API_AUTH_STRING is required); TensorBoard, which has no authentication, stays on 127.0.0.1")
     dash.add_argument("--prefect-port", type=int, default=4200)
     dash.add_argument("--tensorboard-port", type=int, default=6006)
-    dash.add_argument("--database-url", help="Prefect's database, e.g. postgresql+asyncpg://user:pw@host:5432/prefect "
-                      "(default: SQLite under PREFECT_HOME)")
+    dash.add_argument("--database-url", help="Prefect's database without a password, e.g. postgresql+asyncpg://prefect@host:5432/prefect; "
+                      f"with one, set {servers.DATABASE_ENV} instead (default: SQLite under PREFECT_HOME)")
     dash.set_defaults(fn=cmd_dashboards)
 
     pred = sub.add_parser("predict", help="classify PNG or IDX images with an exported SavedModel")

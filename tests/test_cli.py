@@ -402,3 +402,14 @@ def test_flow_on_a_work_pool_needs_a_prefect_server(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd: called.append(cmd) or 0)
     assert cli.main(["flow", "--work-pool", "pool"]) == 1
     assert "PREFECT_API_URL" in capsys.readouterr().err and not called
+
+
+def test_dashboards_refuse_a_database_password_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    started = []
+    monkeypatch.setattr(cli.servers, "prefect_server", lambda *a, **k: started.append(a))
+    assert cli.main(["dashboards", "--database-url", "postgresql+asyncpg://prefect:s3cret@db:5432/prefect"]) == 1
+    err = capsys.readouterr().err
+    assert "PREFECT_SERVER_DATABASE_CONNECTION_URL" in err and "s3cret" not in err and "Traceback" not in err
+    assert not started
