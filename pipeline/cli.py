@@ -7,24 +7,34 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+from prefect import flow
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.settings import temporary_settings
-from prefect.states import Crashed
+from prefect.states import Completed, Crashed, Failed, Running
 
 from pipeline import integrity, servers, warm
+from pipeline import progress as progress_lines
 from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
 from pipeline.mnist import IMAGE_SHAPE
-from pipeline.stage import RUN_ID_ENV, check_prefect_api, client_settings, run_tag, this_process
+from pipeline.stage import PARENT_ENV, RUN_ID_ENV, check_prefect_api, client_settings, run_tag, stage_slot, this_process
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
@@ -50,11 +60,30 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _run_with_prefect(cmd: list[str], warm_starts: bool = False) -> int:
+def _follow(child: subprocess.Popen, progress: progress_lines.Progress) -> None:
+    """Pass the child's stdout and stderr through `progress` (which prints a line per ended stage) to ours."""
+    lock = threading.Lock()
+
+    def pump(source, sink) -> None:
+        for line in source:
+            with lock:
+                if progress.feed(line):
+                    sink.write(line)
+                    sink.flush()
+
+    other = threading.Thread(target=pump, args=(child.stderr, sys.stderr), daemon=True)
+    other.start()
+    pump(child.stdout, sys.stdout)
+    other.join()
+    progress.close()
+
+
+def _run_with_prefect(cmd: list[str], warm_starts: bool = False, progress: progress_lines.Progress | None = None) -> int:
     """Run `cmd` (dvc repro, a flow) with every stage reporting to one Prefect server.
 
     With `warm_starts`, the stages start as forks of one process that has imported them
-    (pipeline/warm.py) instead of importing TensorFlow and Prefect each time.
+    (pipeline/warm.py) instead of importing TensorFlow and Prefect each time. With `progress`,
+    `cmd`'s output passes through it (a line per stage as it ends).
     SIGINT and SIGTERM, sent to this command alone or to its process group, reach `cmd` and its
     stages; this command then marks the stages that could not report as crashed, stops the servers
     it started, and exits with `cmd`'s status (130 or 143 for a child ended by SIGINT or SIGTERM).
@@ -75,10 +104,19 @@ def _run_with_prefect(cmd: list[str], warm_starts: bool = False) -> int:
                 env = {**os.environ, "PATH": path, "PREFECT_API_URL": api, RUN_ID_ENV: run_id}
                 if warm_starts:
                     env.update(stack.enter_context(warm.server(Path.cwd().resolve(), env)))
-                child = subprocess.Popen(cmd, env=env, preexec_fn=warm.DIE_WITH_PARENT)  # dvc goes if this command is killed
+                parent = _open_parent_run(api, run_id) if progress else None
+                if parent:
+                    env[PARENT_ENV] = str(parent)
+                    progress.on_end = lambda stage, what, seconds: _note_stage(api, parent, stage, what)
+                piped = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "bufsize": 1} if progress else {}
+                child = subprocess.Popen(cmd, env=env, preexec_fn=warm.DIE_WITH_PARENT, **piped)  # dvc goes if this command is killed
                 signals.adopt(child)
+                if progress:
+                    _follow(child, progress)
                 code = exit_status(child.wait())
                 _mark_killed_runs(api, run_id)
+                if parent:
+                    _close_parent_run(api, parent, code, progress)
         except servers.Stopped as stop:
             print(f"stopped by {stop} before the run started; nothing ran.", file=sys.stderr)
             return 128 + int(signals.received or 0)
@@ -159,11 +197,70 @@ def _mark_killed_runs(api: str, run_id: str) -> None:
         print(f"Prefect: marked {', '.join(crashed)} as crashed: the stage process ended without reporting.", file=sys.stderr)
 
 
+@flow(name="pipeline-run")
+def pipeline_run() -> None:
+    """One `mnist run`: each stage's flow run is nested under its flow run (pipeline/stage.py run_in_parent)."""
+
+
+def _open_parent_run(api: str, run_id: str) -> UUID | None:
+    """The flow run of the whole pipeline run, named `run_id`, Running; None (said) if the server refuses it."""
+    try:
+        with temporary_settings(updates=client_settings(api)), get_client(sync_client=True) as client:
+            return client.create_flow_run(pipeline_run, name=run_id, tags=[run_tag(run_id)], state=Running()).id
+    except Exception as exc:  # noqa: BLE001 - the stages then report as separate runs; the pipeline still runs
+        print(f"Prefect: could not create the run's parent flow run ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def _note_stage(api: str, parent: UUID, stage: str, what: str) -> None:
+    """A stage DVC restored or found up to date gets its task run in the parent too (one that ran has its own)."""
+    if what not in (progress_lines.RESTORED, progress_lines.UP_TO_DATE):
+        return
+    name = "Restored" if what == progress_lines.RESTORED else "Up to date"
+    try:
+        with temporary_settings(updates=client_settings(api)), get_client(sync_client=True) as client:
+            client.create_task_run(stage_slot.with_options(name=stage), flow_run_id=parent, dynamic_key=stage, name=stage,
+                                   state=Completed(message=what, name=name))
+    except Exception as exc:  # noqa: BLE001 - a dashboard detail must not stop the run
+        print(f"Prefect: could not record {stage} ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _close_parent_run(api: str, parent: UUID, code: int, progress: progress_lines.Progress) -> None:
+    """End the parent flow run as the run ended; a stage task run left unfinished (its process killed) is Crashed."""
+    failed = [f"{stage}: {message}" for stage, message in progress.errors.items()]
+    end = Completed() if code == 0 else Failed(message="; ".join(failed) or f"dvc repro exited with {code}")
+    try:
+        with temporary_settings(updates=client_settings(api)), get_client(sync_client=True) as client:
+            for slot in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent]))):
+                if slot.state is None or not slot.state.is_final():
+                    client.set_task_run_state(slot.id, Crashed(message="its stage process ended without reporting"), force=True)
+            client.set_flow_run_state(parent, end, force=True)
+    except Exception as exc:  # noqa: BLE001 - a dashboard detail must not hide dvc's own exit status
+        print(f"Prefect: could not end the run's parent flow run ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """`dvc repro`, every stage reporting to one Prefect server."""
-    code = _run_with_prefect(["dvc", "repro", *args.dvc_args], warm_starts=not args.cold)
+    """`dvc repro`, every stage reporting to one Prefect server, with a line per stage as it ends and a table at the end."""
+    root = Path.cwd()
+    targets = [a for a in args.dvc_args if not a.startswith("-")]
+    single = any(a in ("-s", "--single-item") for a in args.dvc_args)
+    try:
+        planned = progress_lines.planned_stages(root, targets, single)
+    except Exception:  # noqa: BLE001 - DVC says what is wrong with dvc.yaml itself, once it runs
+        planned = []
+    progress = progress_lines.Progress(planned, progress_lines.load_times())
+    code = _run_with_prefect(["dvc", "repro", *args.dvc_args], warm_starts=not args.cold, progress=progress)
+    progress_lines.save_times(progress.times())
+    for stage, message in progress.errors.items():
+        print(f"\nfailed: {stage}: {message}", file=sys.stderr)
     if code == 0:
-        print("\nDone. Results: `dvc metrics show`, data/report.md, and `make dashboards` for Prefect and TensorBoard.")
+        try:
+            params = load_params()
+            print("\n" + progress_lines.models_table(root, root / params.serving.base, list(params.models)))
+        except Exception as exc:  # noqa: BLE001 - the run is done; a table it cannot make is only said
+            print(f"\n(no table of the models: {exc})")
+        print("\nReport: data/report.md (and `dvc metrics show`). Prefect and TensorBoard: `make dashboards` "
+              f"(Prefect on http://127.0.0.1:{servers.PREFECT_PORT}, TensorBoard on http://127.0.0.1:{servers.TENSORBOARD_PORT}).")
     return code
 
 
@@ -370,30 +467,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Read every output that dvc.lock names, and its cache object; repair what is damaged, moving the damaged
-    copies aside; report a modified output and leave it alone. Exit 1 if anything was damaged."""
-    if not Path("dvc.lock").exists():
-        print("no dvc.lock here: nothing is recorded to verify (run the pipeline first, from the project root)")
+    """Read every output that dvc.lock names, and its cache object; repair or delete what is damaged."""
+    findings = integrity.verify(Path("."))
+    here = Path.cwd()
+    for f in findings:
+        shown = f.path.relative_to(here) if f.path.is_absolute() and f.path.is_relative_to(here) else f.path
+        print(f"{shown}: {f.what}: {f.action}")
+    if not findings:
+        print("every output in dvc.lock and its cache object hold the bytes dvc.lock records")
         return 0
-    report = integrity.verify(Path("."))
-    here = Path.cwd().resolve()
-
-    def shown(path: Path) -> Path:
-        return path.relative_to(here) if path.is_absolute() and path.is_relative_to(here) else path
-
-    for f in report.findings:
-        print(f"{shown(f.path)}: {f.what}: {f.action}" + (f" (the damaged copy: {shown(f.aside)})" if f.aside else ""))
-    if any(not f.damage for f in report.findings):
-        print("a modified output is left as it is: `dvc commit` records it, `dvc checkout <path>` puts back what dvc.lock records")
-    if report.aside:
-        print(f"nothing was deleted: each damaged copy is in {shown(report.aside)}/, under its own path; "
-              f"to put one back: mv {shown(report.aside)}/<path> <path>")
-    if not report.damaged:
-        print("no damage: every output in dvc.lock and its cache object hold the bytes dvc.lock records"
-              + (", or are newer outputs" if report.findings else ""))
-        return 0
-    if any(f.action == "moved aside" for f in report.damaged):
-        print("run `dvc repro` to make the outputs moved aside again (or `dvc pull` to fetch them from the remote)")
+    if any(f.action == "deleted" for f in findings):
+        print("run `dvc repro` to make the deleted outputs again (or `dvc pull` to fetch them from the remote)")
     return 1
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import httpx
 from prefect.settings import (
@@ -64,6 +65,7 @@ from prefect.logging.loggers import flow_run_logger  # noqa: E402
 
 START_UP_LOG = "stage process ready in %.2f s (%s start, pipeline/warm.py), launched by DVC at %s"  # benchmarks/breakdown.py reads it
 RUN_ID_ENV = "PIPELINE_RUN_ID"
+PARENT_ENV = "PIPELINE_PARENT_FLOW_RUN"  # the id of the flow run of the whole pipeline run (`mnist run` sets it)
 EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` (and queued experiments) for every stage process
 SERVER_WAIT_S = 30.0  # how long a stage waits for a Prefect server that refuses connections (a restart takes ~10 s)
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
@@ -192,6 +194,29 @@ def client_settings(api: str | None) -> dict:
     return {PREFECT_API_URL: api, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
 
 
+@task(name="stage", cache_policy=NO_CACHE)
+def stage_slot() -> None:
+    """Stands for one stage in the flow run of the pipeline run; the stage's own flow run is its subflow."""
+
+
+def run_in_parent(flow: Flow, stage: str, run_name: str, parameters: dict[str, Any]) -> Any:
+    """Run `flow` as a subflow of the pipeline run's flow run ($PIPELINE_PARENT_FLOW_RUN); its final state.
+
+    A task run of the parent, named `stage` as DVC names it, stands for the stage, and the stage's flow run is created with that
+    task run as its parent, so the Prefect UI shows the whole run as one graph; the server copies
+    the stage's state to the task run (its UpdateSubflowParentTask rule). The flow run, created
+    here, is then run by Prefect's flow engine in this process, as a deployment's run would be.
+    """
+    from prefect.flow_engine import run_flow
+    from prefect.states import Pending
+
+    with get_client(sync_client=True) as client:
+        slot = client.create_task_run(stage_slot.with_options(name=stage), flow_run_id=UUID(os.environ[PARENT_ENV]),
+                                      dynamic_key=f"{stage}-{os.getpid()}", name=stage, state=Pending())
+        flow_run = client.create_flow_run(flow, name=run_name, parameters=parameters, parent_task_run_id=slot.id)
+    return run_flow(flow, flow_run=flow_run, parameters=parameters, return_type="state")
+
+
 def this_process() -> str:
     """`host:pid`, as Prefect's workers record a flow run's process in its infrastructure_pid."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -288,7 +313,11 @@ def run_stage(
         run_name = f"{stage}-{model}" if model else stage
         hook = record_run(stage_labels(stage, model))
         with temporary_settings(updates={**prefect_settings(), **client_settings(api)}):
-            state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
+            if api and os.environ.get(PARENT_ENV):
+                address = f"{stage}@{model}" if model else stage  # as DVC names the stage
+                state = run_in_parent(flow.with_options(on_running=[hook]), address, run_name, {"params": params, **arguments})
+            else:
+                state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):

@@ -346,7 +346,7 @@ def test_newest_saved_model_defaults_to_the_export_stage_folder(tmp_path, monkey
 )
 def test_run_passes_its_arguments_to_dvc_repro(monkeypatch: pytest.MonkeyPatch, argv: list[str], dvc_cmd: list[str]) -> None:
     called = []
-    monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd, warm_starts: called.append((cmd, warm_starts)) or 0)
+    monkeypatch.setattr(cli, "_run_with_prefect", lambda cmd, warm_starts, progress=None: called.append((cmd, warm_starts)) or 0)
     assert cli.main(argv) == 0
     assert called == [(dvc_cmd, "--cold" not in argv)]
 

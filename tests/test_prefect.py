@@ -573,3 +573,26 @@ def test_the_watchdog_restarts_a_dead_server_and_gives_up_on_one_that_keeps_dyin
     assert err.count("stopped (exit status 3); starting it again") == 3, err
     assert f"stopped 4 times within 300 s (last exit status 3); not starting it again: see {tmp_path / 'server.log'}" in err, err
     assert dog.stop().poll() == 3
+
+
+def test_mnist_run_is_one_flow_run_with_every_stage_nested(prefect_api: str, tmp_path: Path) -> None:
+    """One `mnist run` is one flow run on the dashboard, `pipeline-run`, named after the run; each stage is a task
+    run of it, and each stage that ran is a subflow of its task run, so the UI draws the run as one graph."""
+    from test_faults import only_logreg
+
+    project = copy_project(tmp_path / "project")
+    edit_params(project, only_logreg)
+    done = subprocess.run([str(Path(sys.executable).parent / "mnist"), "run"], cwd=project, env={**project_env(), "PYTHONPATH": str(project)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    run_id = done.stdout.split("runs tagged pipeline-run:", 1)[1].split(")")[0]
+    runs = flow_runs(run_tag(run_id))
+    (parent, _), = [(run, name) for run, name in runs if name == "pipeline-run"]
+    assert parent.name == run_id and parent.state_name == "Completed"
+    slots = task_runs(parent.id)
+    stages = {"fetch", "preprocess", "train@logreg", "evaluate@logreg", "export@logreg", "report", "publish"}
+    assert set(slots) == stages
+    assert all(slot.state_name == "Completed" for slot in slots.values())
+    children = [run for run, name in runs if name != "pipeline-run"]
+    assert len(children) == len(stages)
+    assert {run.parent_task_run_id for run in children} == {slot.id for slot in slots.values()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -156,6 +157,11 @@ def test_two_mnist_runs_in_two_workspaces_without_a_server_share_one(home: Path,
     outputs = [run.communicate(timeout=900)[0] for run in runs]
     for run, output in zip(runs, outputs):
         assert run.returncode == 0, output[-4000:]
+        # where the run is, stage by stage, and the models at the end (pipeline/progress.py)
+        assert re.search(r"^\[3/7\] train@logreg: ran, [\d.]+ s$", output, re.MULTILINE), output[-4000:]
+        assert re.search(r"^\[7/7\] \S+: ran", output, re.MULTILINE), output[-4000:]
+        assert re.search(r"^logreg\s+0\.\d{4}\s+0\.0500\s+yes\s+1$", output, re.MULTILINE), output[-4000:]
+        assert "Running stage" not in output and "> python -m pipeline.warm" not in output
     assert sum("Prefect: started a server" in output for output in outputs) == 1, outputs
     assert localserver.read(servers.PREFECT_PORT) is None
     assert not servers.answers(f"http://127.0.0.1:{servers.PREFECT_PORT}/api/health")

@@ -164,7 +164,7 @@ def train_model(
             initial_epoch=first_epoch,
             steps_per_epoch=steps,
             shuffle=False,  # the dataset shuffles itself, by (seed, epoch)
-            verbose=1 if sys.stdout.isatty() else 2,  # a live progress bar in a terminal, one line per epoch in a log
+            verbose=1 if sys.stdout.isatty() else 0,  # a live progress bar in a terminal; EpochLog prints each epoch once
             callbacks=[
                 EpochSeeds(seed),
                 NaNGuard(name, p.learning_rate),
