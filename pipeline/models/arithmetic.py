@@ -19,6 +19,7 @@ import keras
 from pipeline import tables
 from pipeline.models.lenet import SparseConv2D, SubSampling
 
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -38,7 +39,7 @@ def same_padding(w1: int, f: int, s: int) -> int:
     return max((math.ceil(w1 / s) - 1) * s + f - w1, 0)
 
 
-def _spatial(layer, w: int, f: int, s: int) -> tuple[int, int, str]:
+def _spatial(layer: keras.layers.Layer, w: int, f: int, s: int) -> tuple[int, int, str]:
     pad = same_padding(w, f, s) if getattr(layer, "padding", "valid") == "same" else 0
     out = conv_size(w, f, s, pad)
     if out != int(out) or out <= 0:
@@ -68,7 +69,7 @@ def layer_table(model: keras.Model) -> list[Row]:
             formula = f"{n1}*{layer.units} weights + {layer.units if layer.use_bias else 0} biases"
         elif isinstance(layer, (keras.layers.Conv2D, SparseConv2D)):
             f, s = layer.kernel_size[0], layer.strides[0]
-            h, pad, text = _spatial(layer, shape[0], f, s)
+            h, _, text = _spatial(layer, shape[0], f, s)
             w, _, _ = _spatial(layer, shape[1], layer.kernel_size[1], layer.strides[1])
             d1, k = shape[2], layer.filters
             if isinstance(layer, SparseConv2D):
@@ -81,7 +82,7 @@ def layer_table(model: keras.Model) -> list[Row]:
             shape = (h, w, k)
         elif isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, SubSampling)):
             f, s = layer.pool_size[0], layer.strides[0]
-            h, pad, text = _spatial(layer, shape[0], f, s)
+            h, _, text = _spatial(layer, shape[0], f, s)
             w, _, _ = _spatial(layer, shape[1], layer.pool_size[1], layer.strides[1])
             shape = (h, w, shape[2])
             params = 2 * shape[2] if isinstance(layer, SubSampling) else 0

@@ -25,8 +25,13 @@ def build_cnn(p: CNNParams) -> keras.Model:
     for i, filters in enumerate(p.filters, 1):
         stack += [
             layers.Conv2D(
-                filters, p.kernel_size, padding="same", activation="relu",
-                kernel_initializer=initializer(p), kernel_regularizer=l2(p), name=f"conv{i}",
+                filters,
+                p.kernel_size,
+                padding="same",
+                activation="relu",
+                kernel_initializer=initializer(p),
+                kernel_regularizer=l2(p),
+                name=f"conv{i}",
             ),
             layers.MaxPooling2D(2, padding="same", name=f"pool{i}"),
             layers.Dropout(p.conv_drop, name=f"conv_dropout{i}"),

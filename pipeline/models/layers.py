@@ -7,6 +7,9 @@ per class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import keras
 from keras import layers
 
@@ -28,7 +31,9 @@ def l2(p: ModelParams) -> keras.regularizers.Regularizer | None:
     return keras.regularizers.L2(p.l2) if p.l2 else None
 
 
-def dense(units: int, p: ModelParams, activation=None, name: str | None = None) -> layers.Dense:
+def dense(
+    units: int, p: ModelParams, activation: str | Callable[..., Any] | None = None, name: str | None = None
+) -> layers.Dense:
     """A dense layer with the model's initialisation and L2 weight decay."""
     return layers.Dense(units, activation=activation, kernel_initializer=initializer(p), kernel_regularizer=l2(p), name=name)
 

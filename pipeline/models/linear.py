@@ -19,7 +19,7 @@ class LogregParams(ModelParams):
     """Tutorial 2: softmax regression."""
 
 
-@keras.saving.register_keras_serializable(package="pipeline")
+@keras.saving.register_keras_serializable(package="pipeline")  # type: ignore[untyped-decorator]  # keras is untyped
 def onehot_mse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     """Mean squared error between the outputs and one-hot targets: least-squares classification."""
     target = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), NUM_CLASSES)

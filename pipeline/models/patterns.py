@@ -44,9 +44,7 @@ class PatternParams(ModelParams):
         if self.n > MAX_N:
             raise ValueError(f"n = {self.n}: the notes' pattern allows at most N = {MAX_N} CONV -> RELU per block")
         if len(self.fc_units) > MAX_K:
-            raise ValueError(
-                f"fc_units has K = {len(self.fc_units)} layers: the notes' pattern allows K < 3 ([FC -> RELU]*K)"
-            )
+            raise ValueError(f"fc_units has K = {len(self.fc_units)} layers: the notes' pattern allows K < 3 ([FC -> RELU]*K)")
         size = IMAGE_SHAPE[0]  # square images: the width follows the same arithmetic
         for m, block in enumerate(self.blocks, 1):
             if (block.pool_f is None) != (block.pool_s is None):
@@ -54,7 +52,7 @@ class PatternParams(ModelParams):
             for i in range(1, self.n + 1):
                 size = _check(size, block.f, block.s, 2 * block.p, f"block {m} conv {i} (F={block.f}, S={block.s}, P={block.p})")
             if block.pool_f is not None:
-                size = _check(size, block.pool_f, block.pool_s, 0, f"block {m} pool (F={block.pool_f}, S={block.pool_s})")
+                size = _check(size, block.pool_f, block.pool_s, 0, f"block {m} pool (F={block.pool_f}, S={block.pool_s})")  # type: ignore[arg-type]  # pool_s is set with pool_f (checked above)
         return self
 
 
@@ -76,8 +74,14 @@ def build_pattern(p: PatternParams, name: str = "pattern") -> keras.Model:
                 stack.append(keras.layers.ZeroPadding2D(block.p, name=f"b{m}_pad{i}"))
             stack.append(
                 keras.layers.Conv2D(
-                    block.filters, block.f, strides=block.s, padding="valid", activation="relu",
-                    kernel_initializer=initializer(p), kernel_regularizer=l2(p), name=f"b{m}_conv{i}",
+                    block.filters,
+                    block.f,
+                    strides=block.s,
+                    padding="valid",
+                    activation="relu",
+                    kernel_initializer=initializer(p),
+                    kernel_regularizer=l2(p),
+                    name=f"b{m}_conv{i}",
                 )
             )
         if block.pool_f is not None:

@@ -7,8 +7,9 @@ Importing this module also registers the custom layers and loss that saved model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Literal
 
 import keras
 
@@ -37,11 +38,15 @@ REGISTRY: dict[str, ModelSpec] = {
     "deep_mlp": ModelSpec(DeepMLPParams, build_deep_mlp, "crossentropy", "784-625-625-10 ReLU + dropout (tutorial 4)"),
     "cnn": ModelSpec(CNNParams, build_cnn, "crossentropy", "3 conv blocks -> 625 -> 10 (tutorial 5)"),
     # The course's conv-net notes: its layer-pattern grammar (two presets) and its LeNet-style flow.
-    "pattern_small": ModelSpec(PatternParams, build_pattern, "crossentropy", "INPUT -> [CONV -> RELU -> POOL]*2 -> FC -> RELU -> FC"),
+    "pattern_small": ModelSpec(
+        PatternParams, build_pattern, "crossentropy", "INPUT -> [CONV -> RELU -> POOL]*2 -> FC -> RELU -> FC"
+    ),
     "pattern_deep": ModelSpec(
         PatternParams, build_pattern, "crossentropy", "INPUT -> [CONV -> RELU -> CONV -> RELU -> POOL]*3 -> [FC -> RELU]*2 -> FC"
     ),
-    "lenet": ModelSpec(LeNetParams, build_lenet, "crossentropy", "LeNet-style: conv, tanh, trainable sub-sampling, sparse map, linear classifier"),
+    "lenet": ModelSpec(
+        LeNetParams, build_lenet, "crossentropy", "LeNet-style: conv, tanh, trainable sub-sampling, sparse map, linear classifier"
+    ),
 }
 
 # What config.load_params needs to type each models.<name> block.
@@ -53,7 +58,7 @@ def build(name: str, p: ModelParams) -> keras.Model:
     return REGISTRY[name].build(p)
 
 
-def loss(name: str):
+def loss(name: str) -> keras.losses.Loss | Callable[..., Any]:
     """The Keras loss model `name` is trained with."""
     if REGISTRY[name].loss == "mse":
         return onehot_mse
