@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -17,8 +18,8 @@ from pipeline.mnist import NUM_CLASSES
 class Evaluation:
     """A model's test results."""
 
-    metrics: dict  # DVC metrics: quality figures only
-    timings: dict  # inference throughput (differs between identical runs)
+    metrics: dict[str, Any]  # DVC metrics: quality figures only
+    timings: dict[str, Any]  # inference throughput (differs between identical runs)
     probabilities: np.ndarray  # float32 [n, classes]
     predictions: np.ndarray  # int [n]
     confusion: np.ndarray  # int [classes, classes], rows = true digit, columns = predicted
@@ -47,7 +48,7 @@ def passes_gate(accuracy: float, gate: float) -> bool:
     return accuracy >= gate
 
 
-def inference_function(model: keras.Model, image_shape: tuple[int, ...]):
+def inference_function(model: keras.Model, image_shape: tuple[int, ...]) -> tf.types.experimental.PolymorphicFunction:
     """`model(batch, training=False)` as one tf.function for float32 batches of any size.
 
     The logits are those of `model.predict`, bit for bit, without its per-call tf.data pipeline and

@@ -32,7 +32,9 @@ def pr_curve_counts(scores: np.ndarray, positive: np.ndarray, thresholds: int = 
     return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "precision": precision, "recall": recall}
 
 
-def write_summaries(model: keras.Model, ev: Evaluation, test: Split, pictures: Pictures, name: str, logdir: Path, sample: int) -> None:
+def write_summaries(
+    model: keras.Model, ev: Evaluation, test: Split, pictures: Pictures, name: str, logdir: Path, sample: int
+) -> None:
     """TensorBoard: confusion matrix, misclassified digits, per-class accuracy, PR curves, filters, embeddings.
 
     `pictures` are the ones drawn for the report; `sample` test images go to the projector. The run
@@ -51,9 +53,14 @@ def write_summaries(model: keras.Model, ev: Evaluation, test: Split, pictures: P
             # The PR-curve plugin has no TF2 summary op; its raw-data protobuf is written as is.
             c = pr_curve_counts(ev.probabilities[:, d], test.y == d)
             pb = pr_summary.raw_data_pb(
-                f"pr_curve/digit_{d}", true_positive_counts=c["tp"], false_positive_counts=c["fp"],
-                true_negative_counts=c["tn"], false_negative_counts=c["fn"], precision=c["precision"],
-                recall=c["recall"], num_thresholds=len(c["tp"]),
+                f"pr_curve/digit_{d}",
+                true_positive_counts=c["tp"],
+                false_positive_counts=c["fp"],
+                true_negative_counts=c["tn"],
+                false_negative_counts=c["fn"],
+                precision=c["precision"],
+                recall=c["recall"],
+                num_thresholds=len(c["tp"]),
             )
             pb.value[0].tag = f"pr_curve/digit_{d}"  # raw_data_pb appends "/pr_curves" to the tag
             tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
@@ -78,7 +85,9 @@ def write_conv_views(model: keras.Model, test: Split, name: str) -> None:
     for i, fmap in enumerate(maps):
         m = np.moveaxis(fmap, -1, 0)
         m = (255 * (m - m.min()) / max(float(m.max() - m.min()), 1e-12)).astype(np.uint8)
-        tf.summary.image(f"feature_maps/{first.name}/test_image_{i}_digit_{test.y[i]}", summaries.digit_grid(m, columns=8), step=0)
+        tf.summary.image(
+            f"feature_maps/{first.name}/test_image_{i}_digit_{test.y[i]}", summaries.digit_grid(m, columns=8), step=0
+        )
 
 
 def embedding_layer(model: keras.Model) -> keras.layers.Layer:

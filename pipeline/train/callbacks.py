@@ -12,8 +12,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from dvclive import Live
 from dvclive.keras import DVCLiveCallback
+from dvclive.live import Live
 
 from pipeline.errors import TrainingDiverged
 
@@ -31,30 +31,30 @@ def seeded_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in model._flatten_layers(include_self=False) if hasattr(layer, "seed_generator")]
 
 
-class EpochSeeds(keras.callbacks.Callback):
+class EpochSeeds(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any
     """Reset every random layer's seed-generator state from (seed, layer, epoch) at each epoch start."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int) -> None:
         super().__init__()
         self.seed = seed
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         for i, layer in enumerate(seeded_layers(self.model)):
             state = layer.seed_generator.state
             state.assign(np.array([derived_seed(self.seed, i, epoch), 0], dtype=state.dtype))
 
 
-class NaNGuard(keras.callbacks.Callback):
+class NaNGuard(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any
     """Stop with a clear error as soon as the loss is NaN or infinite."""
 
-    def __init__(self, name: str, learning_rate: float):
+    def __init__(self, name: str, learning_rate: float) -> None:
         super().__init__()
         self.name, self.learning_rate, self.epoch = name, learning_rate, 0
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch = epoch
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingDiverged(
@@ -66,11 +66,7 @@ class NaNGuard(keras.callbacks.Callback):
 def relu_outputs(model: keras.Model) -> list[keras.layers.Layer]:
     """Layers whose output is a ReLU activation."""
     relu = keras.activations.relu
-    return [
-        layer
-        for layer in model.layers
-        if getattr(layer, "activation", None) is relu or isinstance(layer, keras.layers.ReLU)
-    ]
+    return [layer for layer in model.layers if getattr(layer, "activation", None) is relu or isinstance(layer, keras.layers.ReLU)]
 
 
 def dead_fraction(activations: np.ndarray) -> float:
@@ -79,11 +75,11 @@ def dead_fraction(activations: np.ndarray) -> float:
     return float((per_unit <= 0).mean())
 
 
-class DeadReLU(keras.callbacks.Callback):
+class DeadReLU(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any
     """The fraction of dead ReLU units per layer per epoch (the notes' "monitor the fraction of dead
     neurons"): units that output 0 for every probe image."""
 
-    def __init__(self, probe: np.ndarray, logdir: Path):
+    def __init__(self, probe: np.ndarray, logdir: Path) -> None:
         super().__init__()
         self.probe = tf.constant(probe.astype(np.float32))
         self.logdir = logdir
@@ -91,14 +87,14 @@ class DeadReLU(keras.callbacks.Callback):
         self.probe_model: keras.Model | None = None
         self.names: list[str] = []
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         relu_layers = relu_outputs(self.model)
         if relu_layers:
             self.names = [layer.name for layer in relu_layers]
             self.probe_model = keras.Model(self.model.inputs[0], [layer.output for layer in relu_layers])
             self.writer = tf.summary.create_file_writer(str(self.logdir))
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.probe_model is None:
             return
         outputs = self.probe_model(self.probe, training=False)
@@ -109,24 +105,29 @@ class DeadReLU(keras.callbacks.Callback):
         self.writer.flush()
 
 
-class EpochLog(keras.callbacks.Callback):
+class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any
     """One log line per epoch (loss, accuracy, validation accuracy, seconds); adds seconds and learning rate to the logs."""
 
-    def __init__(self, name: str, epochs: int):
+    def __init__(self, name: str, epochs: int) -> None:
         super().__init__()
         self.name, self.epochs, self.start = name, epochs, 0.0
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.start = time.perf_counter()
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs if logs is not None else {}
         logs["seconds"] = time.perf_counter() - self.start
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         log.info(
             "%s epoch %d/%d: loss %.4f, accuracy %.4f, val_accuracy %.4f, %.1f s",
-            self.name, epoch + 1, self.epochs, logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
-            logs.get("val_accuracy", float("nan")), logs["seconds"],
+            self.name,
+            epoch + 1,
+            self.epochs,
+            logs.get("loss", float("nan")),
+            logs.get("accuracy", float("nan")),
+            logs.get("val_accuracy", float("nan")),
+            logs["seconds"],
         )
 
 
@@ -143,10 +144,10 @@ class LiveMetrics(DVCLiveCallback):
     dvc.yaml declares these files, and `dvc exp run` makes the experiments.
     """
 
-    def __init__(self, folder: Path, done: dict[str, list[float]]):
+    def __init__(self, folder: Path, done: dict[str, list[float]]) -> None:
         super().__init__(live=Live(str(folder), save_dvc_exp=False, dvcyaml=None))
         for epoch in range(len(done.get("loss", []))):
             self.on_epoch_end(epoch, {key: values[epoch] for key, values in done.items()})
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         super().on_epoch_end(epoch, {key: value for key, value in (logs or {}).items() if key != "seconds"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -26,12 +27,19 @@ def fingerprint(name: str, p: ModelParams, seed: int, train: TrainParams, data_f
     """What a checkpoint must match to be resumed: model, its params, seed, data, TF version, the precision
     it trains in (precision `auto` differs between CPUs)."""
     stat = data_file.stat()
-    parts = [name, params_hash(p), params_hash(train), str(seed), f"{stat.st_size}:{stat.st_mtime_ns}", tf.__version__,
-             training_policy(p.precision)]
+    parts = [
+        name,
+        params_hash(p),
+        params_hash(train),
+        str(seed),
+        f"{stat.st_size}:{stat.st_mtime_ns}",
+        tf.__version__,
+        training_policy(p.precision),
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def latest_checkpoint(folder: Path, expected: str) -> tuple[Path, dict] | None:
+def latest_checkpoint(folder: Path, expected: str) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint in `folder` made with the same fingerprint, if any."""
     for ckpt, state in artifacts.checkpoints(folder):
         if state is not None and state.get("fingerprint") == expected:
@@ -40,14 +48,14 @@ def latest_checkpoint(folder: Path, expected: str) -> tuple[Path, dict] | None:
     return None
 
 
-class Checkpoint(keras.callbacks.Callback):
+class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any
     """After every epoch, save the model, its optimizer state and the history so far, atomically."""
 
-    def __init__(self, folder: Path, fingerprint: str, history: dict[str, list[float]]):
+    def __init__(self, folder: Path, fingerprint: str, history: dict[str, list[float]]) -> None:
         super().__init__()
         self.folder, self.fingerprint, self.history = folder, fingerprint, history
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
         state = {"epochs_done": epoch + 1, "fingerprint": self.fingerprint, "history": self.history}

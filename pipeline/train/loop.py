@@ -18,10 +18,11 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -178,7 +179,7 @@ def train_model(
         )
     else:  # every epoch was done before the resume: nothing to fit, DVCLive's files are complete
         for callback in live_metrics:
-            callback.live.end()
+            callback.live.end()  # type: ignore[no-untyped-call]  # dvclive's Live.end has no annotations
     seconds = time.perf_counter() - start
     with strategy.scope(), keras_seeds_from(seed):
         trained = as_float32(model, name, p, steps, per_call)
@@ -195,7 +196,8 @@ def training_device(train: TrainParams) -> str:
             "a GPU was expected (train.strategy %s, CUDA_VISIBLE_DEVICES %r) but TensorFlow sees none: training on the CPU. "
             "On a machine with an NVIDIA GPU and its driver, `make setup-gpu` installs TensorFlow's CUDA libraries; "
             "TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's own reason.",
-            train.strategy, os.environ.get("CUDA_VISIBLE_DEVICES"),
+            train.strategy,
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
         )
     return ", ".join(gpus) or "CPU"
 
@@ -228,7 +230,7 @@ def write_model_text(model: keras.Model, p: ModelParams, logdir: Path) -> None:
         tf.summary.text("model/params", tables.markdown(["key", "value"], [[k, v] for k, v in p.model_dump().items()]), step=0)
 
 
-def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> dict:
+def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> dict[str, Any]:
     """meta.json: what was trained, with which params and versions (the same for the same inputs)."""
     spec = registry.REGISTRY[name]
     return {
@@ -248,10 +250,14 @@ def training_meta(name: str, p: ModelParams, seed: int, result: TrainResult) -> 
     }
 
 
-def training_timings(result: TrainResult) -> dict:
+def training_timings(result: TrainResult) -> dict[str, Any]:
     """timings.json: seconds per epoch and in all (including epochs run before a resume)."""
     epoch_seconds = [round(s, 3) for s in result.history.get("seconds", [])]
-    return {"train_seconds": round(sum(epoch_seconds), 2), "epoch_seconds": epoch_seconds, "epochs_resumed": result.epochs_resumed}
+    return {
+        "train_seconds": round(sum(epoch_seconds), 2),
+        "epoch_seconds": epoch_seconds,
+        "epochs_resumed": result.epochs_resumed,
+    }
 
 
 def save_trained(

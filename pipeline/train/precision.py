@@ -10,9 +10,9 @@ are in docs/performance.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import keras
 import tensorflow as tf
