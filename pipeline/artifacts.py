@@ -14,8 +14,9 @@ import io
 import json
 import shutil
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -80,13 +81,13 @@ def read_json(path: Path, made_by: str) -> Any:
         raise DataError(f"{path} is not valid JSON ({exc}); run the {made_by} stage again (dvc repro --force).") from None
 
 
-def write_timings(folder: Path, timings: dict) -> None:
+def write_timings(folder: Path, timings: dict[str, Any]) -> None:
     """timings.json: how long a stage's work took (differs between identical runs; not a DVC metric)."""
     write_json(Path(folder) / TIMINGS_FILE, timings)
 
 
-def read_timings(folder: Path, made_by: str) -> dict:
-    return read_json(Path(folder) / TIMINGS_FILE, made_by)
+def read_timings(folder: Path, made_by: str) -> dict[str, Any]:
+    return cast("dict[str, Any]", read_json(Path(folder) / TIMINGS_FILE, made_by))
 
 
 def tree_digest(folder: Path) -> str:
@@ -128,7 +129,7 @@ def save_prepared(folder: Path, splits: dict[str, Split]) -> None:
     needed = sum(a.nbytes for a in arrays.values())
     with atomic_path(Path(folder) / PREPARED_FILE, needed) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: ** might fill allow_pickle; the keys are x_ and y_<split>
 
 
 def load_prepared(folder: Path) -> dict[str, Split]:
@@ -140,15 +141,17 @@ def load_prepared(folder: Path) -> dict[str, Split]:
     except FileNotFoundError:
         raise DataError(f"{path} does not exist: run the preprocess stage first (dvc repro preprocess).") from None
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a valid prepared file ({exc}); run the preprocess stage again (dvc repro preprocess).") from None
+        raise DataError(
+            f"{path} is not a valid prepared file ({exc}); run the preprocess stage again (dvc repro preprocess)."
+        ) from None
 
 
-def write_data_report(path: Path, report: dict) -> None:
+def write_data_report(path: Path, report: dict[str, Any]) -> None:
     write_json(path, report)
 
 
-def read_data_report(path: Path) -> dict:
-    return read_json(path, "preprocess")
+def read_data_report(path: Path) -> dict[str, Any]:
+    return cast("dict[str, Any]", read_json(path, "preprocess"))
 
 
 # --- data/models/<model> ------------------------------------------------------------------
@@ -196,7 +199,7 @@ def _stable_config(node: Any, numbers: dict[int, int]) -> Any:
     return node
 
 
-def write_model_folder(out: Path, model: keras.Model, meta: dict, timings: dict) -> None:
+def write_model_folder(out: Path, model: keras.Model, meta: dict[str, Any], timings: dict[str, Any]) -> None:
     """model.keras, meta.json and timings.json, published together as one folder."""
     remove_leftovers(out.parent, out.name)  # from an earlier write that was killed
     with atomic_path(out, model_bytes(model)) as tmp:
@@ -216,8 +219,8 @@ def read_model(folder: Path) -> keras.Model:
     return keras.models.load_model(Path(folder) / MODEL_FILE)
 
 
-def read_meta(folder: Path) -> dict:
-    return read_json(Path(folder) / META_FILE, "train")
+def read_meta(folder: Path) -> dict[str, Any]:
+    return cast("dict[str, Any]", read_json(Path(folder) / META_FILE, "train"))
 
 
 def read_history(live: Path) -> np.ndarray:
@@ -231,9 +234,11 @@ def read_history(live: Path) -> np.ndarray:
         tsv = Path(live) / LIVE_METRICS / f"{standardize_metric_name(key, 'dvclive.keras')}.tsv"
         if tsv.exists():
             table = np.atleast_1d(np.genfromtxt(tsv, delimiter="\t", names=True))
-            steps, columns[key] = table["step"], table[table.dtype.names[1]]
+            steps, columns[key] = table["step"], table[table.dtype.names[1]]  # type: ignore[index]  # names=True: a structured array
     if not columns:
-        raise DataError(f"no per-epoch metrics in {Path(live) / LIVE_METRICS}: run the model's train stage first (dvc repro train@<model>)")
+        raise DataError(
+            f"no per-epoch metrics in {Path(live) / LIVE_METRICS}: run the model's train stage first (dvc repro train@<model>)"
+        )
     history = np.zeros(len(steps), dtype=[("epoch", float), *((key, float) for key in columns)])
     history["epoch"] = steps + 1
     for key, values in columns.items():
@@ -249,8 +254,7 @@ def live_tensorboard(resume_dir: Path) -> Path:
     return Path(resume_dir) / LIVE_TENSORBOARD
 
 
-
-def write_checkpoint(folder: Path, epochs_done: int, model: keras.Model, state: dict) -> Path:
+def write_checkpoint(folder: Path, epochs_done: int, model: keras.Model, state: dict[str, Any]) -> Path:
     """Save the model and `state` as checkpoint `epoch-NNNN` atomically; delete the older ones.
 
     The state records the model file's SHA-256, so that a checkpoint damaged later is never resumed."""
@@ -266,7 +270,7 @@ def write_checkpoint(folder: Path, epochs_done: int, model: keras.Model, state: 
     return target
 
 
-def checkpoints(folder: Path) -> list[tuple[Path, dict | None]]:
+def checkpoints(folder: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     """Each checkpoint folder, newest first, with its state: None if the state is unreadable, or the
     model file is missing or not the one the state recorded (truncated or damaged since)."""
     found = []
@@ -280,12 +284,17 @@ def checkpoints(folder: Path) -> list[tuple[Path, dict | None]]:
     return found
 
 
-
 # --- data/evaluate/<model> ----------------------------------------------------------------
 
 
 def write_evaluation(
-    out: Path, model: str, metrics: dict, timings: dict, actual: np.ndarray, predicted: np.ndarray, per_class: dict[str, np.ndarray]
+    out: Path,
+    model: str,
+    metrics: dict[str, Any],
+    timings: dict[str, Any],
+    actual: np.ndarray,
+    predicted: np.ndarray,
+    per_class: dict[str, np.ndarray],
 ) -> None:
     """metrics.json (DVC metrics), timings.json, predictions.csv and per_class.csv (DVC plots).
 
@@ -308,19 +317,21 @@ def write_evaluation_pictures(out: Path, confusion_png: bytes, curves_png: bytes
     atomic_write(out / CURVES_FILE, curves_png)
 
 
-def read_metrics(folder: Path) -> dict:
+def read_metrics(folder: Path) -> dict[str, Any]:
     """A model's test metrics (the one entry of its metrics.json)."""
     path = Path(folder) / METRICS_FILE
     data = read_json(path, "evaluate")
     if not isinstance(data, dict) or len(data) != 1:
-        raise DataError(f"{path} should hold one model's metrics under its name; run the evaluate stage again (dvc repro --force).")
+        raise DataError(
+            f"{path} should hold one model's metrics under its name; run the evaluate stage again (dvc repro --force)."
+        )
     return next(iter(data.values()))
 
 
 def read_per_class(folder: Path) -> dict[str, np.ndarray]:
     """per_class.csv as one array per column (digit, precision, recall, f1, accuracy)."""
     table = np.atleast_1d(np.genfromtxt(Path(folder) / PER_CLASS_FILE, delimiter=",", names=True))
-    return {name: table[name] for name in table.dtype.names}
+    return {name: table[name] for name in table.dtype.names}  # type: ignore[union-attr]  # names=True: a structured array
 
 
 def read_predictions(folder: Path) -> np.ndarray:
@@ -336,18 +347,18 @@ def versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in Path(folder).glob("*") if p.name.isdigit() and p.is_dir())
 
 
-def write_export_record(out: Path, record: dict) -> None:
+def write_export_record(out: Path, record: dict[str, Any]) -> None:
     write_json(Path(out) / EXPORT_RECORD, record)
 
 
-def read_export_record(out: Path) -> dict:
-    return read_json(Path(out) / EXPORT_RECORD, "export")
+def read_export_record(out: Path) -> dict[str, Any]:
+    return cast("dict[str, Any]", read_json(Path(out) / EXPORT_RECORD, "export"))
 
 
 # --- data/leaderboard.json, data/report.md -----------------------------------------------
 
 
-def write_leaderboard(path: Path, leaderboard: dict) -> None:
+def write_leaderboard(path: Path, leaderboard: dict[str, Any]) -> None:
     write_json(path, leaderboard)
 
 

@@ -45,7 +45,9 @@ def experiments(root: Path, names: list[str]) -> dict[str, str]:
             except SCMError:
                 unknown.append(name)
         if unknown:
-            raise PipelineError(f"no DVC experiment or git revision named {', '.join(unknown)}: `dvc exp ls` lists the experiments")
+            raise PipelineError(
+                f"no DVC experiment or git revision named {', '.join(unknown)}: `dvc exp ls` lists the experiments"
+            )
         return found
 
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import networkx as nx
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed
 
 from pipeline.stage import RUN_ID_ENV, record_run, run_tag
 
@@ -45,9 +45,7 @@ def repro_stage(stage: str, root: Path, run_id: str) -> State:
     """`dvc repro --single-item <stage>`: DVC runs it if stale and records it in dvc.lock."""
     logger = get_run_logger()
     env = {**os.environ, RUN_ID_ENV: run_id}
-    done = subprocess.run(
-        ["dvc", "repro", "--single-item", stage], cwd=root, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run(["dvc", "repro", "--single-item", stage], cwd=root, env=env, capture_output=True, text=True)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
         logger.error("stage %s failed:\n%s", stage, output[-4000:])
@@ -69,7 +67,7 @@ def not_run(stage: str, because: str) -> State:
 
 
 @flow(name="pipeline")
-def pipeline_flow(root: str = ".") -> dict[str, str]:
+def pipeline_flow(root: str = ".") -> dict[str, str] | State:
     """Run every stage of the DVC pipeline in order; return each stage's outcome."""
     logger = get_run_logger()
     path = Path(root).resolve()
@@ -88,7 +86,7 @@ def pipeline_flow(root: str = ".") -> dict[str, str]:
             outcome[stage] = NOT_RUN
             continue
         state = repro_stage.with_options(task_run_name=stage)(stage, path, run_id, return_state=True)
-        outcome[stage] = FAILED if state.is_failed() else state.message
+        outcome[stage] = FAILED if state.is_failed() else state.message  # type: ignore[assignment]  # repro_stage's states carry a message
     summary = {k: sum(v == k for v in outcome.values()) for k in (RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN)}
     logger.info("stages: %s", ", ".join(f"{n} {k}" for k, n in summary.items()))
     if summary[FAILED]:

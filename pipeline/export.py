@@ -16,9 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import tensorflow as tf
@@ -28,17 +29,20 @@ from pipeline.data import atomic_path, disk_bytes, remove_leftovers
 from pipeline.errors import ExportError
 from pipeline.mnist import IMAGE_SHAPE
 
+if TYPE_CHECKING:
+    import keras
+
 SIGNATURE = "serving_default"
 
 
-class ServingModule(tf.Module):
+class ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow is untyped: its classes are Any
     """A Keras classifier behind a raw-pixel serving signature."""
 
-    def __init__(self, model):
+    def __init__(self, model: keras.Model) -> None:
         super().__init__()
         self.model = model
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])  # type: ignore[untyped-decorator]  # tensorflow is untyped
     def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         logits = self.model(tf.cast(images, tf.float32), training=False)
         return {"probabilities": tf.nn.softmax(logits), "class": tf.argmax(logits, axis=1)}
@@ -55,7 +59,7 @@ def prepare(out: Path, logdir: Path) -> None:
     shutil.rmtree(logdir, ignore_errors=True)
 
 
-def refusal(model: str, metrics: dict) -> str | None:
+def refusal(model: str, metrics: dict[str, Any]) -> str | None:
     """Why model `model` is not exported (its test accuracy is under its gate), or None if it is blessed."""
     if metrics["blessed"]:
         return None
@@ -71,19 +75,19 @@ def staging_folder(out: Path) -> Path:
 
 
 @contextmanager
-def staged(out: Path, model) -> Iterator[Path]:
+def staged(out: Path, model: keras.Model) -> Iterator[Path]:
     """Yield the staging folder; when the block ends without error it becomes `<out>/saved_model` by
     one rename, else it is deleted (a full disk is reported with the space the model's weights need)."""
     with atomic_path(out / artifacts.SAVED_MODEL, artifacts.model_bytes(model), tmp=staging_folder(out)) as staging:
         yield staging
 
 
-def refused_record(model: str, metrics: dict, reason: str) -> dict:
+def refused_record(model: str, metrics: dict[str, Any], reason: str) -> dict[str, Any]:
     """export.json of a model under its gate: not exported, and why."""
     return {"model": model, "blessed": False, "reason": reason, "accuracy": metrics["accuracy"], "gate": metrics["gate"]}
 
 
-def exported_record(model: str, folder: Path, check: dict) -> dict:
+def exported_record(model: str, folder: Path, check: dict[str, Any]) -> dict[str, Any]:
     """export.json of an exported SavedModel: where it is, its size and digest, what the fresh-process check found."""
     return {
         "model": model,
@@ -96,7 +100,7 @@ def exported_record(model: str, folder: Path, check: dict) -> dict:
     }
 
 
-def save_servable(model, folder: Path) -> None:
+def save_servable(model: keras.Model, folder: Path) -> None:
     """Write the SavedModel with its raw-pixel signature into `folder`; the same weights give the same bytes."""
     module = ServingModule(model)
     tf.saved_model.save(module, str(folder), signatures={SIGNATURE: module.serve})
@@ -116,7 +120,7 @@ def content_uuid(folder: Path) -> None:
     path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
-def verify_in_fresh_process(folder: Path, data: Path, evaluation: Path, repeats: int) -> dict:
+def verify_in_fresh_process(folder: Path, data: Path, evaluation: Path, repeats: int) -> dict[str, Any]:
     """Reload the SavedModel in a new Python process and compare its test predictions with evaluate's.
 
     The process is `python -m pipeline.export ...`, forked from the warm server when the stage runs
@@ -128,7 +132,7 @@ def verify_in_fresh_process(folder: Path, data: Path, evaluation: Path, repeats:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ExportError(f"the exported model at {folder} failed its check in a fresh process:\n{done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return cast("dict[str, Any]", json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
@@ -146,13 +150,13 @@ def check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def predict(loaded, images: np.ndarray) -> dict[str, np.ndarray]:
+def predict(loaded: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     """Run a loaded SavedModel's serving signature on raw images, after checking them."""
     out = loaded.signatures[SIGNATURE](images=tf.constant(check_images(images)))
     return {k: v.numpy() for k, v in out.items()}
 
 
-def latency_ms(loaded, images: np.ndarray, repeats: int) -> float:
+def latency_ms(loaded: Any, images: np.ndarray, repeats: int) -> float:
     """Median milliseconds per call of the serving signature on `images`."""
     predict(loaded, images)  # warm-up
     times = []
@@ -174,7 +178,7 @@ def _verify_main(folder: str, data: str, evaluation: str, repeats: str) -> None:
         print(f"{mismatches} of {len(expected)} test predictions differ from evaluate's", file=sys.stderr)
         sys.exit(1)
     result = {
-        "test_images": int(len(expected)),
+        "test_images": len(expected),
         "accuracy": round(float((got == test.y).mean()), 6),
         "latency_ms_batch_1": round(latency_ms(loaded, test.x[:1], int(repeats)), 3),
         "latency_ms_batch_256": round(latency_ms(loaded, test.x[:256], int(repeats)), 3),
@@ -183,7 +187,7 @@ def _verify_main(folder: str, data: str, evaluation: str, repeats: str) -> None:
     print(json.dumps(result))
 
 
-def describe_signature(loaded) -> str:
+def describe_signature(loaded: Any) -> str:
     """The serving signature's inputs and outputs of a loaded SavedModel, as text."""
     fn = loaded.signatures[SIGNATURE]
     inputs = {k: f"{v.dtype.name} {v.shape}" for k, v in fn.structured_input_signature[1].items()}
@@ -191,12 +195,12 @@ def describe_signature(loaded) -> str:
     return f"signature `{SIGNATURE}`\n\ninputs: {inputs}\n\noutputs: {outputs}"
 
 
-def latency_timings(check: dict) -> dict:
+def latency_timings(check: dict[str, Any]) -> dict[str, Any]:
     """timings.json of an export: the latency figures of the fresh-process check."""
     return {k: v for k, v in check.items() if k.startswith("latency_ms")}
 
 
-def write_summaries(logdir: Path, record: dict, timings: dict | None, signature: str | None) -> None:
+def write_summaries(logdir: Path, record: dict[str, Any], timings: dict[str, Any] | None, signature: str | None) -> None:
     """TensorBoard: why the model was not exported, or its signature, size and latency."""
     with summaries.writer(logdir).as_default():
         if not record["blessed"]:

@@ -21,10 +21,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -32,10 +33,13 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 
 from pipeline.errors import PipelineError, redact_url
 from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 CHAIN_FLOW = "model-chain"  # deployed once per work pool, as model-chain/<pool>, by `mnist deploy`
 CHAIN_STAGES = ("train", "evaluate", "export")
@@ -55,14 +59,17 @@ def command(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     It runs in a process group of its own: past `timeout_s`, the whole group (dvc and the stage it
     started) is killed, not dvc alone. URLs with credentials are masked in what it raises.
     """
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        raise PipelineError(f"`{mask(' '.join(args))}` took longer than {timeout_s:.0f} s in {cwd}: stopped, with what it started") from None
+        raise PipelineError(
+            f"`{mask(' '.join(args))}` took longer than {timeout_s:.0f} s in {cwd}: stopped, with what it started"
+        ) from None
     output = stdout + stderr
     if process.returncode != 0:
         raise PipelineError(f"`{mask(' '.join(args))}` failed ({process.returncode}) in {cwd}:\n{mask(output[-3000:])}")
@@ -117,7 +124,8 @@ def pushed_commit(root: Path) -> tuple[str, str]:
     exactly that commit (what DVC writes aside: dvc.lock and files under data/).
     """
     dirty = [
-        line[3:] for line in command(["git", "status", "--porcelain", "--untracked-files=no"], root).splitlines()
+        line[3:]
+        for line in command(["git", "status", "--porcelain", "--untracked-files=no"], root).splitlines()
         if not line[3:].startswith(WRITTEN_BY_DVC)
     ]
     if dirty:
@@ -170,7 +178,9 @@ def check_deployment(pool: str) -> str:
         try:
             client.read_deployment_by_name(name)
         except ObjectNotFound:
-            raise PipelineError(f"No deployment {name} on this Prefect server: run `mnist deploy --work-pool {pool}` first.") from None
+            raise PipelineError(
+                f"No deployment {name} on this Prefect server: run `mnist deploy --work-pool {pool}` first."
+            ) from None
     return name
 
 
@@ -205,13 +215,16 @@ def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> 
     logger = get_run_logger()
     worker = os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname()
     with get_client(sync_client=True) as client:  # the dashboard shows who ran it
-        run = client.read_flow_run(flow_run.get_id())
+        run = client.read_flow_run(flow_run.get_id())  # type: ignore[arg-type]  # inside a flow run: its id, which the client takes as a str
         client.update_flow_run(run.id, name=f"{model}@{worker}", tags=sorted({*run.tags, f"worker:{worker}"}))
     logger.info("chain %s of commit %s on worker %s (host %s)", model, commit[:12], worker, socket.gethostname())
     name = chain_limit(model, commit)
     ensure_limit(name)
     # The slot is leased and renewed while the chain runs: a killed worker's slot frees itself after LEASE_S.
-    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S), tempfile.TemporaryDirectory(prefix=f"mnist-{model}-") as tmp:
+    with (
+        concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S),
+        tempfile.TemporaryDirectory(prefix=f"mnist-{model}-") as tmp,
+    ):
         workspace = Path(tmp) / "workspace"
         command(["git", "clone", "--quiet", repo, str(workspace)], Path(tmp))
         command(["git", "checkout", "--quiet", "--detach", commit], workspace)
@@ -228,9 +241,9 @@ def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> 
 
 
 @task(cache_policy=NO_CACHE, task_run_name="chain-{model}")
-def run_chain(model: str, deployment: str, parameters: dict, run_id: str) -> State:
+def run_chain(model: str, deployment: str, parameters: dict[str, Any], run_id: str) -> State:
     """Start `model`'s chain on the work pool as a subflow of this run and wait for it to end."""
-    child = run_deployment(
+    child: FlowRun = run_deployment(  # type: ignore[assignment]  # called from sync code: a FlowRun, not a coroutine
         deployment, parameters=parameters, timeout=None, tags=[run_tag(run_id), f"model:{model}"], as_subflow=True
     )
     if child.state is None or not child.state.is_completed():
@@ -256,7 +269,7 @@ def restore_chains(root: Path, models: list[str], run_id: str) -> tuple[list[str
 
 
 @flow(name="pipeline-fanout")
-def fanout_flow(pool: str, root: str = ".") -> dict[str, str]:
+def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
     """The whole pipeline with each stale model chain on a Prefect work pool, through the DVC remote.
 
     Args:
@@ -280,18 +293,20 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str]:
     load_params(path / "params.yaml")  # a bad params.yaml stops here, named
     models = list(yaml.safe_load((path / "params.yaml").read_text())["models"])
     stale = stale_models(path, models, run_id)
-    logger.info("commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none")
+    logger.info(
+        "commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none"
+    )
     parameters = {"repo": origin, "commit": commit, "remote": remote, "run_id": run_id}
     futures = {m: run_chain.submit(m, deployment, {"model": m, **parameters}, run_id) for m in stale}
     outcome = {m: "up to date" for m in models if m not in stale}
-    failed = {}
+    failed: dict[str, str] = {}
     for model, future in futures.items():
         future.wait()
         if not future.state.is_completed():
-            failed[model] = future.state.message or future.state.name
+            failed[model] = future.state.message or future.state.name  # type: ignore[assignment]  # Prefect names every state
     done = [m for m in stale if m not in failed]
     restored, trained = restore_chains(path, done, run_id)
-    outcome.update({m: "restored" for m in restored})
+    outcome.update(dict.fromkeys(restored, "restored"))
     for model, stages in trained.items():
         failed[model] = f"ran on the coordinator instead of being restored from the run-cache: {', '.join(stages)}"
     for model, why in failed.items():
@@ -323,8 +338,13 @@ def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> str:
             pass
     repo = refuse_credentials(repo, "git repository")  # it becomes the deployment's pull step, stored on the server
     source = flow.from_source(source=GitRepository(url=repo), entrypoint="pipeline/fanout.py:chain_flow")
-    deployment_id = source.deploy(
-        name=pool, work_pool_name=pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,
+    deployment_id = source.deploy(  # type: ignore[union-attr]  # called from sync code: a Flow, not a coroutine
+        name=pool,
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,
         job_variables={"env": {HEARTBEAT_ENV: str(HEARTBEAT_S)}},
     )
     ensure_zombie_automation(pool, deployment_id, zombie_after_s)
@@ -346,7 +366,7 @@ def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> 
 
     name = f"{ZOMBIE_AUTOMATION}-{pool}"
     try:
-        Automation.read(name=name).delete()
+        Automation.read(name=name).delete()  # type: ignore[attr-defined]  # called from sync code: an Automation, not a coroutine
     except ValueError:  # not there yet
         pass
     Automation(
@@ -354,18 +374,27 @@ def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> 
         description=f"Marks a model-chain flow run of pool {pool} Crashed when its worker stops sending heartbeats.",
         trigger=EventTrigger(
             after={"prefect.flow-run.Pending", "prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.Running", "prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.Running",
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match_related={"prefect.resource.role": "deployment", "prefect.resource.id": f"prefect.deployment.{deployment_id}"},
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=after_s),
         ),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED, force=True,
-            message=f"no heartbeat for {after_s} s: the worker running this chain stopped or was killed",
-        )],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                force=True,
+                message=f"no heartbeat for {after_s} s: the worker running this chain stopped or was killed",
+            )
+        ],
     ).create()
 
 

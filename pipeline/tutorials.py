@@ -15,7 +15,7 @@ from pipeline.train.loop import seed_everything
 from pipeline.train.optimizers import make_optimizer
 
 
-@tf.function
+@tf.function  # type: ignore[untyped-decorator]  # tensorflow is untyped
 def multiply(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """Tutorial 0: y = a * b, as a traced graph."""
     return a * b

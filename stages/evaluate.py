@@ -7,6 +7,8 @@ from pathlib import Path
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import artifact_key, as_task, run_stage
 
+# isort: split
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
@@ -31,18 +33,21 @@ def evaluate_flow(params: Params, model: str, model_dir: Path, live: Path, data:
     """
     keras_model = as_task(artifacts.read_model, "load model")(model_dir)
     test = as_task(artifacts.load_prepared, "load data")(data)["test"]
-    ev = as_task(scores.evaluate_model, "predict test set")(
-        keras_model, test, params.gates[model], params.evaluate.batch_size
-    )
+    ev = as_task(scores.evaluate_model, "predict test set")(keras_model, test, params.gates[model], params.evaluate.batch_size)
     as_task(artifacts.write_evaluation, "write metrics")(out, model, ev.metrics, ev.timings, test.y, ev.predictions, ev.per_class)
-    drawn = as_task(pictures.write_report_pictures, "draw pictures")(ev, test, live, model, out, params.evaluate.misclassified_grid)
-    as_task(views.write_summaries, "tensorboard")(keras_model, ev, test, drawn, model, tensorboard, params.evaluate.embedding_sample)
+    drawn = as_task(pictures.write_report_pictures, "draw pictures")(
+        ev, test, live, model, out, params.evaluate.misclassified_grid
+    )
+    as_task(views.write_summaries, "tensorboard")(
+        keras_model, ev, test, drawn, model, tensorboard, params.evaluate.embedding_sample
+    )
     m = ev.metrics
     verdict = "passes" if m["blessed"] else "is UNDER"
     get_run_logger().info("%s: test accuracy %.4f %s its gate %.4f", model, m["accuracy"], verdict, m["gate"])
     create_markdown_artifact(
         f"### {model}: test metrics\n\n{tables.markdown(['metric', 'value'], [*m.items(), *ev.timings.items()])}\n",
-        key=artifact_key("metrics", model), description=f"test metrics of {model}",
+        key=artifact_key("metrics", model),
+        description=f"test metrics of {model}",
     )
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import as_task, run_stage
 
+# isort: split
+
 from prefect import flow, get_run_logger
 
 from pipeline import artifacts, export
@@ -49,7 +51,12 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
     artifacts.write_timings(out, timings)
     logger.info(
         "%s exported to %s (%.1f MB); fresh-process check: %d test predictions identical; latency %.2f ms (batch 1), %.2f ms (batch 256)",
-        model, folder, record["bytes"] / 1e6, check["test_images"], timings["latency_ms_batch_1"], timings["latency_ms_batch_256"],
+        model,
+        folder,
+        record["bytes"] / 1e6,
+        check["test_images"],
+        timings["latency_ms_batch_1"],
+        timings["latency_ms_batch_256"],
     )
     export.write_summaries(tensorboard, record, timings, check["signature"])
 

@@ -7,6 +7,8 @@ from pathlib import Path
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import as_task, run_stage
 
+# isort: split
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
@@ -32,9 +34,15 @@ def publish_flow(params: Params, exports: Path) -> None:
         if not record["blessed"]:
             logger.info("%s: not blessed, nothing to publish", model)
             continue
-        done = as_task(serving.publish, f"publish {model}")(model, exports / model / artifacts.SAVED_MODEL, base / model, params.serving.keep)
-        logger.info("%s: %s version %d in %s", model, "published" if done.new else "unchanged, newest is", done.version, base / model)
-        rows.append({"model": model, "version": str(done.version), "new": "yes" if done.new else "no", "deleted": str(done.removed or "")})
+        done = as_task(serving.publish, f"publish {model}")(
+            model, exports / model / artifacts.SAVED_MODEL, base / model, params.serving.keep
+        )
+        logger.info(
+            "%s: %s version %d in %s", model, "published" if done.new else "unchanged, newest is", done.version, base / model
+        )
+        rows.append(
+            {"model": model, "version": str(done.version), "new": "yes" if done.new else "no", "deleted": str(done.removed or "")}
+        )
     create_table_artifact(rows, key="serving", description=f"SavedModel versions in {base}")
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import TENSORBOARD_URL, artifact_key, as_task, run_stage
+
+# isort: split
 
 import keras
 from prefect import flow
@@ -17,22 +21,23 @@ from pipeline.models.registry import PARAM_TYPES, REGISTRY
 from pipeline.train.loop import save_trained, train_model
 
 
-class PrefectProgress(keras.callbacks.Callback):
+class PrefectProgress(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any
     """A Prefect progress artifact, updated after every epoch (use inside a flow run)."""
 
-    def __init__(self, name: str, epochs: int):
+    def __init__(self, name: str, epochs: int) -> None:
         super().__init__()
-        self.name, self.epochs, self.artifact_id = name, epochs, None
+        self.name, self.epochs = name, epochs
+        self.artifact_id: UUID | None = None
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.artifact_id = create_progress_artifact(
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.artifact_id = create_progress_artifact(  # type: ignore[assignment]  # called from sync code: a UUID, not a coroutine
             0.0, key=artifact_key("train-progress", self.name), description=f"epochs of {self.name} done"
         )
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
         update_progress_artifact(
-            self.artifact_id,
+            self.artifact_id,  # type: ignore[arg-type]  # set by on_train_begin, which Keras calls first
             100.0 * (epoch + 1) / self.epochs,
             description=f"{self.name}: epoch {epoch + 1}/{self.epochs}, val_accuracy {logs.get('val_accuracy', float('nan')):.4f}",
         )
@@ -64,10 +69,12 @@ def train_flow(params: Params, model: str, data: Path, out: Path, live: Path, re
     )
     create_markdown_artifact(
         f"### {model}: training\n\n{REGISTRY[model].description}\n\n{summary}\n",
-        key=artifact_key("train", model), description=f"training summary of {model}",
+        key=artifact_key("train", model),
+        description=f"training summary of {model}",
     )
     create_link_artifact(
-        f"{TENSORBOARD_URL}/#timeseries&runFilter=train/{model}", link_text=f"TensorBoard: train/{model}",
+        f"{TENSORBOARD_URL}/#timeseries&runFilter=train/{model}",
+        link_text=f"TensorBoard: train/{model}",
         key=artifact_key("tensorboard", model),
     )
 
