@@ -467,17 +467,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Read every output that dvc.lock names, and its cache object; repair or delete what is damaged."""
-    findings = integrity.verify(Path("."))
-    here = Path.cwd()
-    for f in findings:
-        shown = f.path.relative_to(here) if f.path.is_absolute() and f.path.is_relative_to(here) else f.path
-        print(f"{shown}: {f.what}: {f.action}")
-    if not findings:
-        print("every output in dvc.lock and its cache object hold the bytes dvc.lock records")
+    """Read every output that dvc.lock names, and its cache object; repair what is damaged, moving the damaged
+    copies aside; report a modified output and leave it alone. Exit 1 if anything was damaged."""
+    if not Path("dvc.lock").exists():
+        print("no dvc.lock here: nothing is recorded to verify (run the pipeline first, from the project root)")
         return 0
-    if any(f.action == "deleted" for f in findings):
-        print("run `dvc repro` to make the deleted outputs again (or `dvc pull` to fetch them from the remote)")
+    report = integrity.verify(Path("."))
+    here = Path.cwd().resolve()
+
+    def shown(path: Path) -> Path:
+        return path.relative_to(here) if path.is_absolute() and path.is_relative_to(here) else path
+
+    for f in report.findings:
+        print(f"{shown(f.path)}: {f.what}: {f.action}" + (f" (the damaged copy: {shown(f.aside)})" if f.aside else ""))
+    if any(not f.damage for f in report.findings):
+        print("a modified output is left as it is: `dvc commit` records it, `dvc checkout <path>` puts back what dvc.lock records")
+    if report.aside:
+        print(f"nothing was deleted: each damaged copy is in {shown(report.aside)}/, under its own path; "
+              f"to put one back: mv {shown(report.aside)}/<path> <path>")
+    if not report.damaged:
+        print("no damage: every output in dvc.lock and its cache object hold the bytes dvc.lock records"
+              + (", or are newer outputs" if report.findings else ""))
+        return 0
+    if any(f.action == "moved aside" for f in report.damaged):
+        print("run `dvc repro` to make the outputs moved aside again (or `dvc pull` to fetch them from the remote)")
     return 1
 
 

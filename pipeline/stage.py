@@ -59,6 +59,14 @@ except PipelineError as _exc:
     sys.exit(1)
 
 from prefect import Flow, task  # noqa: E402 - only once the settings are known to be readable
+from prefect import flow as flow_decorator  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
+from prefect.states import Completed, Failed, Running  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.logging.loggers import flow_run_logger  # noqa: E402
@@ -80,11 +88,21 @@ logging.getLogger("pipeline").setLevel(logging.INFO)
 
 def pipeline_run_id() -> str:
     """The id shared by every stage of one pipeline run: set by the run command, else the DVC
-    experiment's name (`exp-<name>`), else a fresh one."""
+    experiment's name (`exp-<name>`), else that of the `dvc repro` that launched the stage
+    (`repro-<its start time>-<its PID>`), else a fresh one (a stage run by hand)."""
     if os.environ.get(RUN_ID_ENV):
         return os.environ[RUN_ID_ENV]
     if os.environ.get(EXPERIMENT_ENV):
         return f"exp-{os.environ[EXPERIMENT_ENV]}"
+    launcher_parent = os.environ.get(warm.LAUNCHED_BY_ENV, "")
+    if launcher_parent.isdigit():
+        import psutil
+
+        try:
+            started = psutil.Process(int(launcher_parent)).create_time()
+            return time.strftime("repro-%Y%m%d-%H%M%S", time.localtime(started)) + f"-{launcher_parent}"
+        except psutil.Error:
+            pass
     return time.strftime("manual-%Y%m%d-%H%M%S")
 
 
@@ -199,8 +217,39 @@ def stage_slot() -> None:
     """Stands for one stage in the flow run of the pipeline run; the stage's own flow run is its subflow."""
 
 
-def run_in_parent(flow: Flow, stage: str, run_name: str, parameters: dict[str, Any]) -> Any:
-    """Run `flow` as a subflow of the pipeline run's flow run ($PIPELINE_PARENT_FLOW_RUN); its final state.
+@flow_decorator(name="pipeline-run")
+def pipeline_run() -> None:
+    """One pipeline run (`mnist run`, a `dvc repro`, a DVC experiment): each stage's flow run nests under its flow run."""
+
+
+def adopt_parent() -> UUID:
+    """The flow run of this stage's pipeline run (pipeline_run_id), made Running; created by the run's first stage.
+
+    For a bare `dvc repro` or a DVC experiment, where no run command made one: the stages of one
+    run follow each other, so the first creates it and the others find it by name and tag.
+    """
+    run_id = pipeline_run_id()
+    with get_client(sync_client=True) as client:
+        found = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline-run"])),
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_id])),
+        )
+        if not found:
+            return client.create_flow_run(pipeline_run, name=run_id, state=Running()).id
+        if found[0].state is None or found[0].state.is_final():
+            client.set_flow_run_state(found[0].id, Running(), force=True)
+        return found[0].id
+
+
+def end_parent(parent: UUID, state: Any, stage: str) -> None:
+    """Leave the pipeline run's flow run as the run stands after `stage`: Completed, or Failed naming the stage."""
+    ok = not (state.is_failed() or state.is_crashed())
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(parent, Completed() if ok else Failed(message=f"{stage} failed: {state.message}"), force=True)
+
+
+def run_in_parent(flow: Flow, parent: UUID, stage: str, run_name: str, parameters: dict[str, Any]) -> Any:
+    """Run `flow` as a subflow of the pipeline run's flow run `parent`; its final state.
 
     A task run of the parent, named `stage` as DVC names it, stands for the stage, and the stage's flow run is created with that
     task run as its parent, so the Prefect UI shows the whole run as one graph; the server copies
@@ -211,7 +260,7 @@ def run_in_parent(flow: Flow, stage: str, run_name: str, parameters: dict[str, A
     from prefect.states import Pending
 
     with get_client(sync_client=True) as client:
-        slot = client.create_task_run(stage_slot.with_options(name=stage), flow_run_id=UUID(os.environ[PARENT_ENV]),
+        slot = client.create_task_run(stage_slot.with_options(name=stage), flow_run_id=parent,
                                       dynamic_key=f"{stage}-{os.getpid()}", name=stage, state=Pending())
         flow_run = client.create_flow_run(flow, name=run_name, parameters=parameters, parent_task_run_id=slot.id)
     return run_flow(flow, flow_run=flow_run, parameters=parameters, return_type="state")
@@ -313,10 +362,13 @@ def run_stage(
         run_name = f"{stage}-{model}" if model else stage
         hook = record_run(stage_labels(stage, model))
         with temporary_settings(updates={**prefect_settings(), **client_settings(api)}):
-            if api and os.environ.get(PARENT_ENV):
+            if api:
                 address = f"{stage}@{model}" if model else stage  # as DVC names the stage
-                state = run_in_parent(flow.with_options(on_running=[hook]), address, run_name, {"params": params, **arguments})
-            else:
+                parent, own = (UUID(os.environ[PARENT_ENV]), False) if os.environ.get(PARENT_ENV) else (adopt_parent(), True)
+                state = run_in_parent(flow.with_options(on_running=[hook]), parent, address, run_name, {"params": params, **arguments})
+                if own:  # no run command ends the parent: each stage leaves it as the run stands after it
+                    end_parent(parent, state, address)
+            else:  # Prefect's temporary server: nothing to nest under
                 state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)

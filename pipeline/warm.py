@@ -41,6 +41,7 @@ from typing import Callable, Iterator, NoReturn
 
 SOCKET_ENV = "PIPELINE_WARM_SOCKET"
 LAUNCHED_ENV = "PIPELINE_STAGE_LAUNCHED"  # "<unix time> warm|cold": when and how the launcher started the stage
+LAUNCHED_BY_ENV = "PIPELINE_LAUNCHED_BY"  # the PID of the process that started the launcher (DVC): one pipeline run
 MAX_MESSAGE = 1 << 20  # a request: the script, its arguments, the working directory and the environment
 EXCHANGE_TIMEOUT_S = 30.0  # for a request and its reply; the stage's own run has no limit
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -86,6 +87,7 @@ def launch(argv: list[str]) -> None:
         sys.exit("usage: python -m pipeline.warm stages/<stage>.py [ARGS...]  (or: -m MODULE [ARGS...])")
     for name, value in ONE_THREAD.items():
         os.environ.setdefault(name, value)
+    os.environ[LAUNCHED_BY_ENV] = str(os.getppid())
     if DIE_WITH_PARENT:  # the stage goes when DVC does, even killed outright (kept across os.execv)
         parent = os.getppid()
         DIE_WITH_PARENT()
