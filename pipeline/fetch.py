@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import tensorflow as tf
 import urllib3
 
 from pipeline import summaries, tables
@@ -184,9 +183,9 @@ def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolM
 
 def write_summaries(fetched: list[Fetched], logdir: Path) -> None:
     """TensorBoard: bytes and seconds per file, and which mirror served it."""
-    with summaries.writer(logdir).as_default():
+    with summaries.EventWriter(logdir) as events:
         for f in fetched:
-            tf.summary.scalar(f"bytes/{f.name}", f.bytes, step=0)
-            tf.summary.scalar(f"seconds/{f.name}", f.seconds, step=0)
+            events.scalar(f"bytes/{f.name}", f.bytes)
+            events.scalar(f"seconds/{f.name}", f.seconds)
         rows = [[f.name, f.mirror, f"{f.bytes:,}", f"{f.seconds:.2f}"] for f in fetched]
-        tf.summary.text("fetch/files", tables.markdown(["file", "mirror", "bytes", "seconds"], rows), step=0)
+        events.text("fetch/files", tables.markdown(["file", "mirror", "bytes", "seconds"], rows))

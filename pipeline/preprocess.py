@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from pipeline import summaries, tables
 from pipeline.config import DataParams
@@ -80,16 +79,16 @@ def data_report(splits: dict[str, Split]) -> dict:
 
 def write_summaries(splits: dict[str, Split], report: dict, logdir: Path) -> None:
     """TensorBoard: class histogram per split, a grid of sample digits per class, pixel statistics."""
-    with summaries.writer(logdir).as_default():
+    with summaries.EventWriter(logdir) as events:
         for name, split in splits.items():
-            tf.summary.histogram(f"classes/{name}", split.y.astype(np.int32), step=0, buckets=NUM_CLASSES)
-            tf.summary.scalar(f"pixels/{name}/mean", report["splits"][name]["pixel_mean"], step=0)
-            tf.summary.scalar(f"pixels/{name}/std", report["splits"][name]["pixel_std"], step=0)
+            events.histogram(f"classes/{name}", split.y.astype(np.int32), buckets=NUM_CLASSES)
+            events.scalar(f"pixels/{name}/mean", report["splits"][name]["pixel_mean"])
+            events.scalar(f"pixels/{name}/std", report["splits"][name]["pixel_std"])
         train = splits["train"]
         samples = [train.x[train.y == c][:10] for c in range(NUM_CLASSES)]
-        tf.summary.image("samples/train_per_class", summaries.digit_grid(np.concatenate(samples)), step=0)
+        events.image("samples/train_per_class", summaries.digit_grid(np.concatenate(samples)))
         counts = [[name] + list(report["splits"][name]["per_class"].values()) for name in splits]
         header = ["split"] + [str(c) for c in range(NUM_CLASSES)]
-        tf.summary.text("class_counts", tables.markdown(header, counts), step=0)
+        events.text("class_counts", tables.markdown(header, counts))
         checks = [[name, ", ".join(passed)] for name, passed in report["checks"].items()]
-        tf.summary.text("checks", tables.markdown(["split", "checks passed"], checks), step=0)
+        events.text("checks", tables.markdown(["split", "checks passed"], checks))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import platform
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
-import tensorflow as tf
-from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import summary_v2 as hp
 
-from pipeline import artifacts, tables
+from pipeline import artifacts, summaries, tables
 from pipeline.config import ModelParams
 
 COLUMNS = [
@@ -85,7 +85,7 @@ def report_markdown(rows: list[dict], data_report: dict, seed: int) -> str:
         f"Test accuracy on the {data_report['splits']['test']['images']:,} MNIST test images, best first. A model passes its gate",
         "(params.yaml `gates`) when its test accuracy is at least the gate; only those are exported.",
         f"Training: {data_report['splits']['train']['images']:,} images, validation {data_report['splits']['val']['images']:,};",
-        f"random seed {seed}; TensorFlow {tf.__version__}; {platform.machine()}, {_cpu_name()}.",
+        f"random seed {seed}; TensorFlow {version('tensorflow')}; {platform.machine()}, {_cpu_name()}.",
         "",
         tables.markdown([title for _, title in COLUMNS], [list(row.values()) for row in leaderboard_table(rows)]),
     ]
@@ -143,8 +143,8 @@ def write_hparams_config(logdir: Path, models: list[str], experiments: list[str]
     if experiments:
         hparams.insert(0, hp.HParam("experiment", hp.Discrete(sorted(experiments))))
     metrics = [hp.Metric(tag, display_name=name) for tag, (_, name) in HPARAM_METRICS.items()]
-    with tf.summary.create_file_writer(str(logdir)).as_default():
-        hp.hparams_config(hparams=hparams, metrics=metrics)
+    with summaries.EventWriter(logdir) as events:
+        events.add(hp.hparams_config_pb(hparams=hparams, metrics=metrics))
 
 
 def write_trial(logdir: Path, row: dict, p: ModelParams, experiment: str | None = None) -> None:
@@ -154,10 +154,10 @@ def write_trial(logdir: Path, row: dict, p: ModelParams, experiment: str | None 
               "batch_size": p.batch_size, "epochs": p.epochs, "dropout": dropout(p), "parameters": int(row["parameters"])}
     if experiment:
         values["experiment"] = experiment
-    with tf.summary.create_file_writer(str(logdir)).as_default():
-        hp.hparams(values, trial_id=f"{experiment}/{row['model']}" if experiment else row["model"])
+    with summaries.EventWriter(logdir) as events:
+        events.add(hp.hparams_pb(values, trial_id=f"{experiment}/{row['model']}" if experiment else row["model"]))
         for tag, (key, _) in HPARAM_METRICS.items():
-            tf.summary.scalar(tag, row[key], step=0)
+            events.scalar(tag, row[key])
 
 
 def write_hparams(rows: list[dict], models: dict[str, ModelParams], logdir: Path) -> None:
