@@ -79,14 +79,17 @@ def pipeline_flow(root: str = ".") -> dict[str, str] | State:
     order, upstream = stages_in_order(path)
     logger.info("%d stages: %s", len(order), ", ".join(order))
     outcome: dict[str, str] = {}
-    for stage in order:
+    for position, stage in enumerate(order, start=1):
         broken = sorted(u for u in upstream[stage] if outcome.get(u) in (FAILED, NOT_RUN))
         if broken:
             not_run.with_options(task_run_name=stage)(stage, ", ".join(broken))
             outcome[stage] = NOT_RUN
-            continue
-        state = repro_stage.with_options(task_run_name=stage)(stage, path, run_id, return_state=True)
-        outcome[stage] = FAILED if state.is_failed() else state.message  # type: ignore[assignment]  # repro_stage's states carry a message
+        else:
+            started = time.monotonic()
+            state = repro_stage.with_options(task_run_name=stage)(stage, path, run_id, return_state=True)
+            outcome[stage] = FAILED if state.is_failed() else state.message  # type: ignore[assignment]  # repro_stage's states carry a message
+        seconds = time.monotonic() - started if outcome[stage] != NOT_RUN else 0.0
+        logger.info("[%d/%d] %s: %s, %.1f s", position, len(order), stage, outcome[stage], seconds)
     summary = {k: sum(v == k for v in outcome.values()) for k in (RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN)}
     logger.info("stages: %s", ", ".join(f"{n} {k}" for k, n in summary.items()))
     if summary[FAILED]:

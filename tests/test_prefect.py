@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import gzip
 import http.server
+import re
 import subprocess
 import sys
 import threading
@@ -120,6 +121,9 @@ def test_end_to_end_flow_reports_ran_and_up_to_date(small_run: SmallRun) -> None
         for name, task in tasks.items():
             assert task.state.type == StateType.COMPLETED, (name, task.state)
             assert task.state.message == ("ran" if name in ran else "up to date"), (name, task.state.message)
+        logs = logs_of(flow_run.id)  # a line per stage as it ends: position, outcome, seconds
+        assert re.search(rf"\[\d+/{len(tasks)}\] evaluate@linear: ran, [\d.]+ s", logs), logs[-3000:]
+        assert re.search(rf"\[1/{len(tasks)}\] fetch: up to date, [\d.]+ s", logs), logs[-3000:]
         assert dvc(project, "status", "--json").stdout.strip() == "{}"
     finally:
         (project / "params.yaml").write_text(before)
