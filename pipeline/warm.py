@@ -388,7 +388,7 @@ def _exit_after(run: Callable[[], object]) -> NoReturn:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
-    atexit._run_exitfuncs()
+    run_atexit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -400,6 +400,12 @@ def _exit_after(run: Callable[[], object]) -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(status & 0xFF)
+
+
+def run_atexit_handlers() -> None:
+    """Run and clear the atexit handlers now, as interpreter exit would; Python has no public call for it
+    (tests/test_compat.py pins what the stages rely on)."""
+    atexit._run_exitfuncs()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,14 @@ def derived_seed(*parts: int) -> int:
 
 def seeded_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The layers that draw random numbers (dropout and the like), in a fixed order."""
-    return [layer for layer in model._flatten_layers(include_self=False) if hasattr(layer, "seed_generator")]
+    return [layer for layer in all_layers(model) if hasattr(layer, "seed_generator")]
+
+
+def all_layers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    """Every layer inside `layer` (a model's layers, and theirs in turn), depth first, in the model's order."""
+    for inner in getattr(layer, "layers", []):
+        yield inner
+        yield from all_layers(inner)
 
 
 class EpochSeeds(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped: its classes are Any

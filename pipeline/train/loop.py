@@ -26,7 +26,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.random import seed_generator as keras_seed_source
 
 from pipeline import artifacts, tables
 from pipeline.config import ModelParams, TrainParams, params_hash
@@ -64,14 +63,16 @@ def keras_seeds_from(seed: int) -> Iterator[None]:
     0.347216 in 1 stage run of 4 under load. The private generator yields what the global one yields
     right after `keras.utils.set_random_seed(seed)` when no other thread draws, so the weights are
     those of an undisturbed run. Keras has no public setting for this source: the module attribute
-    replaced here is where `keras.src.random.seed_generator.make_default_seed` takes its numbers.
+    replaced here is where Keras's `make_default_seed` takes its numbers.
     """
-    shared = keras_seed_source.python_random
-    keras_seed_source.python_random = random.Random(seed)
+    from keras.src.random import seed_generator  # the one private Keras module the project uses (tests/test_compat.py)
+
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
     try:
         yield
     finally:
-        keras_seed_source.python_random = shared
+        seed_generator.python_random = shared
 
 
 def steps_per_call(steps_per_epoch: int, most: int) -> int:
