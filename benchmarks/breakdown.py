@@ -4,7 +4,7 @@
 
 Reads one complete pipeline run (default: the latest) from the Prefect server's SQLite
 database (PREFECT_HOME or ~/.prefect): each stage's flow run, its task runs and the start-up
-line each stage logs (pipeline/stage.py START_UP_LOG). Every second from the first stage's
+labels each stage puts on its flow run (pipeline/stage.py START_UP_LABELS). Every second from the first stage's
 launch to the last flow's end falls in one category:
 
     training      the `fit <model>` tasks (model build, epochs, per-epoch checkpoints and DVCLive)
@@ -28,20 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sqlite3
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
 from benchmarks.common import REPO, Context, Row
-from pipeline.stage import START_UP_LOG
+from pipeline.stage import START_UP_LABELS
 
-CATEGORIES = ("training", "evaluation", "summaries", "export", "data", "other tasks", "prefect",
-              "start-up", "flow set-up", "dvc", "between flows")
-START_UP = re.compile(re.escape(START_UP_LOG).replace("%\\.2f", r"([\d.]+)").replace("%s", r"(\S+?)") + "$")
+CATEGORIES = (
+    "training",
+    "evaluation",
+    "summaries",
+    "export",
+    "data",
+    "other tasks",
+    "prefect",
+    "start-up",
+    "flow set-up",
+    "dvc",
+    "between flows",
+)
 
 
 def category(stage: str, task: str) -> str:
@@ -79,8 +88,12 @@ def read_run(con: sqlite3.Connection, run_id: str | None) -> tuple[str, list[dic
         ids = [t.split(":", 1)[1] for t in tags if t.startswith("pipeline-run:")]
         if ids and any(t.startswith("stage:") for t in tags):  # a stage's flow run, not `mnist flow`'s own
             runs[ids[0]].append({"id": fid, "name": name, "start": _time(start), "end": _time(end), "state": state})
-    complete = {rid: flows for rid, flows in runs.items()
-                if len(flows) == len({f["name"] for f in flows}) == expected_stage_count() and all(f["state"] == "COMPLETED" for f in flows)}
+    complete = {
+        rid: flows
+        for rid, flows in runs.items()
+        if len(flows) == len({f["name"] for f in flows}) == expected_stage_count()
+        and all(f["state"] == "COMPLETED" for f in flows)
+    }
     if run_id is None:
         if not complete:
             raise LookupError(f"no complete pipeline run (all {expected_stage_count()} stages) in {database()}")
@@ -89,21 +102,26 @@ def read_run(con: sqlite3.Connection, run_id: str | None) -> tuple[str, list[dic
         raise LookupError(f"pipeline run {run_id} is not a complete run in {database()}")
     flows = sorted(complete[run_id], key=lambda f: f["start"])
     for flow in flows:
-        flow["tasks"] = [(name, (_time(end) - _time(start)).total_seconds()) for name, start, end in con.execute(
-            "select name, start_time, end_time from task_run where flow_run_id = ? and start_time is not null and end_time is not null",
-            (flow["id"],))]
+        flow["tasks"] = [
+            (name, (_time(end) - _time(start)).total_seconds())
+            for name, start, end in con.execute(
+                "select name, start_time, end_time from task_run where flow_run_id = ? and start_time is not null and end_time is not null",
+                (flow["id"],),
+            )
+        ]
         flow["start_up"] = None
-        for (message,) in con.execute("select message from log where flow_run_id = ?", (flow["id"],)):
-            m = START_UP.match(message)
-            if m:
-                flow["start_up"] = (float(m.group(1)), m.group(2), _time(m.group(3)))
+        (raw,) = con.execute("select labels from flow_run where id = ?", (flow["id"],)).fetchone()
+        labels = json.loads(raw) if raw else {}
+        if all(key in labels for key in START_UP_LABELS):
+            seconds, how, launched = (labels[key] for key in START_UP_LABELS)
+            flow["start_up"] = (float(seconds), how, _time(launched))
     return run_id, flows
 
 
 def _time(text: str) -> datetime:
     """A timestamp of the database (UTC, stored without a zone) or of a log line, as an aware datetime."""
     t = datetime.fromisoformat(text)
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def breakdown(flows: list[dict], wall: float | None = None) -> tuple[dict[str, dict[str, float]], float]:
@@ -146,8 +164,10 @@ def format_breakdown(table: dict[str, dict[str, float]], wall: float) -> str:
         lines.append(f"{name:<{width}} " + " ".join(f"{row[c]:12.2f}" for c in used) + f" {sum(row[c] for c in used):8.2f}")
     sums = totals(table)
     training = sums["training"]
-    lines.append(f"\nwall {wall:.1f} s; training {training:.1f} s; non-training share (wall - training) / training = "
-                 f"{(wall - training) / training:.2f}")
+    lines.append(
+        f"\nwall {wall:.1f} s; training {training:.1f} s; non-training share (wall - training) / training = "
+        f"{(wall - training) / training:.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -166,16 +186,20 @@ def run(ctx: Context) -> list[Row]:
     note = f"pipeline-run:{run_id}, first launch to last flow end"
     rows = [Row("breakdown", "full run wall", wall, "s", note)]
     rows += [Row("breakdown", c, sums[c], "s", "summed over the stages") for c in CATEGORIES if sums[c]]
-    rows.append(Row("breakdown", "non-training share", (wall - sums["training"]) / sums["training"], "",
-                    "(wall - training) / training"))
+    rows.append(
+        Row("breakdown", "non-training share", (wall - sums["training"]) / sums["training"], "", "(wall - training) / training")
+    )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.breakdown", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-id", help="the pipeline run (tag pipeline-run:<id>; default: the latest complete one)")
-    parser.add_argument("--wall", type=float, help="the run command's own wall time (e.g. from /usr/bin/time), to count dvc's start and end")
+    parser.add_argument(
+        "--wall", type=float, help="the run command's own wall time (e.g. from /usr/bin/time), to count dvc's start and end"
+    )
     args = parser.parse_args(argv)
     with sqlite3.connect(f"file:{database()}?mode=ro", uri=True, timeout=5) as con:
         run_id, flows = read_run(con, args.run_id)
