@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import BIN, SmallRun, copy_project, dvc, edit_params, project_env, small_params
 from helpers import cache_object_of, flip_a_bit, resize_disk, silent_server, small_disk
@@ -178,10 +180,10 @@ def test_a_dvc_lock_left_empty_by_a_killed_run_is_set_aside_and_the_next_run_res
 
     run = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "dvc.lock could not be read" in run.stderr and "moved to dvc.lock.broken" in run.stderr, run.stderr[-3000:]
+    assert "dvc.lock could not be read: it is empty. Moved to dvc.lock.broken" in run.stderr, run.stderr[-3000:]
     assert (project / "dvc.lock.broken").read_text() == ""
     for model in small_run.models():
-        assert f"Stage 'train@{model}' is cached - skipping run" in run.stdout, run.stdout[-3000:]
+        assert f"] train@{model}: restored from the run-cache" in run.stdout, run.stdout[-3000:]  # mnist run's progress line
         assert f"Running stage 'train@{model}'" not in run.stdout
         assert digest(project / "data" / "models" / model / "model.keras") == digest(small_run.project / "data" / "models" / model / "model.keras")
     assert "up to date" in dvc(project, "status", env=env).stdout
@@ -189,23 +191,95 @@ def test_a_dvc_lock_left_empty_by_a_killed_run_is_set_aside_and_the_next_run_res
     assert again.returncode == 0 and "dvc.lock could not be read" not in again.stderr, again.stderr[-3000:]  # a good lock stays
 
 
-def test_a_lock_file_is_left_alone_while_another_dvc_command_holds_the_workspace(tmp_path: Path) -> None:
-    """It may be writing dvc.lock at that very moment: then an empty file is no sign of a killed run."""
-    from pipeline.integrity import set_aside_unreadable_lock
+def dvc_repo(folder: Path) -> Path:
+    """An empty git and DVC repository."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    dvc(folder, "init", "-q")
+    return folder
 
-    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
-    (tmp_path / "dvc.lock").write_text("")
-    holder = subprocess.Popen(  # as DVC holds it (dvc/lock.py), in another process
-        [sys.executable, "-c", "import sys, time, zc.lockfile\nlock = zc.lockfile.LockFile(sys.argv[1])\nprint('held', flush=True)\n"
-         "time.sleep(120)", str(tmp_path / ".dvc" / "tmp" / "lock")], stdout=subprocess.PIPE, text=True)
-    try:
+
+HOLD_REPO_LOCK = "import sys, time, zc.lockfile\nlock = zc.lockfile.LockFile(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)"
+
+
+@contextlib.contextmanager
+def dvc_lock_held(root: Path, mode: str):
+    """DVC's lock of `root` held by another live process: its repo lock (.dvc/tmp/lock, as dvc/lock.py takes it,
+    in that process), or an entry for it in .dvc/tmp/rwlock (as dvc/rwlock.py writes it while a stage's command
+    runs, the repo lock given up meanwhile), reading or writing an output."""
+    tmp = root / ".dvc" / "tmp"
+    if mode == "repo lock":
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_REPO_LOCK, str(tmp / "lock")], stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "held"
-        assert set_aside_unreadable_lock(tmp_path) is None and (tmp_path / "dvc.lock").exists()
+    else:
+        holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        info = {"pid": holder.pid, "cmd": "dvc repro"}
+        out = str(root / "data" / "raw")
+        table = {"write": {out: info}} if mode == "rwlock write" else {"read": {out: [info]}}
+        (tmp / "rwlock").write_text(json.dumps(table))
+    try:
+        yield
     finally:
         holder.kill()
         holder.wait()
-    assert "moved to dvc.lock.broken" in set_aside_unreadable_lock(tmp_path)  # once nothing holds it
-    assert not (tmp_path / "dvc.lock").exists() and (tmp_path / "dvc.lock.broken").read_text() == ""
+
+
+@pytest.mark.parametrize("mode", ["repo lock", "rwlock write", "rwlock read"])
+def test_a_lock_file_is_left_alone_while_another_dvc_command_holds_the_workspace(tmp_path: Path, mode: str) -> None:
+    """It may be writing dvc.lock at that very moment: then an empty file is no sign of a killed run. `dvc repro`
+    gives the repo lock up while a stage's command runs, keeping the stage's outputs and deps in .dvc/tmp/rwlock."""
+    from pipeline.integrity import set_aside_unreadable_lock
+
+    root = dvc_repo(tmp_path / "repo")
+    (root / "dvc.lock").write_text("")
+    with dvc_lock_held(root, mode):
+        assert set_aside_unreadable_lock(root) is None and (root / "dvc.lock").exists()
+    assert "Moved to dvc.lock.broken" in set_aside_unreadable_lock(root)  # once nothing holds it (the dead PID is no holder)
+    assert not (root / "dvc.lock").exists() and (root / "dvc.lock.broken").read_text() == ""
+
+
+LOCK_CONTENTS = {  # what an unreadable dvc.lock holds, and what the message says of it
+    "empty": (b"", "dvc.lock could not be read: it is empty."),
+    "cut off": (b"schema: '2.0'\nstages:\n  fetch:\n    cmd: python -m pipeline.warm stages/fetch.py\n    outs:\n    - path: 'data/r",
+                "dvc.lock could not be read: it is not valid YAML: cut off, or damaged."),
+    "not UTF-8": (b"schema: '2.0'\nstages: \xff\xfe\n", "dvc.lock could not be read: it is not UTF-8 text."),
+    "not DVC's": (b"schema: '2.0'\nstages:\n  fetch:\n    cmd: 3\n    outs: nothing\n",
+                  "dvc.lock could not be read: it is YAML, but not in DVC's lock format"),
+}
+
+
+@pytest.mark.parametrize("content", list(LOCK_CONTENTS))
+def test_every_unreadable_lock_set_aside_is_kept_and_the_message_says_what_was_found(tmp_path: Path, content: str) -> None:
+    from pipeline.integrity import set_aside_unreadable_lock
+
+    root = dvc_repo(tmp_path / "repo")
+    data, said = LOCK_CONTENTS[content]
+    for n, name in enumerate(["dvc.lock.broken", "dvc.lock.broken.1", "dvc.lock.broken.2"]):
+        (root / "dvc.lock").write_bytes(data + f"\n# copy {n}".encode() * bool(data))
+        message = set_aside_unreadable_lock(root)
+        assert message.startswith(said) and f"Moved to {name} (earlier copies are kept)" in message, message
+        assert not (root / "dvc.lock").exists()
+    for n, name in enumerate(["dvc.lock.broken", "dvc.lock.broken.1", "dvc.lock.broken.2"]):
+        assert (root / name).read_bytes() == data + f"\n# copy {n}".encode() * bool(data), name  # none overwritten
+
+
+def test_a_lock_with_merge_conflict_markers_is_no_damage_it_stays_and_the_error_says_how_to_resolve_the_merge(
+    tmp_path: Path
+) -> None:
+    """A merge of two branches' dvc.lock leaves git's markers in it: `mnist run` stops, naming the fix, and
+    neither moves it aside nor runs anything."""
+    project = copy_project(tmp_path / "project")
+    lock = (project / "dvc.lock").read_text()
+    half = lock.index("\n  preprocess:")
+    conflicted = f"{lock[:half]}\n<<<<<<< HEAD\n{lock[half:]}=======\n{lock[half:].replace('md5: ', 'md5: 0')}>>>>>>> experiment\n"
+    (project / "dvc.lock").write_text(conflicted)
+    run = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=project_env(PYTHONPATH=str(project)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "error: dvc.lock holds git's merge conflict markers (<<<<<<<, =======, >>>>>>>): its merge is unfinished" in run.stderr, run.stderr[-2000:]
+    assert "git checkout --theirs dvc.lock" in run.stderr and "git checkout --ours dvc.lock" in run.stderr and "dvc commit" in run.stderr
+    assert "Traceback" not in run.stderr and "Running stage" not in run.stdout
+    assert (project / "dvc.lock").read_text() == conflicted and not list(project.glob("dvc.lock.broken*"))
 
 
 def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_orphans_are_marked(
