@@ -3,10 +3,27 @@ and the set-aside of a dvc.lock that DVC cannot read.
 
 DVC hashes a file again only when its size, inode or modification time changed, so a file
 damaged in place (a failing disk, a stray write that kept the time) still passes `dvc status`,
-and `dvc checkout` copies a damaged cache object into the workspace without a word. This reads
-everything that dvc.lock names, hashes it, and repairs what has one good copy: a damaged cache
-object from the workspace file, a damaged workspace file from the cache. Where neither copy is
-good, both are deleted, so that `dvc repro` makes the output again (or `dvc pull` fetches it).
+and `dvc checkout` copies a damaged cache object into the workspace without a word. `verify`
+reads everything that dvc.lock names and tells damage from a newer output:
+
+- a cache object is damaged when its bytes no longer hash to its name;
+- a workspace file is damaged (decayed) when DVC's own record of it (its state database: inode,
+  size and modification time, and the hash DVC computed for them) still matches the file and
+  says it held the bytes of dvc.lock, but the bytes differ now;
+- any other workspace file that differs from dvc.lock is modified: a newer output (a stage that
+  was killed before DVC recorded it, a stage run by hand, a `dvc repro` beside this) that DVC
+  has not recorded yet. It is reported and left alone, as is an output that a running DVC
+  command holds for writing (.dvc/tmp/rwlock).
+
+What has one good copy is repaired from it: a damaged cache object from the workspace file, a
+damaged workspace file from the cache. Nothing is deleted: whatever verify replaces or removes
+is moved, under its own path, into one folder per run, .dvc/tmp/verify-<UTC time>/ (on the same
+disk as the workspace and the cache, so a move is a rename; git and DVC ignore .dvc/tmp).
+
+It holds DVC's repo lock (.dvc/tmp/lock) while it reads dvc.lock and while it changes anything,
+and not while it hashes: `dvc repro` gives the lock up while a stage's command runs and takes it
+again after, waiting only 3 s for it (dvc/lock.py), so holding it through a long hash would make
+a run beside it fail.
 """
 
 from __future__ import annotations
@@ -16,9 +33,9 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +48,8 @@ if TYPE_CHECKING:
 
 DIR_SUFFIX = ".dir"  # DVC's listing object of a folder output: [{"md5": ..., "relpath": ...}, ...]
 BROKEN_LOCK = "dvc.lock.broken"  # where an unreadable dvc.lock is moved: this name, else .1, .2, ... (set_aside_unreadable_lock)
+ASIDE_PREFIX = "verify-"  # .dvc/tmp/verify-<UTC time>/: what one `mnist verify` moved aside
+LOCK_WAIT_S = 120.0  # how long verify waits for a DVC command that holds the repo lock
 
 
 # --- DVC's locks -----------------------------------------------------------------------------
@@ -197,9 +216,32 @@ def _keep_aside(lock: Path) -> Path:
 
 @dataclass(frozen=True)
 class Finding:
-    path: Path  # the workspace file, or the cache object when the file is gone
-    what: str  # "workspace file damaged", "cache object damaged", ...
-    action: str  # "restored from the cache", "rewritten from the workspace file", "deleted"
+    path: Path  # the workspace file, or the cache object (absolute)
+    what: str  # "workspace file damaged", "modified since dvc.lock recorded it", ...
+    action: str  # "restored from the cache", "moved aside", "left alone", ...
+    aside: Path | None = None  # where the damaged copy went
+    damage: bool = True  # False for a modified or busy output: no damage, left alone
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    aside: Path | None = None  # the folder of this run's moved-aside copies, if any
+
+    @property
+    def damaged(self) -> list[Finding]:
+        return [f for f in self.findings if f.damage]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file that dvc.lock records: a file output, or a file of a folder output."""
+
+    file: Path  # absolute
+    md5: str
+    cached: bool
+    output: str  # the dvc.lock output it belongs to
+    output_md5: str  # that output's md5 in dvc.lock (a listing's, for a folder)
 
 
 def md5(path: Path) -> str | None:
@@ -214,79 +256,159 @@ def md5(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def locked_outputs(root: Path) -> tuple[list[tuple[str, str, bool]], Path]:
-    """(path, md5, cached) of every stage output in dvc.lock (md5 ends in '.dir' for a folder), and
-    the folder of DVC's cache objects. `cache: false` outputs (metrics, plots) have no cache object."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        base = Path(repo.root_dir)
-        uncached = {Path(out.fs_path).relative_to(base).as_posix() for stage in repo.index.stages for out in stage.outs if not out.use_cache}
-        cache = Path(repo.cache.local.path)
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    outputs = [
-        (out["path"], out["md5"], out["path"] not in uncached)
-        for stage in lock.get("stages", {}).values()
-        for out in stage.get("outs", [])
-        if "md5" in out
-    ]
-    return outputs, cache
-
-
 def cache_object(cache: Path, md5_hex: str) -> Path:
     return cache / md5_hex[:2] / md5_hex[2:]
 
 
-def verify(root: Path) -> list[Finding]:
-    """Check and repair every output in dvc.lock (files and the files of folders) and its cache object."""
-    outputs, cache = locked_outputs(root)
-    findings: list[Finding] = []
+def locked_outputs(repo: Repo) -> list[tuple[str, str, bool]]:
+    """(path, md5, cached) of every stage output in dvc.lock (md5 ends in '.dir' for a folder).
+    `cache: false` outputs (metrics, plots) have no cache object. Call with the repo lock held."""
+    from dvc.exceptions import DvcException
+
+    base = Path(repo.root_dir)
+    lock = base / "dvc.lock"
+    if not lock.exists():
+        return []
+    try:
+        uncached = {Path(out.fs_path).relative_to(base).as_posix()
+                    for stage in repo.index.stages for out in stage.outs if not out.use_cache}
+        recorded = yaml.safe_load(lock.read_text()) or {}
+    except (DvcException, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"dvc.lock cannot be read ({exc}); `mnist run` sets an unreadable one aside.") from None
+    return [(out["path"], out["md5"], out["path"] not in uncached)
+            for stage in (recorded.get("stages") or {}).values() for out in stage.get("outs", []) if "md5" in out]
+
+
+def _items(root: Path, outputs: list[tuple[str, str, bool]], cache: Path, report: Report) -> list[Item]:
+    """Every file of `outputs`; a folder's damaged listing object is moved aside (reported) and its files skipped."""
+    items = []
     for path, expected, cached in outputs:
         if not expected.endswith(DIR_SUFFIX):
-            findings += check_file(root / path, expected, cache if cached else None)
+            items.append(Item(root / path, expected, cached, path, expected))
             continue
         listing = cache_object(cache, expected)
+        if not listing.exists():
+            continue  # not in the cache: DVC's to fetch or make
         if md5(listing) != expected.removesuffix(DIR_SUFFIX):
-            if listing.exists():
-                _delete(listing)
-                findings.append(Finding(listing, f"the listing of {path} in the cache is damaged", "deleted"))
+            aside = _move_aside(root, listing, report)
+            report.findings.append(Finding(listing, f"the listing of {path} in the cache is damaged", "moved aside", aside))
             continue  # without its listing, DVC itself reports the folder as not in cache
         for entry in json.loads(listing.read_text()):
-            findings += check_file(root / path / entry["relpath"], entry["md5"], cache)
-    return findings
+            items.append(Item(root / path / entry["relpath"], entry["md5"], True, path, expected))
+    return items
 
 
-def check_file(file: Path, expected: str, cache: Path | None) -> list[Finding]:
-    """Check one file and its cache object (if cached); repair from the good copy, else delete both."""
+def verify(root: Path, wait_s: float | None = None) -> Report:
+    """Check every file that dvc.lock records, and its cache object; repair or move aside what is damaged.
+    Waits `wait_s` (default LOCK_WAIT_S) for a DVC command that holds the repo lock, then raises Busy."""
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    report = Report()
+    with repo_lock(root, wait_s) as repo:
+        root = Path(repo.root_dir)
+        cache = Path(repo.cache.local.path)
+        outputs = locked_outputs(repo)
+        items = _items(root, outputs, cache, report)
+        busy = {p: f"PID {pid}: {cmd}" for mode, pid, cmd, p in rwlock_holders(repo) if mode in ("write", "edit")}
+    suspects = [item for item in items if _looks_wrong(item, cache)]  # hashing: no lock held
+    if not suspects:
+        return report
+    with repo_lock(root, wait_s) as repo:
+        still = {(path, md5_) for path, md5_, _ in locked_outputs(repo)}
+        busy.update({p: f"PID {pid}: {cmd}" for mode, pid, cmd, p in rwlock_holders(repo) if mode in ("write", "edit")})
+        for item in suspects:
+            if (item.output, item.output_md5) not in still:
+                continue  # DVC recorded a new version meanwhile
+            writer = next((who for p, who in busy.items() if _overlaps(item.file, Path(p))), None)
+            if writer:
+                report.findings.append(Finding(item.file, f"being written by a DVC command ({writer})", "left alone", damage=False))
+                continue
+            report.findings += check_file(root, item, cache if item.cached else None, _state(repo), report)
+    return report
+
+
+def _looks_wrong(item: Item, cache: Path) -> bool:
+    """Whether the file or its cache object differs from dvc.lock (a missing one is DVC's to restore)."""
+    if item.file.exists() and md5(item.file) != item.md5:
+        return True
+    obj = cache_object(cache, item.md5)
+    return item.cached and obj.exists() and md5(obj) != item.md5
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _state(repo: Repo) -> Callable[[Path], str | None]:
+    """A function: the md5 that DVC's state database holds for a file as it is now (same inode, size and
+    modification time as when DVC hashed it), or None."""
+
+    def recorded(file: Path) -> str | None:
+        _, hash_info = repo.state.get(str(file), repo.fs)
+        return hash_info.value if hash_info is not None else None
+
+    return recorded
+
+
+def check_file(root: Path, item: Item, cache: Path | None, recorded: Callable[[Path], str | None], report: Report) -> list[Finding]:
+    """Check one file and its cache object (if cached) and repair what is damaged (call with the repo lock held).
+
+    `recorded(file)` is the md5 DVC's state database holds for the file as it is now: the file
+    is damaged only if that is dvc.lock's md5 and its bytes are not.
+    """
+    file, expected = item.file, item.md5
     here = md5(file) if file.exists() else expected  # a missing file is DVC's to restore: not damage
     obj = cache_object(cache, expected) if cache else None
-    stored = md5(obj) if obj and obj.exists() else expected  # a missing object is DVC's business too
-    if here == expected and stored == expected:
-        return []
-    if here != expected and stored == expected and obj is not None and obj.exists():
-        _replace(file, obj)
-        return [Finding(file, "workspace file damaged", "restored from the cache")]
-    if here == expected and obj is not None and stored != expected:
-        _replace(obj, file, read_only=True)
-        return [Finding(obj, f"cache object of {file} damaged", "rewritten from the workspace file")]
+    bad_obj = obj if obj is not None and obj.exists() and md5(obj) != expected else None  # a missing one is DVC's business
     found = []
-    if here != expected:
-        _delete(file)
-        found.append(Finding(file, "workspace file damaged" + (", and no good copy in the cache" if obj else ""), "deleted"))
-    if obj is not None and stored != expected:
-        _delete(obj)
-        found.append(Finding(obj, f"cache object of {file} damaged", "deleted"))
+    if here != expected and recorded(file) != expected:
+        found.append(Finding(file, "modified since dvc.lock recorded it (a newer output, not damage)", "left alone", damage=False))
+    elif here != expected and bad_obj is None and obj is not None and obj.exists():
+        return [Finding(file, "workspace file damaged", "restored from the cache", _replace(root, file, obj, report))]
+    elif here != expected:
+        found.append(Finding(file, "workspace file damaged" + (", and no good copy in the cache" if cache else ""),
+                             "moved aside", _move_aside(root, file, report)))
+    elif bad_obj is not None:
+        aside = _replace(root, bad_obj, file, report, read_only=True)
+        return [Finding(bad_obj, f"cache object of {_rel(root, file)} damaged", "rewritten from the workspace file", aside)]
+    if bad_obj is not None:
+        found.append(Finding(bad_obj, f"cache object of {_rel(root, file)} damaged", "moved aside", _move_aside(root, bad_obj, report)))
     return found
 
 
-def _replace(target: Path, good: Path, read_only: bool = False) -> None:
-    """Copy `good` over `target` through a temporary file and a rename."""
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def _aside_folder(root: Path, report: Report) -> Path:
+    """This run's folder under .dvc/tmp, made at its first use: verify-<UTC time>[-N]."""
+    if report.aside is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1, 1000):
+            folder = root / ".dvc" / "tmp" / (f"{ASIDE_PREFIX}{stamp}" + (f"-{n}" if n > 1 else ""))
+            try:
+                folder.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        report.aside = folder
+    return report.aside
+
+
+def _move_aside(root: Path, path: Path, report: Report) -> Path:
+    """Move `path` into this run's aside folder, under its path in the project (or cache/<xx>/<rest>)."""
+    where = path.relative_to(root) if path.is_relative_to(root) else Path("cache") / path.parent.name / path.name
+    dest = _aside_folder(root, report) / where
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    return dest
+
+
+def _replace(root: Path, target: Path, good: Path, report: Report, read_only: bool = False) -> Path:
+    """Put a copy of `good` in place of `target`, whose damaged copy goes aside; return where it went."""
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.copyfile(good, tmp)
     if read_only:
         tmp.chmod(0o444)  # as DVC keeps its cache objects
+    aside = _move_aside(root, target, report)
     os.replace(tmp, target)
-
-
-def _delete(path: Path) -> None:
-    path.unlink(missing_ok=True)
+    return aside

@@ -149,11 +149,15 @@ def test_damaged_cache_objects_and_outputs_are_never_trained_on_and_mnist_verify
     verify = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env, capture_output=True, text=True)
     assert verify.returncode == 1, verify.stdout + verify.stderr
     lines = verify.stdout.splitlines()
-    assert "data/prepared/mnist.npz: workspace file damaged, and no good copy in the cache: deleted" in lines, lines
-    assert any("cache object of data/prepared/mnist.npz damaged: deleted" in line for line in lines), lines
-    assert "data/models/cnn/model.keras: workspace file damaged: restored from the cache" in lines, lines
-    assert f"{predictions_object.relative_to(project)}: cache object of data/evaluate/mlp/predictions.csv damaged: rewritten from the workspace file" in lines, lines
+    (aside,) = (project / ".dvc" / "tmp").glob("verify-*")  # nothing deleted: every damaged copy moved here
+    rel = aside.relative_to(project)
+    assert f"data/prepared/mnist.npz: workspace file damaged, and no good copy in the cache: moved aside (the damaged copy: {rel}/data/prepared/mnist.npz)" in lines, lines
+    assert any("cache object of data/prepared/mnist.npz damaged: moved aside" in line for line in lines), lines
+    assert f"data/models/cnn/model.keras: workspace file damaged: restored from the cache (the damaged copy: {rel}/data/models/cnn/model.keras)" in lines, lines
+    obj = predictions_object.relative_to(project)
+    assert f"{obj}: cache object of data/evaluate/mlp/predictions.csv damaged: rewritten from the workspace file (the damaged copy: {rel}/{obj})" in lines, lines
     assert "run `dvc repro`" in verify.stdout
+    assert len([p for p in aside.rglob("*") if p.is_file()]) == 4
 
     again = dvc(project, "repro", env=env)  # makes the deleted arrays again: the same bytes, so no model retrains
     assert "Running stage 'preprocess'" in again.stdout and "Running stage 'train@cnn'" not in again.stdout, again.stdout
