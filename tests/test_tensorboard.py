@@ -177,3 +177,30 @@ def test_dashboards_serve_the_train_stage_resume_folder_as_live() -> None:
     assert resume == Path("data/resume/${key}")
     assert resume.parent == cli.TRAINING_NOW
     assert cli.TENSORBOARD_LOGDIR == Path(cmd[cmd.index("--tensorboard") + 1]).parents[1]
+
+
+def test_tensorboard_server_shows_runs_written_without_tensorflow(tmp_path: Path) -> None:
+    """pipeline.summaries.EventWriter's run through TensorBoard's plugins: scalars, text, histograms, images."""
+    import numpy as np
+
+    from pipeline import summaries
+
+    grid = summaries.digit_grid(np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8))
+    with summaries.EventWriter(tmp_path / "tensorboard" / "preprocess" / "mnist") as events:
+        events.scalar("pixels/train/mean", 0.130655)
+        events.text("checks", "| split | checks passed |\n|---|---|\n| train | no blank images |")
+        events.histogram("classes/train", np.arange(100) % 10, buckets=10)
+        events.image("samples/train_per_class", grid)
+    with servers.tensorboard_server(tmp_path / "tensorboard", "127.0.0.1", free_port(), log=tmp_path / "tb.log") as url:
+        run = "preprocess/mnist"
+        assert runs_when(url, lambda r: run in r) == [run]
+        [[_, step, value]] = get_json(f"{url}/data/plugin/scalars/scalars?run={run}&tag=pixels/train/mean")
+        assert (step, value) == (0, pytest.approx(0.130655))
+        [text] = get_json(f"{url}/data/plugin/text/text?run={run}&tag=checks")
+        assert "no blank images" in text["text"] and "<table>" in text["text"]
+        [[_, _, buckets]] = get_json(f"{url}/data/plugin/histograms/histograms?run={run}&tag=classes/train")
+        assert [count for _, _, count in buckets] == [10] * 10
+        [image] = get_json(f"{url}/data/plugin/images/images?run={run}&tag=samples/train_per_class&sample=0")
+        with urllib.request.urlopen(f"{url}/data/plugin/images/individualImage?{image['query']}", timeout=30) as response:
+            png = response.read()
+        assert png.startswith(b"\x89PNG") and png == summaries.png(grid[0])
