@@ -295,6 +295,76 @@ def prefect_server(
                 stop(process)
 
 
+LIVE_RUNS = "training"  # the live runs' folder in a runs view: their runs are named training/...
+
+
+def link_runs(view: Path, logdir: Path, live: Path) -> None:
+    """Make `view` hold an absolute symlink to each entry of `logdir`, under its own name, and one named
+    LIVE_RUNS to `live` (which may not exist yet); remove the links that point elsewhere or at an entry gone."""
+    logdir, live = Path(os.path.abspath(logdir)), Path(os.path.abspath(live))
+    try:
+        names = os.listdir(logdir)
+    except FileNotFoundError:
+        names = []
+    wanted = {name: str(logdir / name) for name in names if name != LIVE_RUNS}
+    wanted[LIVE_RUNS] = str(live)
+    for entry in os.scandir(view):
+        if entry.is_symlink() and os.readlink(entry.path) != wanted.get(entry.name):
+            os.unlink(entry.path)
+    for name, target in wanted.items():
+        try:
+            os.symlink(target, view / name)
+        except FileExistsError:
+            pass
+
+
+@contextmanager
+def runs_view(logdir: Path, live: Path, view: Path, period_s: float = 2.0) -> Iterator[Path]:
+    """`view`, a folder of symlinks (link_runs) that one `tensorboard --logdir` serves as `logdir` and `live`
+    together, the runs named as `--logdir_spec {logdir},training:{live}` named them.
+
+    --logdir_spec is no use: TensorBoard's projector plugin takes its folder from --logdir alone
+    (tensorboard/backend/application.py: `TBContext(logdir=flags.logdir, ...)`, empty under --logdir_spec),
+    so it stayed inactive. TensorBoard follows symlinked folders (both its loaders), and a link goes
+    on resolving when DVC replaces the folder it names. The links are made again every `period_s`, for
+    a stage's first run in `logdir`, and removed on exit. An flock on `view` keeps a second command
+    from sharing (and removing) them."""
+    view.mkdir(parents=True, exist_ok=True)
+    if view.is_symlink() or not view.is_dir():
+        raise PipelineError(f"{view} is not a folder: TensorBoard's runs are linked there. Move it away.")
+    fd = os.open(view, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(
+                f"Another command of this project serves TensorBoard from {view}: stop it, or pick another port "
+                "(mnist dashboards --tensorboard-port)."
+            ) from None
+        link_runs(view, logdir, live)
+        stopping = threading.Event()
+
+        def keep_linked() -> None:
+            while not stopping.wait(period_s):
+                try:
+                    link_runs(view, logdir, live)
+                except OSError as e:
+                    print(f"TensorBoard: could not link the runs into {view}: {e}", file=sys.stderr, flush=True)
+
+        keeper = threading.Thread(target=keep_linked, daemon=True, name="tensorboard runs view")
+        keeper.start()
+        try:
+            yield view
+        finally:
+            stopping.set()
+            keeper.join()
+            for entry in os.scandir(view):
+                if entry.is_symlink():
+                    os.unlink(entry.path)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def tensorboard_server(
     logdir: Path,
@@ -307,21 +377,25 @@ def tensorboard_server(
     """Yield the URL of a TensorBoard serving `logdir` on host:port; stopped on exit.
 
     `live`, if given, is served too, its runs named `training/...`: the TensorBoard events of
-    training runs in progress, which move into `logdir` when they complete. With `signals`, a
-    SIGINT or SIGTERM during start-up stops it and raises Stopped.
+    training runs in progress, which move into `logdir` when they complete. Both are then served
+    through a runs view beside `logdir` (`.tensorboard-<port>.runs/`), so that every plugin sees
+    them, the projector included. With `signals`, a SIGINT or SIGTERM during start-up stops it
+    and raises Stopped.
     """
     url = f"http://{host}:{port}"
     log = log or Path(logdir).parent / f".tensorboard-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    where = ["--logdir", str(logdir)] if live is None else ["--logdir_spec", f"{logdir},training:{live}"]
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", *where, "--host", host, "--port", str(port),
-             "--reload_interval", "5"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
-        )
-    try:
-        _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log, signals)
-        yield url
-    finally:
-        stop(process)
+    with ExitStack() as stack:
+        if live is not None:
+            logdir = stack.enter_context(runs_view(logdir, live, Path(logdir).parent / f".tensorboard-{port}.runs"))
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(port),
+                 "--reload_interval", "5"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
+            )
+        try:
+            _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log, signals)
+            yield url
+        finally:
+            stop(process)
