@@ -1,3 +1,5 @@
+# fmt: off
+# (the usage lines keep their indent: argparse prints this docstring as it is)
 """`python -m benchmarks [--quick] [--only NAME ...]`: run the benchmarks, print one table, write results JSON.
 
     python -m benchmarks                      all benchmarks (budget: 15 minutes on 2 cores), benchmarks/results.json
@@ -5,6 +7,7 @@
     python -m benchmarks --only throughput    one benchmark (repeatable); its rows replace that benchmark's in the JSON
     python -m benchmarks --repro-log run.log  orchestration (c) from the output of `make run` instead of Prefect's database
 """
+# fmt: on
 
 from __future__ import annotations
 
@@ -31,10 +34,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every benchmark")
-    parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME", help=f"run only this benchmark: {', '.join(NAMES)}")
-    parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results.json, or results-quick.json with --quick)")
+    parser.add_argument(
+        "--only", action="append", choices=NAMES, metavar="NAME", help=f"run only this benchmark: {', '.join(NAMES)}"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results file (default: benchmarks/results.json, or results-quick.json with --quick)"
+    )
     parser.add_argument("--repro-log", type=Path, help="output of a full `make run` / `dvc repro`, for orchestration (c)")
     return parser.parse_args(argv)
 
@@ -85,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in selected:
             new, seconds = run_one(name, ctx)
             rows += new
-            runs[name] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick, "seconds": round(seconds, 1),
-                          "load_average_1min_before": round(load_start[0] if name == selected[0] else os.getloadavg()[0], 2)}
+            runs[name] = {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "quick": args.quick,
+                "seconds": round(seconds, 1),
+                "load_average_1min_before": round(load_start[0] if name == selected[0] else os.getloadavg()[0], 2),
+            }
     total = time.perf_counter() - started
     load_end = os.getloadavg()
     print()
@@ -96,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{'--quick, ' if args.quick else ''}{total:.0f} s in all; load average (1 min) {load_start[0]:.1f} at the start, "
         f"{load_end[0]:.1f} at the end{' - other work was running: figures are contaminated' if max(load_start[0], 0) > 0.5 else ''}"
     )
-    write_results(out, selected, rows, ctx, runs, {**info, "total_seconds": round(total, 1), "load_average_start": load_start, "load_average_end": load_end})
+    write_results(
+        out,
+        selected,
+        rows,
+        ctx,
+        runs,
+        {**info, "total_seconds": round(total, 1), "load_average_start": load_start, "load_average_end": load_end},
+    )
     print(f"results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     return 0
 

@@ -10,10 +10,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -151,8 +152,8 @@ def cpuinfo() -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    import tensorflow as tf
     import keras
+    import tensorflow as tf
 
     cpu = cpuinfo()
     flags = set(cpu.get("flags", "").split())

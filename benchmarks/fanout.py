@@ -37,8 +37,8 @@ from benchmarks.orchestration import flows_from_log
 
 sys.path.insert(0, str(REPO / "tests"))  # the loopback cluster and the quick configuration are the tests'
 
-from conftest import small_params  # noqa: E402
-from loopback import BIN, Loopback, loopback, run  # noqa: E402
+from conftest import small_params
+from loopback import BIN, Loopback, loopback, run
 
 STAGES = ("train", "evaluate", "export")
 BEFORE, AFTER = ("fetch", "preprocess"), ("report", "publish")  # the coordinator's own stages
@@ -60,8 +60,14 @@ def distributed_run(cluster: Loopback, name: str, workers: int) -> dict:
     wall = time.perf_counter() - start
     run_tag = next(line.split("runs tagged ")[1].rstrip(")") for line in output.splitlines() if "runs tagged " in line)
     flows = cluster.flow_runs(run_tag)
-    parent = next(f for f in flows if f["name"] and not f["deployment_id"] and f["parent_task_run_id"] is None
-                  and not any(t.startswith("stage:") for t in f["tags"]))
+    parent = next(
+        f
+        for f in flows
+        if f["name"]
+        and not f["deployment_id"]
+        and f["parent_task_run_id"] is None
+        and not any(t.startswith("stage:") for t in f["tags"])
+    )
     chains = {}
     free_since: dict[str, datetime] = {}  # when each worker last finished a chain
     for chain in sorted((f for f in flows if f["deployment_id"]), key=lambda f: f["start_time"]):
@@ -73,15 +79,28 @@ def distributed_run(cluster: Loopback, name: str, workers: int) -> dict:
         # the worker's poll, its process start and the deployment's git clone.
         pickup = (start - max(scheduled, free_since.get(worker, scheduled))).total_seconds()
         free_since[worker] = datetime.fromisoformat(chain["end_time"])
-        chains[model] = {"worker": worker, "chain_s": seconds(chain), "stages_s": stages,
-                         "overhead_s": seconds(chain) - stages, "pickup_s": pickup, "queued_s": (start - scheduled).total_seconds()}
+        chains[model] = {
+            "worker": worker,
+            "chain_s": seconds(chain),
+            "stages_s": stages,
+            "overhead_s": seconds(chain) - stages,
+            "pickup_s": pickup,
+            "queued_s": (start - scheduled).total_seconds(),
+        }
     first_start = min(datetime.fromisoformat(f["expected_start_time"]) for f in flows if f["deployment_id"])
     last_end = max(datetime.fromisoformat(f["end_time"]) for f in flows if f["deployment_id"])
     before = (first_start - datetime.fromisoformat(parent["start_time"])).total_seconds()
     after = (datetime.fromisoformat(parent["end_time"]) - last_end).total_seconds()
     coordinator_stages = {f["name"]: seconds(f) for f in flows if f["name"] in COORDINATOR_STAGES}
-    return {"workers": workers, "wall_s": wall, "flow_s": seconds(parent), "before_s": before, "after_s": after,
-            "coordinator_stages_s": coordinator_stages, "chains": chains}
+    return {
+        "workers": workers,
+        "wall_s": wall,
+        "flow_s": seconds(parent),
+        "before_s": before,
+        "after_s": after,
+        "coordinator_stages_s": coordinator_stages,
+        "chains": chains,
+    }
 
 
 def makespan(durations: list[float], machines: int) -> float:
@@ -141,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         result["full"] = {"chains_s": full, "stages_s": own, "before_s": before, "after_s": after, "predicted_s": {}}
         for n in (1, 2, 4, 8):
             result["full"]["predicted_s"][n] = predict(full, overhead, before, after, n)
-        lines.append("default configuration, predicted wall: " + ", ".join(
-            f"{n} machine(s) {s:.0f} s" for n, s in result["full"]["predicted_s"].items()))
+        lines.append(
+            "default configuration, predicted wall: "
+            + ", ".join(f"{n} machine(s) {s:.0f} s" for n, s in result["full"]["predicted_s"].items())
+        )
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print("\n".join(lines))
     print(f"(details: {args.out})")

@@ -90,18 +90,33 @@ def run(ctx: Context) -> list[Row]:
     achieved = step * rate
     peak, how, alternative = cpu_peak()
     rows = [
-        Row("flops", f"{MODEL}: forward FLOPs per image", forward / 1e6, "MFLOP",
-            ", ".join(f"{n} {f / 1e6:.2f}" for n, f in per_layer)),
+        Row(
+            "flops",
+            f"{MODEL}: forward FLOPs per image",
+            forward / 1e6,
+            "MFLOP",
+            ", ".join(f"{n} {f / 1e6:.2f}" for n, f in per_layer),
+        ),
         Row("flops", f"{MODEL}: training FLOPs per image", step / 1e6, "MFLOP", "3 x forward"),
         Row("flops", f"{MODEL}: achieved", achieved / 1e9, "GFLOP/s", f"{rate:,.0f} images/s ({source})"),
         Row("flops", "CPU peak fp32", None if peak is None else peak / 1e9, "GFLOP/s", how),
     ]
     if peak:
-        note = f"of the peak above; {achieved / alternative:.1%} of {alternative / 1e9:,.0f} GFLOP/s if the 512-bit FMAs are split over 256-bit pipes (Zen 4)" if alternative else "of the peak above"
+        note = (
+            f"of the peak above; {achieved / alternative:.1%} of {alternative / 1e9:,.0f} GFLOP/s if the 512-bit FMAs are split over 256-bit pipes (Zen 4)"
+            if alternative
+            else "of the peak above"
+        )
         rows.append(Row("flops", f"{MODEL}: fraction of peak", 100 * achieved / peak, "%", note))
     ctx.details["flops"] = {
-        "forward_flops_per_image": forward, "train_flops_per_image": step, "per_layer": dict(per_layer),
-        "images_per_s": rate, "throughput_source": source, "achieved_flops": achieved,
-        "peak_flops": peak, "peak_derivation": how, "peak_flops_if_zen4_half_rate": alternative,
+        "forward_flops_per_image": forward,
+        "train_flops_per_image": step,
+        "per_layer": dict(per_layer),
+        "images_per_s": rate,
+        "throughput_source": source,
+        "achieved_flops": achieved,
+        "peak_flops": peak,
+        "peak_derivation": how,
+        "peak_flops_if_zen4_half_rate": alternative,
     }
     return rows

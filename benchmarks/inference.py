@@ -71,14 +71,15 @@ def run(ctx: Context) -> list[Row]:
             x_uint8 = images[:batch]
             x_float = x_uint8.astype(np.float32)
             ways = {
-                "savedmodel": lambda: export.predict(loaded, x_uint8),
-                "keras call": lambda: model(x_float, training=False).numpy(),
-                "predict_on_batch": lambda: model.predict_on_batch(x_float),
+                "savedmodel": lambda: export.predict(loaded, x_uint8),  # noqa: B023 - called in this iteration only
+                "keras call": lambda: model(x_float, training=False).numpy(),  # noqa: B023 - called in this iteration only
+                "predict_on_batch": lambda: model.predict_on_batch(x_float),  # noqa: B023 - called in this iteration only
             }
             seconds = timed_calls(ways, CALLS[ctx.quick], BUDGET_S[ctx.quick])
             rate = {k: batch / median(v) for k, v in seconds.items()}
-            details[name][f"batch_{batch}"] = {k: {"images_per_s": rate[k], "median_ms": 1000 * median(v), "calls": len(v)}
-                                               for k, v in seconds.items()}
+            details[name][f"batch_{batch}"] = {
+                k: {"images_per_s": rate[k], "median_ms": 1000 * median(v), "calls": len(v)} for k, v in seconds.items()
+            }
             n = len(seconds["savedmodel"])
             for way in ways:
                 ms = 1000 * median(seconds[way])

@@ -48,7 +48,15 @@ def small_project(ctx: Context) -> Path:
 def run(ctx: Context) -> list[Row]:
     mirror = mnist_mirror()
     if mirror is None:
-        return [Row("memory", "stages", None, "MB", "skipped: no local MNIST mirror ($MNIST_MIRROR, ../shared/datasets/mnist, data/raw)")]
+        return [
+            Row(
+                "memory",
+                "stages",
+                None,
+                "MB",
+                "skipped: no local MNIST mirror ($MNIST_MIRROR, ../shared/datasets/mnist, data/raw)",
+            )
+        ]
     folder = small_project(ctx)
     env = child_env(MNIST_MIRROR=str(mirror), PREFECT_API_URL=ctx.prefect_api())
     settings = f"data.limit {LIMIT}, val {VAL}, {MODEL} 1 epoch; Prefect server"

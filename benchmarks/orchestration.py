@@ -107,13 +107,39 @@ def cases(ctx: Context) -> list[Case]:
     from pipeline.artifacts import PREPARED_FILE
 
     fetch_args = ["--out", "raw", "--tensorboard", "tb-fetch"]
-    found = [Case("fetch", [str(REPO / "stages" / "fetch.py"), *fetch_args], ["-m", "benchmarks.plain_fetch", *fetch_args],
-                  ("raw", "tb-fetch"), True)]
+    found = [
+        Case(
+            "fetch",
+            [str(REPO / "stages" / "fetch.py"), *fetch_args],
+            ["-m", "benchmarks.plain_fetch", *fetch_args],
+            ("raw", "tb-fetch"),
+            True,
+        )
+    ]
     prepared = REPO / "data" / "prepared"
     if (prepared / PREPARED_FILE).exists() and not ctx.quick:
-        train_args = [TRAIN_MODEL, "--data", str(prepared), "--out", "model", "--live", "live", "--resume", "resume", "--tensorboard", "tb-train"]
-        found.append(Case(f"train@{TRAIN_MODEL}", [str(REPO / "stages" / "train.py"), *train_args],
-                          ["-m", "benchmarks.plain_train", *train_args], ("model", "live", "resume", "tb-train"), False))
+        train_args = [
+            TRAIN_MODEL,
+            "--data",
+            str(prepared),
+            "--out",
+            "model",
+            "--live",
+            "live",
+            "--resume",
+            "resume",
+            "--tensorboard",
+            "tb-train",
+        ]
+        found.append(
+            Case(
+                f"train@{TRAIN_MODEL}",
+                [str(REPO / "stages" / "train.py"), *train_args],
+                ["-m", "benchmarks.plain_train", *train_args],
+                ("model", "live", "resume", "tb-train"),
+                False,
+            )
+        )
     return found
 
 
@@ -125,8 +151,11 @@ def ways(ctx: Context, case: Case, mirror: Path) -> dict[str, tuple[list[str], d
         PLAIN: (case.plain, child_env(**base)),
     }
     if case.temporary_server and dashboards_api():  # the stages would report to it instead (pipeline/stage.py)
-        print(f"orchestration: a Prefect server answers at {DASHBOARDS_API_URL} (make dashboards?): "
-              "Prefect's temporary server is not measured; stop that server to measure it.", flush=True)
+        print(
+            f"orchestration: a Prefect server answers at {DASHBOARDS_API_URL} (make dashboards?): "
+            "Prefect's temporary server is not measured; stop that server to measure it.",
+            flush=True,
+        )
     elif case.temporary_server:
         temp_home = ctx.tmp / "prefect-temporary-home"
         temp_home.mkdir(exist_ok=True)
@@ -145,7 +174,9 @@ def measure_case(ctx: Context, case: Case, folder: Path, mirror: Path) -> dict[s
                 shutil.rmtree(folder / leftover, ignore_errors=True)
             measured = run_measured(args, folder, env)
             if measured.returncode != 0:
-                return Row("orchestration", f"{case.name}: {way}", None, "s", f"failed ({measured.returncode}): {measured.output[-300:]}")
+                return Row(
+                    "orchestration", f"{case.name}: {way}", None, "s", f"failed ({measured.returncode}): {measured.output[-300:]}"
+                )
             if i >= warmups:
                 runs.setdefault(way, []).append(measured)
     return runs
@@ -164,8 +195,13 @@ def case_rows(case: Case, runs: dict[str, list[Measured]], quick: bool) -> list[
         paired = [w - p for w, p in zip(walls[way], walls[PLAIN])]  # with the plain run of the same round
         rows += [
             Row("orchestration", f"{case.name}: stage, {way}", median(walls[way]), "s", note),
-            Row("orchestration", f"{case.name}: overhead with {way}", over, "s",
-                f"stage - plain, medians; round by round {', '.join(f'{d:.2f}' for d in paired)} s"),
+            Row(
+                "orchestration",
+                f"{case.name}: overhead with {way}",
+                over,
+                "s",
+                f"stage - plain, medians; round by round {', '.join(f'{d:.2f}' for d in paired)} s",
+            ),
         ]
     return rows
 
@@ -173,7 +209,15 @@ def case_rows(case: Case, runs: dict[str, list[Measured]], quick: bool) -> list[
 def stage_overhead(ctx: Context) -> list[Row]:
     mirror = mnist_mirror()
     if mirror is None:
-        return [Row("orchestration", "stage overhead", None, "s", "skipped: no local MNIST mirror ($MNIST_MIRROR, ../shared/datasets/mnist, data/raw)")]
+        return [
+            Row(
+                "orchestration",
+                "stage overhead",
+                None,
+                "s",
+                "skipped: no local MNIST mirror ($MNIST_MIRROR, ../shared/datasets/mnist, data/raw)",
+            )
+        ]
     folder = ctx.tmp / "stage-overhead"
     folder.mkdir()
     shutil.copy2(REPO / "params.yaml", folder / "params.yaml")
@@ -190,8 +234,15 @@ def stage_overhead(ctx: Context) -> list[Row]:
         details[case.name] = {way: [{"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb} for m in ms] for way, ms in runs.items()}
         rows += case_rows(case, runs, ctx.quick)
     details["prefect_server_start_s"] = ctx.shared.get("prefect_server_start_s")
-    rows.append(Row("orchestration", "Prefect server start (once per run)", ctx.shared.get("prefect_server_start_s"), "s",
-                    "pipeline.servers.prefect_server, fresh PREFECT_HOME"))
+    rows.append(
+        Row(
+            "orchestration",
+            "Prefect server start (once per run)",
+            ctx.shared.get("prefect_server_start_s"),
+            "s",
+            "pipeline.servers.prefect_server, fresh PREFECT_HOME",
+        )
+    )
     return rows
 
 
@@ -250,24 +301,52 @@ def full_repro(ctx: Context) -> list[Row]:
         flows = flows_from_log(ctx.repro_log)
         source = f"log {ctx.repro_log}"
         if not is_complete(flows):
-            return [Row("orchestration", subject, None, "s", f"skipped: {source} holds {len(flows)} flow runs, not a complete run of {expected_stage_count()} stages")]
+            return [
+                Row(
+                    "orchestration",
+                    subject,
+                    None,
+                    "s",
+                    f"skipped: {source} holds {len(flows)} flow runs, not a complete run of {expected_stage_count()} stages",
+                )
+            ]
     else:
         flows, source = flows_from_prefect_db()
         if not flows:
-            return [Row("orchestration", subject, None, "s", f"skipped: {source}; pass --repro-log with the output of `make run`")]
+            return [
+                Row("orchestration", subject, None, "s", f"skipped: {source}; pass --repro-log with the output of `make run`")
+            ]
     span = (max(f[2] for f in flows) - min(f[1] for f in flows)).total_seconds()
     work = sum((f[2] - f[1]).total_seconds() for f in flows)
     gaps = span - work
     ctx.details.setdefault("orchestration", {})["full_repro"] = {
-        "source": source, "span_s": span, "flows_s": work,
+        "source": source,
+        "span_s": span,
+        "flows_s": work,
         "flows": [{"name": f[0], "start": f[1].isoformat(), "seconds": (f[2] - f[1]).total_seconds()} for f in flows],
     }
     return [
-        Row("orchestration", f"{subject}: first flow start to last flow end", span, "s",
-            f"{source}; leaves out the first process's start and dvc's work before it"),
-        Row("orchestration", f"{subject}: sum of the stages' flow runs", work, "s", f"{len(flows)} stages' own work, inside Prefect"),
-        Row("orchestration", f"{subject}: between the flows", gaps, "s",
-            f"{gaps / max(len(flows) - 1, 1):.1f} s per stage: process start, imports, dvc hashing and lock updates"),
+        Row(
+            "orchestration",
+            f"{subject}: first flow start to last flow end",
+            span,
+            "s",
+            f"{source}; leaves out the first process's start and dvc's work before it",
+        ),
+        Row(
+            "orchestration",
+            f"{subject}: sum of the stages' flow runs",
+            work,
+            "s",
+            f"{len(flows)} stages' own work, inside Prefect",
+        ),
+        Row(
+            "orchestration",
+            f"{subject}: between the flows",
+            gaps,
+            "s",
+            f"{gaps / max(len(flows) - 1, 1):.1f} s per stage: process start, imports, dvc hashing and lock updates",
+        ),
     ]
 
 

@@ -45,9 +45,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -143,7 +144,12 @@ def autotuned_batches(split, batch_size: int, seed: int, epochs: int):
     def gather(idx):
         return tf.cast(tf.gather(x, idx), tf.float32), tf.gather(y, idx)
 
-    return tf.data.Dataset.range(0, epochs).flat_map(one_epoch).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return (
+        tf.data.Dataset.range(0, epochs)
+        .flat_map(one_epoch)
+        .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -281,8 +287,17 @@ def train_model_runner(name: str, params, data: Data, v: Variant, tmp: Path) -> 
         timer = step_timer()
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch progress lines
-                train_model(name, run_p, params.seed, params.train, splits, data.folder, scratch / "resume", scratch / "tensorboard",
-                            callbacks=[timer])
+                train_model(
+                    name,
+                    run_p,
+                    params.seed,
+                    params.train,
+                    splits,
+                    data.folder,
+                    scratch / "resume",
+                    scratch / "tensorboard",
+                    callbacks=[timer],
+                )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return timing(timer, p.batch_size)
@@ -332,8 +347,13 @@ def measure(name: str, params, data: Data, variants: list[Variant], ctx: Context
             rounds[v.label].append(runners[v.label](steps, timed))
     best = {label: Timing(max(t.steady for t in ts), min(t.epoch_overhead_s for t in ts)) for label, ts in rounds.items()}
     return {
-        "steps_per_epoch": steps, "timed_epochs": timed, "samples_per_epoch": steps * p.batch_size, "batch_size": p.batch_size,
-        "full_epoch_samples": len(data.splits["train"].y), "rounds": rounds, "best": best,
+        "steps_per_epoch": steps,
+        "timed_epochs": timed,
+        "samples_per_epoch": steps * p.batch_size,
+        "batch_size": p.batch_size,
+        "full_epoch_samples": len(data.splits["train"].y),
+        "rounds": rounds,
+        "best": best,
     }
 
 
@@ -347,7 +367,9 @@ def variants_for(name: str, params, quick: bool) -> list[Variant]:
         Variant("train_model", "train_model"),
     ]
     if name in SEARCH_MODELS and not quick:
-        vs += [Variant(f"project spe={s}", "project", spe=s) for s in SEARCH_SPE if s not in (spe, params.train.steps_per_execution)]
+        vs += [
+            Variant(f"project spe={s}", "project", spe=s) for s in SEARCH_SPE if s not in (spe, params.train.steps_per_execution)
+        ]
         vs += [
             Variant("project no NaNGuard", "project", nan_guard=False),
             Variant("project no determinism", "project", deterministic=False),
@@ -384,12 +406,22 @@ def thread_settings(name: str, spe: int, result: dict, data: Data) -> dict[str, 
     out = {}
     for intra, inter in THREADS:
         job = {
-            "model": name, "spe": spe, "intra": intra, "inter": inter, "data": str(data.folder),
-            "steps": result["steps_per_epoch"], "timed": result["timed_epochs"], "rounds": 2,
+            "model": name,
+            "spe": spe,
+            "intra": intra,
+            "inter": inter,
+            "data": str(data.folder),
+            "steps": result["steps_per_epoch"],
+            "timed": result["timed_epochs"],
+            "rounds": 2,
         }
         done = subprocess.run(
             [PYTHON, "-m", "benchmarks.throughput", "--child", json.dumps(job)],
-            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300,
+            cwd=REPO,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         key = f"intra={intra or 'default'} inter={inter or 'default'}"
         try:
@@ -411,7 +443,9 @@ def model_rows(name: str, params, result: dict, quick: bool) -> list[Row]:
     steady = {label: t.steady for label, t in best.items()}
     spe = CANDIDATE_SPE[quick]
     top = max((label for label in full if label.startswith("project")), key=full.get)
-    per_round = [a.full_epoch(n, bs) / b.full_epoch(n, bs) for a, b in zip(result["rounds"]["project"], result["rounds"]["plain"])]
+    per_round = [
+        a.full_epoch(n, bs) / b.full_epoch(n, bs) for a, b in zip(result["rounds"]["project"], result["rounds"]["plain"])
+    ]
     size = f"{result['samples_per_epoch']:,} samples x {result['timed_epochs']} timed epoch(s), bs {bs}, best of {len(per_round)}"
     epoch = f"a {n:,}-image epoch"
 
@@ -419,30 +453,70 @@ def model_rows(name: str, params, result: dict, quick: bool) -> list[Row]:
         return f"steady {steady[a] / steady[b]:.2f}; {steady[a]:,.0f} samples/s, epoch overhead {best[a].epoch_overhead_s:+.2f} s"
 
     rows = [
-        Row("throughput", f"{name}: project loop", steady["project"], "samples/s",
-            f"steady; epoch overhead {best['project'].epoch_overhead_s:+.2f} s; spe={params.train.steps_per_execution}; {size}"),
-        Row("throughput", f"{name}: plain Keras fit", steady["plain"], "samples/s",
-            f"steady; epoch overhead {best['plain'].epoch_overhead_s:+.2f} s (a new tf.data iterator each epoch)"),
-        Row("throughput", f"{name}: project / plain", full["project"] / full["plain"], "ratio",
-            f"over {epoch}; steady {steady['project'] / steady['plain']:.2f}; rounds " + ", ".join(f"{r:.2f}" for r in per_round)
-            + f"; best project setting: {top} ({full[top] / full['plain']:.2f})"),
-        Row("throughput", f"{name}: project spe={spe} / plain", full[f"project spe={spe}"] / full["plain"], "ratio",
-            f"over {epoch}; " + ratio_note(f"project spe={spe}", "plain")),
-        Row("throughput", f"{name}: train_model / plain", full["train_model"] / full["plain"], "ratio",
-            f"over {epoch}; " + ratio_note("train_model", "plain") + " (validation, TensorBoard, checkpoint)"),
+        Row(
+            "throughput",
+            f"{name}: project loop",
+            steady["project"],
+            "samples/s",
+            f"steady; epoch overhead {best['project'].epoch_overhead_s:+.2f} s; spe={params.train.steps_per_execution}; {size}",
+        ),
+        Row(
+            "throughput",
+            f"{name}: plain Keras fit",
+            steady["plain"],
+            "samples/s",
+            f"steady; epoch overhead {best['plain'].epoch_overhead_s:+.2f} s (a new tf.data iterator each epoch)",
+        ),
+        Row(
+            "throughput",
+            f"{name}: project / plain",
+            full["project"] / full["plain"],
+            "ratio",
+            f"over {epoch}; steady {steady['project'] / steady['plain']:.2f}; rounds "
+            + ", ".join(f"{r:.2f}" for r in per_round)
+            + f"; best project setting: {top} ({full[top] / full['plain']:.2f})",
+        ),
+        Row(
+            "throughput",
+            f"{name}: project spe={spe} / plain",
+            full[f"project spe={spe}"] / full["plain"],
+            "ratio",
+            f"over {epoch}; " + ratio_note(f"project spe={spe}", "plain"),
+        ),
+        Row(
+            "throughput",
+            f"{name}: train_model / plain",
+            full["train_model"] / full["plain"],
+            "ratio",
+            f"over {epoch}; " + ratio_note("train_model", "plain") + " (validation, TensorBoard, checkpoint)",
+        ),
     ]
     for label in best:
         if label not in ("project", "plain", "train_model", f"project spe={spe}"):
             base = "plain" if label.startswith("plain") else "project"
-            rows.append(Row("throughput", f"{name}: {label} / {base}", full[label] / full[base], "ratio",
-                            f"over {epoch}, settings search; " + ratio_note(label, base)))
+            rows.append(
+                Row(
+                    "throughput",
+                    f"{name}: {label} / {base}",
+                    full[label] / full[base],
+                    "ratio",
+                    f"over {epoch}, settings search; " + ratio_note(label, base),
+                )
+            )
     threads = result.get("threads", {})
     if len(threads) > 1:
         default, *others = threads
         for key in others:
-            rows.append(Row("throughput", f"{name}: threads {key} / default", threads[key].full_epoch(n, bs) / threads[default].full_epoch(n, bs),
-                            "ratio", f"over {epoch}; project spe={spe}, separate processes one after the other; "
-                            f"steady {threads[key].steady:,.0f} vs {threads[default].steady:,.0f} samples/s"))
+            rows.append(
+                Row(
+                    "throughput",
+                    f"{name}: threads {key} / default",
+                    threads[key].full_epoch(n, bs) / threads[default].full_epoch(n, bs),
+                    "ratio",
+                    f"over {epoch}; project spe={spe}, separate processes one after the other; "
+                    f"steady {threads[key].steady:,.0f} vs {threads[default].steady:,.0f} samples/s",
+                )
+            )
     result["best_project_variant"] = top
     return rows
 
@@ -476,12 +550,17 @@ def run(ctx: Context) -> list[Row]:
         result["seconds"] = round(time.perf_counter() - started, 1)
         results[name] = result
         b = result["best"]
-        print(f"[throughput] {name}: steady project {b['project'].steady:,.0f}/s, plain {b['plain'].steady:,.0f}/s; "
-              f"best project setting {result['best_project_variant']} ({result['seconds']} s)", file=sys.stderr, flush=True)
+        print(
+            f"[throughput] {name}: steady project {b['project'].steady:,.0f}/s, plain {b['plain'].steady:,.0f}/s; "
+            f"best project setting {result['best_project_variant']} ({result['seconds']} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     set_determinism(False)
     ctx.shared["throughput"] = results
     ctx.details["throughput"] = {
-        "data": data.source, "params_steps_per_execution": params.train.steps_per_execution,
+        "data": data.source,
+        "params_steps_per_execution": params.train.steps_per_execution,
         "params_deterministic": params.train.deterministic,
         "models": {name: json.loads(json.dumps(r, default=asdict)) for name, r in results.items()},
     }

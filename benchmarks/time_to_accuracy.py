@@ -81,7 +81,14 @@ def run(ctx: Context) -> list[Row]:
         else:
             note = f"epoch {epoch} of {len(history)}; all epochs {total:.0f} s"
         rows.append(Row("time_to_accuracy", subject, seconds, "s", "; ".join([note, *extra])))
-        details[name] = {"gate": gate, "seconds": seconds, "epoch": epoch, "epochs": len(history),
-                         "total_seconds": total, "best_val_accuracy": best["val_accuracy"], "notes": extra}
+        details[name] = {
+            "gate": gate,
+            "seconds": seconds,
+            "epoch": epoch,
+            "epochs": len(history),
+            "total_seconds": total,
+            "best_val_accuracy": best["val_accuracy"],
+            "notes": extra,
+        }
     ctx.details["time_to_accuracy"] = details
     return rows

@@ -27,9 +27,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import yaml
@@ -76,7 +77,6 @@ def resize_disk(folder: Path, size_kb: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size_kb}k", str(folder)], check=True)
 
 
-
 def flip_a_bit(path: Path, offset: int) -> None:
     """Damage `path` in place as a failing disk would: one bit, with its size, mode and times kept."""
     st = path.stat()
@@ -120,10 +120,7 @@ def write_raw(folder: Path, train_x, train_y, test_x, test_y) -> Path:
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
     """Every path under `folder` (relative) with its size and mtime in ns: a snapshot to compare."""
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-    }
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -204,7 +201,6 @@ def load_stage(name: str) -> ModuleType:
     return module
 
 
-
 def synthetic_split(rng: np.random.Generator, n: int, templates: np.ndarray) -> Split:
     """`n` non-blank uint8 images with labels 0..9 (every digit present): noise plus a faint class template."""
     y = (np.arange(n) % 10).astype(np.uint8)
@@ -260,15 +256,26 @@ def train_tiny(name: str, splits: dict[str, Split], out: Path, seed: int = 1) ->
     model = loop.compile_model(name, p, steps)
     start = time.perf_counter()
     history = model.fit(
-        tr.x.astype(np.float32), tr.y.astype(np.int32), batch_size=p.batch_size, epochs=p.epochs,
-        validation_data=(val.x.astype(np.float32), val.y.astype(np.int32)), verbose=0, shuffle=True,
+        tr.x.astype(np.float32),
+        tr.y.astype(np.int32),
+        batch_size=p.batch_size,
+        epochs=p.epochs,
+        validation_data=(val.x.astype(np.float32), val.y.astype(np.int32)),
+        verbose=0,
+        shuffle=True,
         callbacks=[LiveMetrics(tiny_live(out), {})],
     )
     seconds = time.perf_counter() - start
     hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     hist["seconds"] = [seconds / p.epochs] * p.epochs
     loop.save_trained(
-        loop.TrainResult(model, hist, 0, seconds), name, p, params.seed, out, out.parent / f".resume-{name}", out.parent / f"tensorboard-{name}"
+        loop.TrainResult(model, hist, 0, seconds),
+        name,
+        p,
+        params.seed,
+        out,
+        out.parent / f".resume-{name}",
+        out.parent / f"tensorboard-{name}",
     )
     return out
 

@@ -16,10 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 from unittest import mock
 
 import httpx
@@ -65,14 +65,20 @@ def postgres() -> Iterator[str]:
     try:
         run([*as_postgres, str(pg / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust", "-E", "UTF8"], folder, env)
         options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-        run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o", options, "start"], folder, env)
+        run(
+            [*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o", options, "start"],
+            folder,
+            env,
+        )
         psql = [str(pg / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-v", "ON_ERROR_STOP=1"]
         run([*psql, "-d", "postgres", "-c", "CREATE DATABASE prefect"], folder, env)
         run([*psql, "-d", "prefect", "-c", "CREATE EXTENSION IF NOT EXISTS pg_trgm"], folder, env)
         yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
     finally:
         if (data / "postmaster.pid").exists():
-            subprocess.run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], env=env, capture_output=True)
+            subprocess.run(
+                [*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], env=env, capture_output=True
+            )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -143,7 +149,9 @@ class Loopback:
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", name], cwd=source, check=True)
         origin = root / "origin.git"
         subprocess.run(["git", "clone", "-q", "--bare", str(source), str(origin)], check=True)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True
+        ).stdout.strip()
         remote = root / "remote"
         remote.mkdir()
         coordinator = clone(origin, root / "coordinator")
@@ -158,7 +166,10 @@ class Loopback:
             self.stack.callback(log.close)
             self.workers[name] = subprocess.Popen(
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", name],
-                cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env=self.env(PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_HOME=str(self.root / "prefect-home")),
             )
             self.stack.callback(stop_tree, self.workers[name])

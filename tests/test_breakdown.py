@@ -27,7 +27,9 @@ def test_the_small_runs_wall_time_is_split_without_a_gap_or_an_overlap(small_run
         run_id, flows = read_run(con, small_run.run_id)
     assert run_id == small_run.run_id
     assert len(flows) == 3 + 3 * len(small_run.models()) + 1
-    assert all(flow["start_up"] and flow["start_up"][1] == "cold" for flow in flows), [f["name"] for f in flows if not f["start_up"]]
+    assert all(flow["start_up"] and flow["start_up"][1] == "cold" for flow in flows), [
+        f["name"] for f in flows if not f["start_up"]
+    ]
     table, wall = breakdown(flows)
     assert sum(totals(table).values()) == pytest.approx(wall, abs=1e-3)
     assert totals(table)["between flows"] == 0

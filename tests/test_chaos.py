@@ -21,9 +21,26 @@ def test_short_chaos_recovers_every_case_with_nothing_left_over(tmp_path: Path) 
     seed = random.randrange(1_000_000)
     out = tmp_path / "chaos.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.chaos", "--kills", "1", "--models", "logreg", "--seed", str(seed), "--out", str(out),
-         "--cases", ",".join(SHORT)],
-        cwd=REPO, env=project_env(), capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.chaos",
+            "--kills",
+            "1",
+            "--models",
+            "logreg",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            "--cases",
+            ",".join(SHORT),
+        ],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     report = done.stdout[-4000:] + done.stderr[-2000:]
     assert done.returncode == 0, f"seed {seed}:\n{report}"
@@ -40,7 +57,10 @@ def test_the_machine_line_names_the_cpu_and_its_vector_extensions() -> None:
 
     base = {"cpu_model": "AMD EPYC", "cores": 2}
     assert describe({**base, "simd": ["avx2", "fma"]}) == "AMD EPYC, avx2, fma, no AVX-512, no AMX, 2 cores"
-    assert describe({**base, "simd": ["avx2", "avx512_bf16", "avx512f", "fma"]}) == "AMD EPYC, avx2, avx512_bf16, avx512f, fma, no AMX, 2 cores"
+    assert (
+        describe({**base, "simd": ["avx2", "avx512_bf16", "avx512f", "fma"]})
+        == "AMD EPYC, avx2, avx512_bf16, avx512f, fma, no AMX, 2 cores"
+    )
     assert describe({**base, "simd": []}) == "AMD EPYC, no AVX2 or AVX-512, no AMX, 2 cores"
     xeon = {"cpu_model": "Intel(R) Xeon(R)", "cpu_family": "6", "cpu_model_number": "143", "cores": 16}
     assert describe({**xeon, "simd": ["amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"]}) == (

@@ -35,8 +35,11 @@ def exported(tmp_path_factory):
     other = root / "other"
     export.save_servable(model, other)
     return {
-        "saved_model": saved_model, "loaded": tf.saved_model.load(str(saved_model)),
-        "other": other, "loaded_other": tf.saved_model.load(str(other)), "test": splits["test"],
+        "saved_model": saved_model,
+        "loaded": tf.saved_model.load(str(saved_model)),
+        "other": other,
+        "loaded_other": tf.saved_model.load(str(other)),
+        "test": splits["test"],
     }
 
 
@@ -203,7 +206,10 @@ def test_predict_in_a_subprocess_prints_then_stops_at_a_missing_file(exported, t
     missing = tmp_path / "nothing.png"
     done = subprocess.run(
         [str(PYTHON), "-m", "pipeline.cli", "predict", str(png), str(missing), "--saved-model", str(exported["saved_model"])],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     digit, p = expected_line(exported["loaded"], image)
     assert done.stdout == f"{png}: {digit} (probability {p:.4f})\n", done.stderr[-3000:]
@@ -240,7 +246,7 @@ def test_predict_reports_a_bad_file_in_one_line(exported, capsys, tmp_path, case
 
 def test_predict_names_the_file_whose_images_are_not_28x28(exported, capsys, tmp_path):
     path, _ = bad_inputs(tmp_path)["20x20 IDX"]
-    code, out, err = predict(capsys, str(path), "--saved-model", str(exported["saved_model"]))
+    code, _, err = predict(capsys, str(path), "--saved-model", str(exported["saved_model"]))
     assert code == 1 and path.name in err
 
 
@@ -264,8 +270,10 @@ def test_predict_refuses_a_png_of_more_pixels_than_it_decodes_from_its_header(ex
     assert big.stat().st_size < PNG_CAP_BYTES  # zeros compress: the pixel count alone is over
     code, out, err = predict(capsys, str(big), "--saved-model", str(exported["saved_model"]))
     assert code == 1 and out == "", out
-    assert err == (f"error: {big} is a PNG of 6000x6000 pixels; `mnist predict` decodes up to {PNG_CAP_PIXELS:,} pixels: "
-                   "scale the image down (the model sees 28x28 pixels).\n"), err
+    assert err == (
+        f"error: {big} is a PNG of 6000x6000 pixels; `mnist predict` decodes up to {PNG_CAP_PIXELS:,} pixels: "
+        "scale the image down (the model sees 28x28 pixels).\n"
+    ), err
 
 
 def test_predict_refuses_a_png_file_larger_than_it_reads(exported, capsys, tmp_path):
@@ -275,7 +283,10 @@ def test_predict_refuses_a_png_file_larger_than_it_reads(exported, capsys, tmp_p
         f.truncate(PNG_CAP_BYTES + 1)  # sparse: nothing is written to the disk
     code, out, err = predict(capsys, str(png), "--saved-model", str(exported["saved_model"]))
     assert code == 1 and out == "", out
-    assert f"error: {png} is a PNG of {PNG_CAP_BYTES + 1:,} bytes; `mnist predict` reads PNGs of up to {PNG_CAP_BYTES:,} bytes" in err, err
+    assert (
+        f"error: {png} is a PNG of {PNG_CAP_BYTES + 1:,} bytes; `mnist predict` reads PNGs of up to {PNG_CAP_BYTES:,} bytes"
+        in err
+    ), err
     assert "Traceback" not in err
 
 
@@ -390,8 +401,18 @@ def test_dashboards_beyond_loopback_keep_tensorboard_on_loopback(monkeypatch: py
     assert hosts == {"prefect": "0.0.0.0", "tensorboard": "127.0.0.1"}
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.5", True),
-                                            ("0.0.0.0", False), ("10.0.0.1", False), ("build-host", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("127.0.0.5", True),
+        ("0.0.0.0", False),
+        ("10.0.0.1", False),
+        ("build-host", False),
+    ],
+)
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert cli.servers.is_loopback(host) is loopback
 

@@ -19,9 +19,10 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from conftest import BIN, copy_project, dvc, edit_params, free_port, project_env
+from system import needs
 from test_faults import only_logreg
 from test_prefect import flow_runs
-from system import needs
+
 MARKER = ".mnist-compare"  # what mnist compare writes into a logdir it lays out (pipeline/compare.py)
 
 RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
@@ -55,14 +56,22 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Sweep:
     for name, rate in RATES.items():
         dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"models.logreg.learning_rate={rate}")
     # the workers keep the output pipes of `dvc queue start` open until the queue is empty: no pipes, no wait
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=project, env={**project_env(), "PYTHONPATH": str(project)},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"],
+        cwd=project,
+        env={**project_env(), "PYTHONPATH": str(project)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
     live: dict[str, int] = {}
     try:
         wait_for_queue(project, timeout_s=900, live=live)
     finally:
         dvc(project, "queue", "stop", "--kill", check=False)
-    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+    baseline = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.strip()
     return Sweep(project, baseline, live)
 
 
@@ -100,8 +109,14 @@ def wait_for_queue(project: Path, timeout_s: float, live: dict[str, int]) -> Non
 
 
 def compare(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mnist"), "compare", *args], cwd=project, env={**project_env(), "PYTHONPATH": str(project)},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "mnist"), "compare", *args],
+        cwd=project,
+        env={**project_env(), "PYTHONPATH": str(project)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def hparams(run: Path, tag: str) -> plugin_data_pb2.HParamsPluginData:
@@ -168,7 +183,14 @@ def test_compare_lays_out_each_experiments_runs_and_one_trial_per_experiment_and
     assert sorted(v.string_value for v in experiment.domain_discrete.values) == sorted(RATES)
     accuracies = {}
     for name, rate in RATES.items():
-        for stage in ("fetch/mnist", "preprocess/mnist", "train/logreg/train", "train/logreg/validation", "evaluate/logreg", "export/logreg"):
+        for stage in (
+            "fetch/mnist",
+            "preprocess/mnist",
+            "train/logreg/train",
+            "train/logreg/validation",
+            "evaluate/logreg",
+            "export/logreg",
+        ):
             assert list((logdir / name / stage).glob("events.out.tfevents.*")), (name, stage)
         train = EventAccumulator(str(logdir / name / "train" / "logreg" / "validation"))
         train.Reload()
@@ -182,11 +204,20 @@ def test_compare_lays_out_each_experiments_runs_and_one_trial_per_experiment_and
         (event,) = trial.Tensors("test/accuracy")
         accuracies[name] = float(tensor_util.make_ndarray(event.tensor_proto))
         shown = json.loads(dvc(sweep.project, "exp", "show", "--json").stdout)
-        metrics = next(exp["data"]["metrics"] for row in shown for exp in (row.get("experiments") or [])
-                       for exp in exp["revs"] if exp["name"] == name)
-        assert accuracies[name] == pytest.approx(metrics["data/evaluate/logreg/metrics.json"]["data"]["logreg"]["accuracy"], abs=1e-6)
+        metrics = next(
+            exp["data"]["metrics"]
+            for row in shown
+            for exp in (row.get("experiments") or [])
+            for exp in exp["revs"]
+            if exp["name"] == name
+        )
+        assert accuracies[name] == pytest.approx(
+            metrics["data/evaluate/logreg/metrics.json"]["data"]["logreg"]["accuracy"], abs=1e-6
+        )
     # the workspace was never switched to an experiment
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=sweep.project, capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=sweep.project, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert head == sweep.baseline
 
 
@@ -208,7 +239,9 @@ def committed_run(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) ->
     project = copy_project(tmp_path_factory.mktemp("committed"))
     edit_params(project, only_logreg)
     dvc(project, "repro")
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the small run"], cwd=project, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the small run"], cwd=project, check=True
+    )
     return project
 
 
@@ -220,8 +253,12 @@ def test_compare_refuses_a_logdir_it_did_not_lay_out_and_deletes_nothing(committ
     (folder / "notes.txt").write_text("mine")
     before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
     done = compare(committed_run, "HEAD", "--no-serve", "--logdir", logdir)
-    assert done.returncode != 0, f"exit {done.returncode}; {folder} now holds {sorted(p.name for p in folder.iterdir()) if folder.exists() else 'nothing'}"
-    assert f"{logdir} already exists and `mnist compare` did not lay it out (it has no {MARKER} file)" in done.stderr, done.stderr[-2000:]
+    assert done.returncode != 0, (
+        f"exit {done.returncode}; {folder} now holds {sorted(p.name for p in folder.iterdir()) if folder.exists() else 'nothing'}"
+    )
+    assert f"{logdir} already exists and `mnist compare` did not lay it out (it has no {MARKER} file)" in done.stderr, (
+        done.stderr[-2000:]
+    )
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
     assert (folder / "notes.txt").read_text() == "mine"
@@ -247,8 +284,13 @@ def test_compare_serves_both_experiments_to_a_browser(sweep: Sweep) -> None:
     port = free_port()
     log = sweep.project.parent / "compare.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([str(BIN / "mnist"), "compare", "--port", str(port)], cwd=sweep.project,
-                                  env={**project_env(), "PYTHONPATH": str(sweep.project)}, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [str(BIN / "mnist"), "compare", "--port", str(port)],
+            cwd=sweep.project,
+            env={**project_env(), "PYTHONPATH": str(sweep.project)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while "Ctrl-C stops it" not in log.read_text():

@@ -192,7 +192,7 @@ def test_a_full_tmpfs_gives_disk_full_with_more_than_was_written_and_keeps_nothi
         source = tmp_path / "tree"
         (source / "sub").mkdir(parents=True)
         (source / "sub" / "a.bin").write_bytes(os.urandom(200_000))
-        with pytest.raises(DiskFull, match="needs at least 0.20 MB"):  # copytree only says ENOSPC in its message
+        with pytest.raises(DiskFull, match=r"needs at least 0.20 MB"):  # copytree only says ENOSPC in its message
             with atomic_path(disk / "copy", needed=200_000) as tmp:
                 shutil.copytree(source, tmp)
         assert list(disk.iterdir()) == []

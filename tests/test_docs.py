@@ -38,8 +38,28 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted(p for p in [REPO / "README.md", REPO / "CHANGELOG.md", *(REPO / "docs").glob("*.md")] if p.is_file())
 UNCHECKED_TOP = {"data", ".dvc"}  # outputs and DVC state: named by their shape, absent in a fresh clone
-FILE_SUFFIXES = {"py", "json", "md", "yaml", "yml", "lock", "png", "csv", "tsv", "keras", "npz", "pb", "txt",
-                 "sh", "in", "toml", "log", "gz", "html", "cfg"}
+FILE_SUFFIXES = {
+    "py",
+    "json",
+    "md",
+    "yaml",
+    "yml",
+    "lock",
+    "png",
+    "csv",
+    "tsv",
+    "keras",
+    "npz",
+    "pb",
+    "txt",
+    "sh",
+    "in",
+    "toml",
+    "log",
+    "gz",
+    "html",
+    "cfg",
+}
 MODULE_ROOTS = ("pipeline", "benchmarks", "stages", "tests")
 
 FENCE = re.compile(r"^\s*(```|~~~)\s*([\w+-]*)")
@@ -54,13 +74,14 @@ PLACEHOLDER = re.compile(r"<[^<>/]+>")
 
 # --- the page: prose, headings and code --------------------------------------------------------
 
+
 @dataclass
 class Page:
-    name: str                      # as the messages show it, e.g. docs/install.md
-    folder: Path                   # what its relative links are relative to
-    prose: list[str] = field(default_factory=list)      # lines outside code blocks, inline code removed
+    name: str  # as the messages show it, e.g. docs/install.md
+    folder: Path  # what its relative links are relative to
+    prose: list[str] = field(default_factory=list)  # lines outside code blocks, inline code removed
     headings: list[str] = field(default_factory=list)
-    code: list[str] = field(default_factory=list)       # code-block lines and inline code spans
+    code: list[str] = field(default_factory=list)  # code-block lines and inline code spans
 
 
 def read_page(name: str, text: str, folder: Path) -> Page:
@@ -145,6 +166,7 @@ def commands(page: Page) -> list[list[str]]:
 
 # --- what exists -------------------------------------------------------------------------------
 
+
 @dataclass
 class Facts:
     repo: Path
@@ -181,8 +203,10 @@ def mnist_parser() -> argparse.ArgumentParser:
     def catch(self, *args, **kwargs):
         raise Built(self)
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_known_args", catch), \
-            mock.patch.object(argparse.ArgumentParser, "parse_args", catch):
+    with (
+        mock.patch.object(argparse.ArgumentParser, "parse_known_args", catch),
+        mock.patch.object(argparse.ArgumentParser, "parse_args", catch),
+    ):
         try:
             cli.main([])
         except Built as built:
@@ -206,6 +230,7 @@ def passes_options_on(parser: argparse.ArgumentParser) -> bool:
 
 
 # --- the checks: each returns its problems, one line each ----------------------------------------
+
 
 def check_links(page: Page, facts: Facts) -> list[str]:
     problems = []
@@ -238,7 +263,7 @@ def check_make(page: Page, facts: Facts) -> list[str]:
         i = invoked(tokens, "make")
         if i is None:
             continue
-        rest = [t for t in tokens[i + 1:] if not t.startswith("-") and "=" not in t]
+        rest = [t for t in tokens[i + 1 :] if not t.startswith("-") and "=" not in t]
         if rest and rest[0] not in facts.make_targets:
             problems.append(f"{page.name}: `make {rest[0]}`: the Makefile has no target {rest[0]!r}")
     return problems
@@ -252,7 +277,7 @@ def check_mnist(page: Page, facts: Facts) -> list[str]:
         i = invoked(tokens, "mnist")
         if i is None:
             continue
-        rest = tokens[i + 1:]
+        rest = tokens[i + 1 :]
         while rest and rest[0].startswith("-"):  # options before the subcommand: mnist --help
             if rest[0].split("=")[0] not in top_options:
                 problems.append(f"{page.name}: `mnist {rest[0]}`: no such option")
@@ -312,10 +337,12 @@ def check_paths(page: Page, facts: Facts) -> list[str]:
                     pattern = PLACEHOLDER.sub("*", word).rstrip("/")
                     if not glob.glob(str(facts.repo / pattern)):
                         problems.append(f"{page.name}: path {word}: no such file or folder")
-                elif re.fullmatch(r"(?:%s)(?:\.[A-Za-z_][A-Za-z0-9_]*)+" % "|".join(MODULE_ROOTS), word):
+                elif re.fullmatch(rf"(?:{'|'.join(MODULE_ROOTS)})(?:\.[A-Za-z_][A-Za-z0-9_]*)+", word):
                     parts = word.split(".")
-                    if not (facts.repo.joinpath(*parts[:2]).with_suffix(".py").is_file()
-                            or (facts.repo.joinpath(*parts[:2]) / "__init__.py").is_file()):
+                    if not (
+                        facts.repo.joinpath(*parts[:2]).with_suffix(".py").is_file()
+                        or (facts.repo.joinpath(*parts[:2]) / "__init__.py").is_file()
+                    ):
                         problems.append(f"{page.name}: module {word}: no such module")
     return problems
 
@@ -324,6 +351,7 @@ CHECKS = (check_links, check_make, check_mnist, check_params, check_paths)
 
 
 # --- the tests ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def facts() -> Facts:

@@ -27,9 +27,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -57,8 +57,12 @@ def run_dvc(project: Path, *args: str, env: dict[str, str] | None = None) -> sub
     """Run `dvc ARGS` in `project` under a deadline; fail, showing DVC's output, if it fails."""
     try:
         done = subprocess.run(
-            ["dvc", *args], cwd=project, env={**(env or project_env()), "PYTHONPATH": str(project)},  # the clone's own code
-            capture_output=True, text=True, timeout=DVC_TIMEOUT,
+            ["dvc", *args],
+            cwd=project,
+            env={**(env or project_env()), "PYTHONPATH": str(project)},  # the clone's own code
+            capture_output=True,
+            text=True,
+            timeout=DVC_TIMEOUT,
         )
     except subprocess.TimeoutExpired as exc:
         output = "".join(s if isinstance(s, str) else s.decode(errors="replace") for s in (exc.stdout, exc.stderr) if s)
@@ -116,7 +120,10 @@ def uncommitted_files(project: Path) -> list[str]:
     """The files a `git add -A && git commit` in `project` would add or change (deleted ones left out)."""
     status = subprocess.run(
         ["git", "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames"],
-        cwd=project, capture_output=True, text=True, check=True,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     paths = [entry[3:] for entry in status.split("\0") if entry]
     return [path for path in paths if (project / path).is_file()]
@@ -210,9 +217,7 @@ def test_local_remote_pull_brings_every_tensorboard_run(local_clone: Path) -> No
     assert folders, "dvc.yaml declares no output under data/tensorboard/"
     missing = [f"{out.stage}: {out.path}" for out in folders if not (local_clone / out.path).is_dir()]
     assert not missing, "TensorBoard outputs missing after dvc pull:\n" + "\n".join(missing)
-    empty = [
-        f"{out.stage}: {out.path}" for out in folders if not any((local_clone / out.path).rglob("events.out.tfevents.*"))
-    ]
+    empty = [f"{out.stage}: {out.path}" for out in folders if not any((local_clone / out.path).rglob("events.out.tfevents.*"))]
     assert not empty, "TensorBoard outputs without an events file after dvc pull:\n" + "\n".join(empty)
 
 
@@ -220,7 +225,11 @@ def test_local_remote_pull_lets_mnist_predict_classify_a_png(local_clone: Path, 
     pngs = write_test_pngs(local_clone, tmp_path, count=3)
     done = subprocess.run(
         [str(MNIST), "predict", "--model", "cnn", *map(str, pngs)],
-        cwd=local_clone, env=project_env(), capture_output=True, text=True, timeout=300,
+        cwd=local_clone,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"mnist predict failed ({done.returncode}) in the clone:\n{tail(output)}"

@@ -142,10 +142,14 @@ def test_the_loss_is_what_model_evaluate_reports_weight_penalty_included(splits)
     import keras
 
     keras.utils.set_random_seed(3)
-    model = keras.Sequential([
-        keras.Input((28, 28)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
-        keras.layers.Dense(10, kernel_regularizer=keras.regularizers.L2(0.05)),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, kernel_regularizer=keras.regularizers.L2(0.05)),
+        ]
+    )
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     test = splits["test"]
     expected = model.evaluate(test.x.astype(np.float32), test.y.astype(np.int32), verbose=0, return_dict=True)["loss"]
@@ -167,10 +171,7 @@ def test_evaluate_model_keeps_timings_out_of_the_metrics(ev, logreg, splits):
 
 def test_gate_blesses_exactly_the_models_at_or_above_it(ev, logreg, splits):
     accuracy = ev.metrics["accuracy"]
-    results = {
-        gate: evaluate_model(logreg, splits["test"], gate=gate, batch_size=1000).metrics
-        for gate in (0.0, accuracy, 1.0)
-    }
+    results = {gate: evaluate_model(logreg, splits["test"], gate=gate, batch_size=1000).metrics for gate in (0.0, accuracy, 1.0)}
     assert results[0.0]["blessed"] is True
     assert results[accuracy]["blessed"] is True  # "at least the gate"
     assert results[1.0]["blessed"] is False  # the model is imperfect
@@ -252,7 +253,7 @@ def test_read_history_gives_every_epoch_of_dvclives_files_and_names_a_missing_fo
     assert history["epoch"].tolist() == [1.0, 2.0, 3.0]  # TINY["logreg"]: 3 epochs
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.dtype.names)
     assert np.all((history["val_accuracy"] > 0) & (history["val_accuracy"] <= 1))
-    with pytest.raises(DataError, match="no per-epoch metrics in .*plots/metrics: run the model's train stage"):
+    with pytest.raises(DataError, match=r"no per-epoch metrics in .*plots/metrics: run the model's train stage"):
         artifacts.read_history(tmp_path / "no-live")
 
 
@@ -346,7 +347,7 @@ def test_summaries_hold_one_pr_curve_per_digit(logreg_summaries, ev, splits):
 
 
 def test_cnn_summaries_show_filters_and_feature_maps(cnn, splits):
-    model, _, logdir = cnn
+    _, _, logdir = cnn
     acc = load_events(logdir)
     tags = set(acc.Tags()["tensors"])
     assert "filters/conv1" in tags
@@ -408,7 +409,9 @@ def test_evaluate_flow_writes_every_declared_output(splits, logreg_dir, tmp_path
     (tb / "stale.tfevents").write_text("an earlier run")  # a re-run replaces the TensorBoard run
     params = load_test_params()
     with prefect_settings():
-        evaluate_flow(params=params, model="logreg", model_dir=logreg_dir, live=tiny_live(logreg_dir), data=data, out=out, tensorboard=tb)
+        evaluate_flow(
+            params=params, model="logreg", model_dir=logreg_dir, live=tiny_live(logreg_dir), data=data, out=out, tensorboard=tb
+        )
     for name in ("metrics.json", "timings.json", "predictions.csv", "per_class.csv"):
         assert (out / name).is_file(), name
     for name in ("confusion.png", "curves.png"):

@@ -143,7 +143,10 @@ def test_saved_model_serves_raw_uint8_images_in_a_fresh_process(servable, projec
     np.save(tmp_path / "images.npy", images)
     done = subprocess.run(
         [str(PYTHON), "-c", textwrap.dedent(FRESH_LOAD), str(servable), str(tmp_path / "images.npy")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
@@ -191,12 +194,16 @@ def test_raw_signature_refuses_wrong_dtype_and_shape(loaded, project):
 def test_saved_model_cli_shows_a_uint8_batch_of_28x28_input(servable):
     done = subprocess.run(
         [str(VENV_BIN / "saved_model_cli"), "show", "--dir", str(servable), "--all"],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "signature_def['serving_default']" in out
-    inputs = out.split("signature_def['serving_default']")[1].split("The given SavedModel SignatureDef contains the following output(s):")[0]
+    inputs = out.split("signature_def['serving_default']")[1].split(
+        "The given SavedModel SignatureDef contains the following output(s):"
+    )[0]
     assert "inputs['images']" in inputs and "dtype: DT_UINT8" in inputs and "shape: (-1, 28, 28)" in inputs
     assert "outputs['class']" in out and "DT_INT64" in out
     assert "outputs['probabilities']" in out and "shape: (-1, 10)" in out
@@ -271,7 +278,10 @@ def test_saved_model_bytes_are_the_same_from_two_fresh_processes(project, tmp_pa
     procs = [
         subprocess.Popen(
             [str(PYTHON), "-c", textwrap.dedent(SAVE_SERVABLE), str(project["model_dir"]), str(folder)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for folder in folders
     ]
@@ -367,8 +377,13 @@ def test_exported_record_holds_name_size_digest_and_check(tmp_path):
     (folder / "variables" / "variables.index").write_bytes(b"y" * 23)
     record = export.exported_record(MODEL, folder, CHECK)
     assert record == {
-        "model": MODEL, "blessed": True, "saved_model": artifacts.SAVED_MODEL, "bytes": 123,
-        "sha256": artifacts.tree_digest(folder), "test_images": 200, "accuracy": 0.9,
+        "model": MODEL,
+        "blessed": True,
+        "saved_model": artifacts.SAVED_MODEL,
+        "bytes": 123,
+        "sha256": artifacts.tree_digest(folder),
+        "test_images": 200,
+        "accuracy": 0.9,
     }
     (folder / "saved_model.pb").write_bytes(b"z" * 100)  # the same size, other bytes
     changed = export.exported_record(MODEL, folder, CHECK)
@@ -433,7 +448,12 @@ def test_write_summaries_shows_size_and_latency_or_why_not(tmp_path):
     export.write_summaries(tmp_path / "blessed", record, export.latency_timings(CHECK), "the signature")
     acc = EventAccumulator(str(tmp_path / "blessed"), size_guidance={"tensors": 0})
     acc.Reload()
-    assert set(acc.Tags()["tensors"]) == {"export/signature", "export/size_bytes", "export/latency_ms_batch_1", "export/latency_ms_batch_256"}
+    assert set(acc.Tags()["tensors"]) == {
+        "export/signature",
+        "export/size_bytes",
+        "export/latency_ms_batch_1",
+        "export/latency_ms_batch_256",
+    }
     assert scalar(acc, "export/size_bytes") == 12345
     assert scalar(acc, "export/latency_ms_batch_1") == 1.5 and scalar(acc, "export/latency_ms_batch_256") == 9.0
 
@@ -603,8 +623,13 @@ def test_unblessed_model_is_recorded_and_not_exported(tmp_path):
     fake_saved_model(export.staging_folder(out))  # an earlier interrupted export
     with prefect_settings():
         export_flow(
-            params=load_test_params(), model=MODEL, model_dir=tmp_path / "no-model", evaluation=evaluation,
-            data=tmp_path / "no-data", out=out, tensorboard=tb,
+            params=load_test_params(),
+            model=MODEL,
+            model_dir=tmp_path / "no-model",
+            evaluation=evaluation,
+            data=tmp_path / "no-data",
+            out=out,
+            tensorboard=tb,
         )
     record = artifacts.read_export_record(out)
     assert record["model"] == MODEL and record["blessed"] is False
@@ -619,14 +644,28 @@ def test_sigkilled_export_leaves_no_saved_model_and_the_next_run_recovers(projec
     root = project["root"]
     out = root / "data" / "export" / MODEL
     cmd = [
-        str(PYTHON), str(REPO / "stages" / "export.py"), MODEL, "--model-dir", f"data/models/{MODEL}",
-        "--evaluation", f"data/evaluate/{MODEL}", "--data", "data/prepared", "--out", f"data/export/{MODEL}",
-        "--tensorboard", f"data/tensorboard/export/{MODEL}",
+        str(PYTHON),
+        str(REPO / "stages" / "export.py"),
+        MODEL,
+        "--model-dir",
+        f"data/models/{MODEL}",
+        "--evaluation",
+        f"data/evaluate/{MODEL}",
+        "--data",
+        "data/prepared",
+        "--out",
+        f"data/export/{MODEL}",
+        "--tensorboard",
+        f"data/tensorboard/export/{MODEL}",
     ]
     log = root / "export-stage.log"
     with prefect_settings() as api_url, open(log, "w") as log_file:  # a file, not a pipe: a full pipe stalls
         proc = subprocess.Popen(
-            cmd, cwd=root, env=stage_env(root, api_url), stdout=log_file, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=root,
+            env=stage_env(root, api_url),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the kill takes the fresh-process check too
         )
         staging = None
@@ -653,8 +692,12 @@ def test_sigkilled_export_leaves_no_saved_model_and_the_next_run_recovers(projec
         params = load_test_params()
         params = params.model_copy(update={"export": params.export.model_copy(update={"latency_repeats": 2})})
         export_flow(
-            params=params, model=MODEL, model_dir=root / "data" / "models" / MODEL,
-            evaluation=root / "data" / "evaluate" / MODEL, data=root / "data" / "prepared", out=out,
+            params=params,
+            model=MODEL,
+            model_dir=root / "data" / "models" / MODEL,
+            evaluation=root / "data" / "evaluate" / MODEL,
+            data=root / "data" / "prepared",
+            out=out,
             tensorboard=root / "data" / "tensorboard" / "export" / MODEL,
         )
     assert not staging.exists()
@@ -694,8 +737,13 @@ def test_export_run_again_in_place_leaves_only_its_own_outputs(project, tmp_path
     params = params.model_copy(update={"export": params.export.model_copy(update={"latency_repeats": 1})})
     with prefect_settings():
         export_flow(
-            params=params, model=MODEL, model_dir=root / "data" / "models" / MODEL, evaluation=evaluation,
-            data=root / "data" / "prepared", out=out, tensorboard=tmp_path / "tb",
+            params=params,
+            model=MODEL,
+            model_dir=root / "data" / "models" / MODEL,
+            evaluation=evaluation,
+            data=root / "data" / "prepared",
+            out=out,
+            tensorboard=tmp_path / "tb",
         )
     record = artifacts.read_export_record(out)
     assert record["blessed"] is blessed
@@ -743,8 +791,15 @@ def test_publishers_of_one_folder_take_turns(tmp_path):
         "while not Path(sys.argv[3]).exists(): time.sleep(0.001)\n"
         "print(serving.publish('m', Path(sys.argv[1]), Path(sys.argv[2]), keep=10).version)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(s), str(folder), str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for s in sources]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(s), str(folder), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in sources
+    ]
     go.touch()
     results = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]

@@ -13,9 +13,9 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -105,7 +105,9 @@ def test_stage_runs_inside_the_chains_carry_the_pipeline_run_tag(runs: Runs) -> 
     flows = runs.cluster.flow_runs()
     trains = [f for f in flows if f["name"] in {f"train-{m}" for m in MODELS}]
     assert len(trains) == len(MODELS), [f["name"] for f in flows]
-    coordinator_tags = {t for f in flows if f["name"] and not f["deployment_id"] for t in f["tags"] if t.startswith("pipeline-run:")}
+    coordinator_tags = {
+        t for f in flows if f["name"] and not f["deployment_id"] for t in f["tags"] if t.startswith("pipeline-run:")
+    }
     for train in trains:
         tags = [t for t in train["tags"] if t.startswith("pipeline-run:")]
         assert tags and set(tags) <= coordinator_tags, (train["name"], train["tags"])
@@ -165,11 +167,19 @@ def chain_running_on(cluster: Loopback, worker: str, timeout_s: float) -> str:
 def test_a_killed_worker_fails_its_chain_only_and_a_second_run_completes_it(cluster: Loopback) -> None:
     project = cluster.project("fault", two_models)
     pool = "fault"
-    run([str(BIN / "mnist"), "deploy", "--work-pool", pool, "--zombie-after", str(ZOMBIE_AFTER_S)], project.coordinator, cluster.env())
+    run(
+        [str(BIN / "mnist"), "deploy", "--work-pool", pool, "--zombie-after", str(ZOMBIE_AFTER_S)],
+        project.coordinator,
+        cluster.env(),
+    )
     cluster.start_workers(project, pool, ["fault-1", "fault-2"])
     coordinator = subprocess.Popen(
-        [str(BIN / "mnist"), "flow", "--work-pool", pool], cwd=project.coordinator, env=cluster.env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(BIN / "mnist"), "flow", "--work-pool", pool],
+        cwd=project.coordinator,
+        env=cluster.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     victim = chain_running_on(cluster, "fault-2", 600)
     stop_tree(cluster.workers["fault-2"], signal.SIGKILL, 0)  # the machine is gone: no clean-up, no last report
@@ -194,18 +204,26 @@ def test_a_chain_run_that_never_sent_a_heartbeat_is_marked_crashed(cluster: Loop
     pool, after_s = "silent", 10
     origin = tmp_path / "origin.git"  # deploying loads the chain flow from the repo
     subprocess.run(["git", "clone", "-q", "--bare", str(Path(__file__).parents[1]), str(origin)], check=True)
-    run([str(BIN / "mnist"), "deploy", "--work-pool", pool, "--repo", str(origin), "--zombie-after", str(after_s)],
-        tmp_path, cluster.env())
+    run(
+        [str(BIN / "mnist"), "deploy", "--work-pool", pool, "--repo", str(origin), "--zombie-after", str(after_s)],
+        tmp_path,
+        cluster.env(),
+    )
     api, headers = cluster.api, auth_header()
     deployment = httpx.get(f"{api}/deployments/name/model-chain/{pool}", headers=headers, timeout=30).json()
     parameters = {"model": "logreg", "repo": str(origin), "commit": "0" * 40, "remote": str(tmp_path), "run_id": "silent"}
-    created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters},
-                         headers=headers, timeout=30)
+    created = httpx.post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters}, headers=headers, timeout=30
+    )
     assert created.status_code == 201, created.text
     flow_run = created.json()
     for state in ("PENDING", "RUNNING"):
-        reply = httpx.post(f"{api}/flow_runs/{flow_run['id']}/set_state",
-                           json={"state": {"type": state}, "force": True}, headers=headers, timeout=30)
+        reply = httpx.post(
+            f"{api}/flow_runs/{flow_run['id']}/set_state",
+            json={"state": {"type": state}, "force": True},
+            headers=headers,
+            timeout=30,
+        )
         assert reply.json()["status"] == "ACCEPT", reply.text
     deadline = time.monotonic() + after_s + 120
     while time.monotonic() < deadline:

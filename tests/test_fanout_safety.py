@@ -14,8 +14,9 @@ from pipeline import fanout
 from pipeline.errors import PipelineError
 
 
-@pytest.mark.parametrize("url", ["https://user:tok3n@git.example/repo.git", "https://tok3n@git.example/repo.git",
-                                 "ssh://user:tok3n@host/srv/remote"])
+@pytest.mark.parametrize(
+    "url", ["https://user:tok3n@git.example/repo.git", "https://tok3n@git.example/repo.git", "ssh://user:tok3n@host/srv/remote"]
+)
 def test_a_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
     with pytest.raises(PipelineError) as refused:
         fanout.refuse_credentials(url, "DVC remote")

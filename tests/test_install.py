@@ -45,9 +45,10 @@ def locked_versions(*names: str) -> dict[str, str]:
 def installed_versions(python: Path) -> dict[str, str]:
     """{package: version} of every distribution in the venv of `python` but the project itself."""
     out = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m\n"
-         "for d in m.distributions(): print(d.metadata['Name'], d.version)"],
-        capture_output=True, text=True, check=True,
+        [str(python), "-c", "import importlib.metadata as m\nfor d in m.distributions(): print(d.metadata['Name'], d.version)"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     found = {canonicalize_name(n): v for n, v in (line.split() for line in out.splitlines())}
     found.pop("mnist-pipeline", None)
@@ -97,7 +98,11 @@ def test_make_setup_ignores_newer_releases(tmp_path: Path) -> None:
         env["PIP_EXTRA_INDEX_URL"] = url  # beside the user's index: pip sees both
         done = subprocess.run(
             ["make", "--no-print-directory", "setup", f"VENV={venv}", f"PYTHON={base_python()}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     installed = installed_versions(venv / "bin" / "python")
@@ -120,7 +125,10 @@ def test_make_setup_names_a_missing_python(tmp_path: Path, python: str, message:
         Path(python).chmod(0o755)
     done = subprocess.run(
         ["make", "--no-print-directory", "setup", f"VENV={tmp_path / 'venv'}", f"PYTHON={python}"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode != 0
     assert message in done.stderr
@@ -133,7 +141,9 @@ def test_missing_system_packages_end_the_run_in_one_line() -> None:
 
     assert set(system.packages()) == {"chromium", "openssh-server", "postgresql"}
     reasons = ["needs Debian's chromium (sudo make system-packages)"] * 3 + [
-        "needs Debian's openssh-server (sudo make system-packages)", "some other reason"]
+        "needs Debian's openssh-server (sudo make system-packages)",
+        "some other reason",
+    ]
     assert system.summary(reasons) == (
         "skipped for want of Debian packages: chromium (3 tests), openssh-server (1 test); "
         "install them with: sudo make system-packages"

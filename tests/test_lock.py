@@ -49,7 +49,11 @@ def test_the_locks_pin_what_pyproject_asks_for() -> None:
     """A version changed in pyproject.toml without `make lock` fails here."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     gpu = project["project"]["optional-dependencies"]["gpu"]
-    for lock, wanted in (("runtime", project["project"]["dependencies"]), ("test", project["dependency-groups"]["test"]), ("gpu", gpu)):
+    for lock, wanted in (
+        ("runtime", project["project"]["dependencies"]),
+        ("test", project["dependency-groups"]["test"]),
+        ("gpu", gpu),
+    ):
         found = entries(lock)
         for spec in map(Requirement, wanted):
             pinned = found.get(canonicalize_name(spec.name), ("missing",))[0]

@@ -4,6 +4,7 @@ has the architecture params.yaml describes (counted here independently), trains,
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import keras
 import numpy as np
@@ -31,7 +32,7 @@ def expected_parameters(name: str, block: dict) -> int:
         return dense_count(PIXELS, block["hidden_units"]) + dense_count(block["hidden_units"], 10)
     if name == "deep_mlp":
         sizes = [PIXELS, *block["hidden_units"], 10]
-        return sum(dense_count(a, b) for a, b in zip(sizes, sizes[1:]))
+        return sum(dense_count(a, b) for a, b in pairwise(sizes))
     if name == "cnn":
         k, side, channels, total = block["kernel_size"], 28, 1, 0
         for filters in block["filters"]:
@@ -47,7 +48,7 @@ def expected_parameters(name: str, block: dict) -> int:
             if b["pool_f"] is not None:
                 side = (side - b["pool_f"]) // b["pool_s"] + 1
         sizes = [side * side * channels, *block["fc_units"], 10]
-        return total + sum(dense_count(a, c) for a, c in zip(sizes, sizes[1:]))
+        return total + sum(dense_count(a, c) for a, c in pairwise(sizes))
     if name == "lenet":
         c1, c3 = block["c1_maps"], block["c3_maps"]
         links = int(connection_map(c1, c3, *block["c3_inputs"], block["connection_seed"]).sum())
@@ -56,15 +57,13 @@ def expected_parameters(name: str, block: dict) -> int:
         total += 5 * 5 * links + c3  # C3: 5x5 'valid' conv over the connected map pairs only, 14 -> 10
         total += 2 * c3  # S4: 10 -> 5
         sizes = [5 * 5 * c3, block["c5_units"], block["f6_units"], 10]
-        return total + sum(dense_count(a, c) for a, c in zip(sizes, sizes[1:]))
+        return total + sum(dense_count(a, c) for a, c in pairwise(sizes))
     raise AssertionError(f"no hand count for model '{name}': add one to tests/test_models.py")
 
 
 def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Every layer with a weight kernel (dense, conv, LeNet's sparse conv)."""
     return [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
-
-
 
 
 def pixels(batch: int, seed: int = 0) -> np.ndarray:
@@ -163,7 +162,11 @@ def test_one_training_step_changes_every_weight(name, params):
         assert not np.array_equal(a, b), f"{name}: weight {model.weights[i].path} did not change"
 
 
-INITIALIZERS = {"normal": keras.initializers.RandomNormal, "glorot": keras.initializers.GlorotUniform, "he": keras.initializers.HeNormal}
+INITIALIZERS = {
+    "normal": keras.initializers.RandomNormal,
+    "glorot": keras.initializers.GlorotUniform,
+    "he": keras.initializers.HeNormal,
+}
 
 
 @pytest.mark.parametrize("init", list(INITIALIZERS))
@@ -184,7 +187,12 @@ def test_init_chooses_the_keras_initializer(name, init):
     [
         ("normal", lambda w, fan_in, fan_out: abs(w.std() - 0.01) < 0.001),
         ("he", lambda w, fan_in, fan_out: abs(w.std() - math.sqrt(2 / fan_in)) < 0.1 * math.sqrt(2 / fan_in)),
-        ("glorot", lambda w, fan_in, fan_out: 0.95 * math.sqrt(6 / (fan_in + fan_out)) < abs(w).max() <= math.sqrt(6 / (fan_in + fan_out))),
+        (
+            "glorot",
+            lambda w, fan_in, fan_out: (
+                0.95 * math.sqrt(6 / (fan_in + fan_out)) < abs(w).max() <= math.sqrt(6 / (fan_in + fan_out))
+            ),
+        ),
     ],
 )
 def test_initial_weights_have_the_initializers_scale(init, check):
@@ -206,7 +214,9 @@ def test_l2_adds_a_regularization_loss_per_kernel(name):
     assert expected > 0
 
 
-@pytest.mark.parametrize(("name", "first_key", "second_key"), [("deep_mlp", "input_drop", "hidden_drop"), ("cnn", "conv_drop", "dense_drop")])
+@pytest.mark.parametrize(
+    ("name", "first_key", "second_key"), [("deep_mlp", "input_drop", "hidden_drop"), ("cnn", "conv_drop", "dense_drop")]
+)
 def test_dropout_layers_carry_the_drop_rates(name: str, first_key: str, second_key: str):
     block = raw_params()["models"][name]
     for first, second in ((block[first_key], block[second_key]), (0.15, 0.35)):

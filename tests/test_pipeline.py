@@ -10,7 +10,6 @@ import sys
 import yaml
 
 from conftest import SMALL_LIMIT, SMALL_VAL, SmallRun, dvc, edit_params
-
 from pipeline import artifacts
 
 
@@ -171,7 +170,9 @@ def test_forced_rerun_of_a_model_gives_the_same_hashes(small_run: SmallRun) -> N
 
     def outs() -> dict[str, str]:
         stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-        return {o["path"]: o["md5"] for name in ("train@logreg", "evaluate@logreg", "export@logreg") for o in stages[name]["outs"]}
+        return {
+            o["path"]: o["md5"] for name in ("train@logreg", "evaluate@logreg", "export@logreg") for o in stages[name]["outs"]
+        }
 
     record = project / "data" / "export" / "logreg" / "export.json"
     before, saved_before = outs(), json.loads(record.read_text())["sha256"]
@@ -182,12 +183,21 @@ def test_forced_rerun_of_a_model_gives_the_same_hashes(small_run: SmallRun) -> N
         dvc(project, "repro")  # the report and publish stages read the new timings: bring them up to date
     differs = sorted(path for path in before if before[path] != after[path])
     expected = {  # wall times and durations, as the README lists
-        "data/models/logreg/timings.json", "data/evaluate/logreg/timings.json", "data/export/logreg",
-        "data/tensorboard/train/logreg", "data/tensorboard/evaluate/logreg", "data/tensorboard/export/logreg",
+        "data/models/logreg/timings.json",
+        "data/evaluate/logreg/timings.json",
+        "data/export/logreg",
+        "data/tensorboard/train/logreg",
+        "data/tensorboard/evaluate/logreg",
+        "data/tensorboard/export/logreg",
     }
     assert set(differs) <= expected, differs
-    for path in ("data/models/logreg/model.keras", "data/models/logreg/meta.json", "data/evaluate/logreg/metrics.json",
-                 "data/evaluate/logreg/predictions.csv", "data/live/logreg/metrics.json",
-                 "data/live/logreg/plots/metrics"):
+    for path in (
+        "data/models/logreg/model.keras",
+        "data/models/logreg/meta.json",
+        "data/evaluate/logreg/metrics.json",
+        "data/evaluate/logreg/predictions.csv",
+        "data/live/logreg/metrics.json",
+        "data/live/logreg/plots/metrics",
+    ):
         assert before[path] == after[path], path
     assert saved_before == saved_after  # the SavedModel's files, bytes and names (the folder also holds timings.json)

@@ -29,8 +29,10 @@ DVC_OUTPUT = [
 
 
 def test_each_stage_gets_one_line_as_it_ends_with_its_position_outcome_and_time_left() -> None:
-    tracker, lines = make(["fetch", "preprocess", "train@cnn", "evaluate@cnn", "export@cnn"],
-                          previous={"train@cnn": 60.0, "evaluate@cnn": 4.0, "export@cnn": 6.0})
+    tracker, lines = make(
+        ["fetch", "preprocess", "train@cnn", "evaluate@cnn", "export@cnn"],
+        previous={"train@cnn": 60.0, "evaluate@cnn": 4.0, "export@cnn": 6.0},
+    )
     shown = [line for line in DVC_OUTPUT if tracker.feed(line)]
     tracker.close()
     assert lines == [
@@ -57,7 +59,9 @@ def test_the_planned_stages_follow_the_targets_and_their_dependencies() -> None:
     assert everything[:2] == ["fetch", "preprocess"] and everything[-1] == "publish" and len(everything) == len(set(everything))
     assert progress.planned_stages(REPO, ["train@cnn"], single_item=False) == ["fetch", "preprocess", "train@cnn"]
     assert progress.planned_stages(REPO, ["train@cnn"], single_item=True) == ["train@cnn"]
-    assert set(progress.planned_stages(REPO, ["evaluate"], single_item=True)) == {s for s in everything if s.startswith("evaluate@")}
+    assert set(progress.planned_stages(REPO, ["evaluate"], single_item=True)) == {
+        s for s in everything if s.startswith("evaluate@")
+    }
 
 
 def test_times_survive_a_run(tmp_path: Path) -> None:

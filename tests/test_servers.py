@@ -14,17 +14,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar
 
 import httpx
 import pytest
 
 from conftest import copy_project, edit_params, free_port, project_env
 from helpers import serve_handler
-from test_faults import only_logreg
-
 from pipeline import localserver, servers, stage  # stage imports TensorFlow: at collection, not under capture
+from test_faults import only_logreg
 
 
 @pytest.fixture
@@ -56,16 +56,16 @@ def test_a_server_the_project_starts_asks_for_a_random_auth_string(home: Path) -
 class Squatter(http.server.BaseHTTPRequestHandler):
     """Answers every request with 200 `true`, as a Prefect server's /health does, and notes its headers."""
 
-    seen: list[dict[str, str]] = []
+    seen: ClassVar[list[dict[str, str]]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         self.seen.append(dict(self.headers))
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(b"true")
 
-    do_POST = do_GET
+    do_POST = do_GET  # noqa: N815 - http.server's naming
 
     def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
         pass
@@ -125,8 +125,12 @@ def test_two_commands_starting_at_once_share_one_server_until_both_end(home: Pat
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home)}
     done = [tmp_path / "0-done", tmp_path / "1-done"]
-    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(d)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for d in done]
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(port), str(d)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for d in done
+    ]
     try:
         (pid0, started0), (pid1, started1) = serving(holders[0]), serving(holders[1])
         assert pid0 == pid1 and started0 != started1  # one server, started by one of them
@@ -152,8 +156,16 @@ def test_two_mnist_runs_in_two_workspaces_without_a_server_share_one(home: Path,
     for name in ("one", "two"):
         project = copy_project(tmp_path / name)
         edit_params(project, only_logreg)
-        runs.append(subprocess.Popen(["mnist", "run"], cwd=project, env={**env, "PYTHONPATH": str(project)},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        runs.append(
+            subprocess.Popen(
+                ["mnist", "run"],
+                cwd=project,
+                env={**env, "PYTHONPATH": str(project)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [run.communicate(timeout=900)[0] for run in runs]
     for run, output in zip(runs, outputs):
         assert run.returncode == 0, output[-4000:]

@@ -84,7 +84,7 @@ def stage_script(cmd: str) -> Path:
 
 def stage_arguments(cmd: str) -> list[str]:
     """The stage script's own arguments in a dvc.yaml command."""
-    return shlex.split(cmd)[len(LAUNCHER) + 1:]
+    return shlex.split(cmd)[len(LAUNCHER) + 1 :]
 
 
 def project_modules() -> list[Path]:
@@ -140,7 +140,9 @@ def test_the_gpu_check_runs_each_stage_with_the_options_dvc_yaml_gives_it() -> N
     given = {name.split("@")[0]: options(stage_arguments(cmd)) for name, (cmd, _) in dvc_stages().items()}
     assert set(used) == {"fetch", "preprocess", "train", "evaluate"}
     for stage, opts in used.items():
-        assert opts == given[stage], f"benchmarks/gpu_check.sh runs stages/{stage}.py with {sorted(opts)}, dvc.yaml with {sorted(given[stage])}"
+        assert opts == given[stage], (
+            f"benchmarks/gpu_check.sh runs stages/{stage}.py with {sorted(opts)}, dvc.yaml with {sorted(given[stage])}"
+        )
 
 
 def options(words: list[str]) -> set[str]:
@@ -148,7 +150,14 @@ def options(words: list[str]) -> set[str]:
 
 
 def test_the_cli_the_end_to_end_flow_and_the_benchmarks_are_in_no_stage() -> None:
-    outside = {"pipeline/cli.py", "pipeline/compare.py", "pipeline/dag.py", "pipeline/integrity.py", "pipeline/servers.py", "pipeline/tutorials.py"}
+    outside = {
+        "pipeline/cli.py",
+        "pipeline/compare.py",
+        "pipeline/dag.py",
+        "pipeline/integrity.py",
+        "pipeline/servers.py",
+        "pipeline/tutorials.py",
+    }
     for name, (cmd, _) in dvc_stages().items():
         assert not outside & set(rel(closure(stage_script(cmd)))), name
 
@@ -167,7 +176,7 @@ def find_cycle(graph: dict[Path, set[Path]]) -> list[Path] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -203,8 +212,10 @@ def test_imports_inside_functions_count(tmp_path: Path) -> None:
     source = tmp_path / "late.py"
     source.write_text("import os\n\n\ndef f():\n    from pipeline.models import lenet\n    from pipeline.mnist import FILES\n")
     assert imported_files(source) == {
-        REPO / "pipeline" / "__init__.py", REPO / "pipeline" / "models" / "__init__.py",
-        REPO / "pipeline" / "models" / "lenet.py", REPO / "pipeline" / "mnist.py",
+        REPO / "pipeline" / "__init__.py",
+        REPO / "pipeline" / "models" / "__init__.py",
+        REPO / "pipeline" / "models" / "lenet.py",
+        REPO / "pipeline" / "mnist.py",
     }
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from tensorflow.python.framework import config as tf_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorflow.python.framework import config as tf_config
 
 from helpers import (
     PYTHON,
@@ -43,8 +43,8 @@ from pipeline.artifacts import CHECKPOINT_STATE, LIVE_METRICS, LIVE_TENSORBOARD,
 from pipeline.errors import TrainingDiverged
 from pipeline.models import registry
 from pipeline.models.linear import LinearParams
-from pipeline.train.callbacks import dead_fraction
 from pipeline.train import loop, precision
+from pipeline.train.callbacks import dead_fraction
 from pipeline.train.loop import DEAD_RELU_PROBE, keras_seeds_from, train_model
 from pipeline.train.optimizers import make_optimizer
 
@@ -84,7 +84,14 @@ class Run:
     """One worker job (tests/helpers.py) and where it writes."""
 
     def __init__(
-        self, base: Path, tag: str, data: Path, resume: Path | None = None, tensorboard: Path | None = None, live: Path | None = None, **job
+        self,
+        base: Path,
+        tag: str,
+        data: Path,
+        resume: Path | None = None,
+        tensorboard: Path | None = None,
+        live: Path | None = None,
+        **job,
     ):
         self.folder = base / tag
         self.folder.mkdir(parents=True)
@@ -120,7 +127,7 @@ class Run:
     def start(self) -> subprocess.Popen:
         return start_worker(self.job, self.job_file)
 
-    def finish(self, proc: subprocess.Popen) -> "Run":
+    def finish(self, proc: subprocess.Popen) -> Run:
         self.rc, self.stderr = finish_worker(proc, self.job_file)
         return self
 
@@ -172,7 +179,11 @@ def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
     assert killed.rc == -signal.SIGKILL, killed.tail()
     base = tmp_path_factory.mktemp("again")
     runs = {}
-    for tag, overrides in (("resumed", dict(SMALL_CNN)), ("other_lr", {**SMALL_CNN, "learning_rate": 0.002}), ("damaged", dict(SMALL_CNN))):
+    for tag, overrides in (
+        ("resumed", dict(SMALL_CNN)),
+        ("other_lr", {**SMALL_CNN, "learning_rate": 0.002}),
+        ("damaged", dict(SMALL_CNN)),
+    ):
         resume, tensorboard, live = base / tag / "resume", base / tag / "tensorboard", base / tag / "live"
         shutil.copytree(killed.resume, resume)  # its checkpoint and the TensorBoard events of epoch 1
         shutil.copytree(killed.live, live)  # DVCLive's files of epoch 1, and a row of an epoch 2 killed after DVCLive wrote it:
@@ -183,7 +194,9 @@ def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
             model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
         # other_lr writes no final outputs, so its resume folder (deleted once they are written) can be inspected
         out = {"out": None} if tag == "other_lr" else {}
-        runs[tag] = Run(base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, live=live, overrides=overrides, **out)
+        runs[tag] = Run(
+            base, f"{tag}-run", data_dir, resume=resume, tensorboard=tensorboard, live=live, overrides=overrides, **out
+        )
     run_all(*runs.values())
     return runs
 
@@ -290,7 +303,13 @@ def test_nan_guard_raises_training_diverged_naming_model_epoch_and_learning_rate
     params = params_with("linear", **DIVERGING)
     with pytest.raises(TrainingDiverged) as err:
         train_model(
-            "linear", params.model("linear"), params.seed, params.train, splits, tmp_path / "data", tmp_path / "resume",
+            "linear",
+            params.model("linear"),
+            params.seed,
+            params.train,
+            splits,
+            tmp_path / "data",
+            tmp_path / "resume",
         )
     message = str(err.value)
     assert "model 'linear' diverged" in message
@@ -320,11 +339,25 @@ def diverging_stage(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     (project / "params.yaml").write_text(yaml.safe_dump(edited_raw("linear", **DIVERGING), sort_keys=False))
     result = subprocess.run(
         [
-            str(PYTHON), str(REPO / "stages" / "train.py"), "linear",
-            "--data", "data/prepared", "--out", "data/models/linear", "--live", "data/live/linear",
-            "--resume", "data/resume/linear", "--tensorboard", "data/tensorboard/train/linear",
+            str(PYTHON),
+            str(REPO / "stages" / "train.py"),
+            "linear",
+            "--data",
+            "data/prepared",
+            "--out",
+            "data/models/linear",
+            "--live",
+            "data/live/linear",
+            "--resume",
+            "data/resume/linear",
+            "--tensorboard",
+            "data/tensorboard/train/linear",
         ],
-        cwd=project, env=stage_env(tmp), capture_output=True, text=True, timeout=240,
+        cwd=project,
+        env=stage_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     return project, result
 
@@ -391,8 +424,14 @@ def test_the_initial_weights_do_not_depend_on_other_threads_drawing_from_random(
 
 @pytest.mark.parametrize(
     "setting, flags, expected",
-    [("auto", {"avx512_bf16", "avx2"}, "mixed_bfloat16"), ("auto", {"amx_bf16"}, "mixed_bfloat16"), ("auto", {"avx2", "avx512f"}, "float32"),
-     ("float32", {"avx512_bf16"}, "float32"), ("bf16", set(), "mixed_bfloat16"), ("fp16", set(), "mixed_float16")],
+    [
+        ("auto", {"avx512_bf16", "avx2"}, "mixed_bfloat16"),
+        ("auto", {"amx_bf16"}, "mixed_bfloat16"),
+        ("auto", {"avx2", "avx512f"}, "float32"),
+        ("float32", {"avx512_bf16"}, "float32"),
+        ("bf16", set(), "mixed_bfloat16"),
+        ("fp16", set(), "mixed_float16"),
+    ],
 )
 def test_training_policy_is_bf16_on_auto_only_with_bf16_instructions(monkeypatch, setting, flags, expected):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
@@ -482,7 +521,13 @@ def tb_run(tmp_path_factory):
     steps = -(-len(splits["train"].y) // overrides["batch_size"])
     try:
         result = train_model(
-            "cnn", params.model("cnn"), params.seed, params.train, splits, tmp / "data", tmp / "resume",
+            "cnn",
+            params.model("cnn"),
+            params.seed,
+            params.train,
+            splits,
+            tmp / "data",
+            tmp / "resume",
             callbacks=[KillConv2Units(steps - 1)],
         )
     finally:
@@ -588,8 +633,14 @@ def test_multiply():
 def test_fit_line_recovers_the_slope():
     x, y = tutorials.noisy_line()
     p = LinearParams(
-        optimizer="sgd", learning_rate=0.01, batch_size=1, epochs=20, lr_schedule="constant",
-        init="normal", l2=0.0, precision="float32",
+        optimizer="sgd",
+        learning_rate=0.01,
+        batch_size=1,
+        epochs=20,
+        lr_schedule="constant",
+        init="normal",
+        l2=0.0,
+        precision="float32",
     )
     w = tutorials.fit_line(x, y, p, seed=1337)
     least_squares = float(np.dot(x, y) / np.dot(x, x))

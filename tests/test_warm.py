@@ -11,9 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, SmallRun, project_env
 from pipeline.warm import SOCKET_ENV
 
-PROBE = '''
+PROBE = """
 import os, signal, sys, time
 from pathlib import Path
 out = Path(os.environ["PROBE_OUT"])
@@ -56,7 +56,7 @@ if __name__ == "__main__":  # the server imports it; only a run does this
         ctypes.CDLL(None).printf(b" from C")  # into the C library's buffer (stdout is a pipe), not yet written
         sys.exit(0)
     sys.exit(int(what))
-'''
+"""
 
 
 def wait_for(condition, what: str, timeout_s: float = 60) -> None:
@@ -94,8 +94,15 @@ def warm_server(root: Path, env: dict[str, str]) -> Iterator[str]:
 
 
 def launch(root: Path, env: dict[str, str], *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.warm", "stages/probe.py", *args], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.warm", "stages/probe.py", *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def test_without_a_server_the_launcher_runs_the_script_itself(root: Path, tmp_path: Path) -> None:
@@ -129,8 +136,14 @@ def test_a_module_runs_as_python_dash_m_would_run_it(root: Path, tmp_path: Path,
     env = env_for(tmp_path)
     with warm_server(root, env) as path:
         launch_env = {**env, SOCKET_ENV: path} if how == "warm" else env
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.warm", "-m", "probepkg.probe", "6", "--flag"], cwd=root,
-                                env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.warm", "-m", "probepkg.probe", "6", "--flag"],
+            cwd=root,
+            env=launch_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 6, err
     assert f"argv ['6', '--flag'] cwd {root}" in out, out
@@ -216,8 +229,13 @@ def test_the_server_refuses_what_it_could_run_wrong_and_the_stage_starts_cold(ro
 def test_the_server_ends_with_the_process_that_started_it(root: Path, tmp_path: Path) -> None:
     """As `mnist run` starts it (warm.server): killed outright, that command leaves no server behind."""
     starter = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline import warm\n"
-         "import os\nwith warm.server(Path(sys.argv[1]), dict(os.environ)):\n    time.sleep(300)", str(root)],
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipeline import warm\n"
+            "import os\nwith warm.server(Path(sys.argv[1]), dict(os.environ)):\n    time.sleep(300)",
+            str(root),
+        ],
         env=env_for(tmp_path),
     )
     wait_for(lambda: any(c.cmdline()[3:4] == ["--serve"] for c in psutil.Process(starter.pid).children()), "the server")
@@ -234,9 +252,23 @@ def test_a_warm_train_stage_writes_the_same_bytes_as_a_cold_one(small_run: Small
     env = project_env(PYTHONPATH=str(project))
 
     def train(into: Path, extra: dict[str, str]) -> Path:
-        cmd = [sys.executable, "-m", "pipeline.warm", "stages/train.py", "logreg", "--data", "data/prepared",
-               "--out", str(into / "model"), "--live", str(into / "live"), "--resume", str(into / "resume"),
-               "--tensorboard", str(into / "tb")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.warm",
+            "stages/train.py",
+            "logreg",
+            "--data",
+            "data/prepared",
+            "--out",
+            str(into / "model"),
+            "--live",
+            str(into / "live"),
+            "--resume",
+            str(into / "resume"),
+            "--tensorboard",
+            str(into / "tb"),
+        ]
         done = subprocess.run(cmd, cwd=project, env={**env, **extra}, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "cold" not in done.stderr, done.stderr[-3000:]
@@ -273,7 +305,8 @@ def test_a_bad_request_or_a_vanished_launcher_leaves_the_server_serving(root: Pa
 
 def test_a_server_with_a_second_thread_does_not_fork_and_the_stage_starts_cold(root: Path, tmp_path: Path) -> None:
     (root / "stages" / "probe.py").write_text(
-        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n" + PROBE)
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n" + PROBE
+    )
     env = env_for(tmp_path)
     with warm_server(root, env) as path:
         proc = launch(root, {**env, SOCKET_ENV: path}, "4")
