@@ -3,6 +3,7 @@ after a queued sweep (README, "Experiments"), its `dvc exp show`, TensorBoard ov
 
     python docs/screenshots.py              # needs Debian's chromium and Playwright (in requirements/test.lock)
     python docs/screenshots.py sweep EXP    # in the sweep's project, after `mnist compare --no-serve`; EXP: one experiment's name
+    python docs/screenshots.py plugins      # in a project after a run with cnn: each TensorBoard plugin, as `mnist dashboards` shows it
 
 TensorBoard is started here (over data/tensorboard, or data/compare for the sweep); the Prefect
 pages are taken from the server on 127.0.0.1:4200 (started here if none answers, on Prefect's
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from playwright.sync_api import sync_playwright
 
@@ -73,5 +75,53 @@ def sweep(experiment: str) -> None:
     print("wrote", ", ".join(f"docs/sweep-{name}.png" for name in ("exp-show", "tensorboard", "prefect")))
 
 
+MODEL = "cnn"  # whose runs the plugin pictures show: a conv net, with filters, feature maps and a graph of layers
+# TensorBoard's older dashboards (all but Time Series) select no run where more than 40 match, as in a full run's 43
+OF_MODEL = quote(f"^(train|evaluate)/{MODEL}(/train)?$", safe="")  # so this regex selects MODEL's
+PICTURES = {  # picture: (URL tail, a text its page shows once the data is in)
+    "tensorboard-accuracy.png": ("?runFilter=train/&tagFilter=^epoch_(accuracy|loss)$#timeseries", "epoch_accuracy"),
+    "tensorboard-images.png": (f"#images&regexInput={OF_MODEL}", "tag: confusion_matrix"),
+    "tensorboard-histograms.png": (f"#histograms&regexInput={OF_MODEL}&tagFilter=kernel", "Tags matching"),
+    "tensorboard-pr-curves.png": (f"#pr_curves&regexInput={OF_MODEL}", "pr_curve/digit_0"),
+    "tensorboard-graphs.png": ("#graphs", "Main Graph"),
+}
+
+
+def plugins() -> None:
+    """A picture of each TensorBoard plugin with data (docs/tensorboard-*.png), TensorBoard serving the project
+    in the working directory, after a run with `MODEL` in it, as `mnist dashboards` does (one --logdir of links)."""
+    with servers.tensorboard_server(Path("data/tensorboard"), port=6016, live=Path("data/resume")) as tb:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            for picture, (tail, shown) in PICTURES.items():
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.goto(f"{tb}/{tail}", wait_until="domcontentloaded")
+                page.get_by_text(shown).filter(visible=True).first.wait_for(timeout=60_000)
+                if picture == "tensorboard-accuracy.png":
+                    page.get_by_label("Close side pane").click()
+                if picture == "tensorboard-graphs.png":  # open the model's node: its layers
+                    page.locator("g.node").filter(has_text=MODEL).first.dblclick()
+                page.wait_for_timeout(5000)
+                page.screenshot(path=str(DOCS / picture))
+                page.close()
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{tb}/#projector", wait_until="domcontentloaded")
+            projector = page.frame_locator("iframe").frame_locator("iframe")  # plugin_entry.html, projector_binary.html
+            projector.get_by_text("Points:").first.wait_for(timeout=90_000)
+            runs = projector.locator("paper-dropdown-menu").filter(has_text="runs found").first
+            if runs.locator("input").input_value() != f"evaluate/{MODEL}":
+                runs.click()
+                projector.get_by_role("option", name=f"evaluate/{MODEL}").first.click()
+            page.wait_for_timeout(8000)
+            page.screenshot(path=str(DOCS / "tensorboard-projector.png"))
+            browser.close()
+    print("wrote", ", ".join(f"docs/{name}" for name in [*PICTURES, "tensorboard-projector.png"]))
+
+
 if __name__ == "__main__":
-    sweep(sys.argv[2]) if sys.argv[1:2] == ["sweep"] else main()
+    if sys.argv[1:2] == ["sweep"]:
+        sweep(sys.argv[2])
+    elif sys.argv[1:2] == ["plugins"]:
+        plugins()
+    else:
+        main()
