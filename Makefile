@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # resolves nothing, whatever newer releases the index holds (pip check then proves the set whole).
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --require-hashes --no-deps --no-build-isolation
 
-.PHONY: help setup setup-gpu lock run test test-pythons system-packages dashboards bench chaos
+.PHONY: help setup setup-gpu lock run lint test test-pythons system-packages dashboards bench chaos
 
 help:             ## this list
 	@grep -E '^[a-z-]+: .*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ lock:             ## requirements/*.lock, with hashes, from pyproject.toml and r
 
 run: setup        ## the whole pipeline: dvc repro, every stage reporting to a Prefect server
 	mnist run $(ARGS)
+
+lint: setup       ## ruff check, ruff format --check and mypy (strict on pipeline/ and stages/), as configured in pyproject.toml
+	ruff check
+	ruff format --check
+	mypy
 
 test: setup       ## the whole test suite; tests that need a missing Debian package skip, named at the end
 	python -m pytest $(ARGS)
