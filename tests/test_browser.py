@@ -65,15 +65,26 @@ def test_tensorboard_shows_every_model_and_the_hparams_table(small_run: SmallRun
 
 # --- every TensorBoard plugin the pipeline writes for, in `mnist dashboards` and `mnist compare` ------------
 
-PLUGINS = ("timeseries", "scalars", "images", "histograms", "distributions", "graphs", "text", "pr_curves", "hparams",
-           "projector")
+PLUGINS = (
+    "timeseries",
+    "scalars",
+    "images",
+    "histograms",
+    "distributions",
+    "graphs",
+    "text",
+    "pr_curves",
+    "hparams",
+    "projector",
+)
 
 
 def serve(command: list[str], cwd: Path, log: Path, ready: str, env: dict | None = None) -> subprocess.Popen:
     """Start `command` in `cwd` (the project copy's `pipeline`), its output in `log`; return once it printed `ready`."""
     with open(log, "w") as out:
-        server = subprocess.Popen(command, cwd=cwd, env={**(env or project_env()), "PYTHONPATH": str(cwd)},
-                                  stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            command, cwd=cwd, env={**(env or project_env()), "PYTHONPATH": str(cwd)}, stdout=out, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 300
     while ready not in log.read_text():
         if server.poll() is not None or time.monotonic() > deadline:
@@ -100,8 +111,22 @@ def dashboards(small_run: SmallRun, prefect_api: str, tmp_path_factory: pytest.T
         env.pop("PREFECT_API_URL", None)
     port = free_port()
     log = small_run.project.parent / "dashboards.log"
-    server = serve([sys.executable, "-m", "pipeline.cli", "dashboards", "--prefect-port", str(prefect_port),
-                    "--tensorboard-port", str(port)], small_run.project, log, "Ctrl-C stops both.", env)
+    server = serve(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "dashboards",
+            "--prefect-port",
+            str(prefect_port),
+            "--tensorboard-port",
+            str(port),
+        ],
+        small_run.project,
+        log,
+        "Ctrl-C stops both.",
+        env,
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -117,7 +142,9 @@ def compared(small_run: SmallRun, tmp_path_factory: pytest.TempPathFactory):
     for name in ("dvc.lock", "params.yaml"):
         shutil.copy2(small_run.project / name, clone / name)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the small run"], cwd=clone, check=True)
-    subprocess.run([str(BIN / "dvc"), "cache", "dir", "--local", str(small_run.project / ".dvc" / "cache")], cwd=clone, check=True)
+    subprocess.run(
+        [str(BIN / "dvc"), "cache", "dir", "--local", str(small_run.project / ".dvc" / "cache")], cwd=clone, check=True
+    )
     port, log = free_port(), clone.parent / "compare.log"
     server = serve([str(BIN / "mnist"), "compare", "HEAD", "--port", str(port)], clone, log, "Ctrl-C stops it")
     try:
@@ -153,7 +180,7 @@ class Responses:
         """The body of the first successful response with data that names `run` (in its URL, form or body)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for r in self.seen[self.checked:]:
+            for r in self.seen[self.checked :]:
                 self.checked += 1
                 body = r.body() if r.ok else b""
                 if body.strip() in (b"", b"[]", b"{}"):
@@ -204,16 +231,19 @@ def plugin_pages(url: str, model: str, prefix: str = "") -> dict[str, tuple[str,
         return f"#{plugin}&regexInput={quote(re.escape(run), safe='')}&tagFilter={quote(re.escape(tag), safe='')}"
 
     return {
-        "timeseries": (f"?runFilter={quote(train)}&tagFilter=epoch_accuracy#timeseries", "/timeseries/timeSeries", train,
-                       ["epoch_accuracy", "Value"]),
+        "timeseries": (
+            f"?runFilter={quote(train)}&tagFilter=epoch_accuracy#timeseries",
+            "/timeseries/timeSeries",
+            train,
+            ["epoch_accuracy", "Value"],
+        ),
         "scalars": (legacy("scalars", train, "epoch_accuracy"), "/scalars/scalars_multirun", train, ["tag: epoch_accuracy"]),
         "images": (legacy("images", evaluate, "confusion_matrix"), "/images/images", evaluate, ["tag: confusion_matrix"]),
         "histograms": (legacy("histograms", train, weights), "/histograms/histograms", train, [f"tag: {weights}"]),
         "distributions": (legacy("distributions", train, weights), "/distributions/distributions", train, [f"tag: {weights}"]),
         "graphs": ("#graphs", "/graphs/graph", f"{prefix}train/", ["Main Graph"]),  # the first model's graph
         "text": (legacy("text", evaluate, "per_class"), "/text/text", evaluate, ["tag: per_class", "precision"]),
-        "pr_curves": (legacy("pr_curves", evaluate, "pr_curve/digit_0"), "/pr_curves/pr_curves", evaluate,
-                      ["pr_curve/digit_0"]),
+        "pr_curves": (legacy("pr_curves", evaluate, "pr_curve/digit_0"), "/pr_curves/pr_curves", evaluate, ["pr_curve/digit_0"]),
         "hparams": ("#hparams", "/hparams/session_groups", f"{prefix}{model}" if prefix else model, ["test accuracy"]),
     }
 
