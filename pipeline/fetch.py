@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -48,7 +49,7 @@ class MirrorFailed(Exception):
     """This mirror could not deliver a verified copy; the reason is the message."""
 
 
-def mirrors_to_try(params: FetchParams, environ: dict[str, str] = os.environ) -> list[str]:
+def mirrors_to_try(params: FetchParams, environ: Mapping[str, str] = os.environ) -> list[str]:
     """The mirrors in order: $MNIST_MIRROR first when set, then params.yaml's list."""
     override = environ.get(MIRROR_ENV, "").strip()
     if not override:
@@ -103,7 +104,9 @@ def _download(target: str, pool: urllib3.PoolManager) -> bytes:
             raise MirrorFailed(f"{shown}: HTTP {response.status}")
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
-            raise MirrorFailed(_too_big(shown, f"announces {int(length):,} bytes, more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
+            raise MirrorFailed(
+                _too_big(shown, f"announces {int(length):,} bytes, more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES")
+            )
         data = response.read(MAX_DOWNLOAD_BYTES + 1)  # urllib3 bounds a Content-Encoding's output by the same amount
         if len(data) > MAX_DOWNLOAD_BYTES:
             raise MirrorFailed(_too_big(shown, "sends more than", MAX_DOWNLOAD_BYTES, "MAX_DOWNLOAD_BYTES"))
@@ -144,8 +147,10 @@ def _decompress(data: bytes, source: str) -> bytes:
 
 
 def _too_big(source: str, what: str, cap: int, constant: str) -> str:
-    return (f"{source} {what} {cap:,} bytes ({cap >> 20} MiB, pipeline/fetch.py {constant}): no MNIST file is "
-            "that large, so this is not the file asked for; not read further")
+    return (
+        f"{source} {what} {cap:,} bytes ({cap >> 20} MiB, pipeline/fetch.py {constant}): no MNIST file is "
+        "that large, so this is not the file asked for; not read further"
+    )
 
 
 def fetch_file(name: str, mirrors: list[str], out_dir: Path, pool: urllib3.PoolManager) -> Fetched:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,9 @@ def check_split(name: str, split: Split) -> list[str]:
     if split.x.shape[1:] != IMAGE_SHAPE or split.x.dtype != np.uint8:
         raise DataError(f"{name}: images are {split.x.shape[1:]} {split.x.dtype}, expected {shape} uint8.")
     if split.y.size and split.y.max() >= NUM_CLASSES:
-        raise DataError(f"{name}: a label is {int(split.y.max())}; MNIST labels are 0..{NUM_CLASSES - 1}. The label file is corrupt.")
+        raise DataError(
+            f"{name}: a label is {int(split.y.max())}; MNIST labels are 0..{NUM_CLASSES - 1}. The label file is corrupt."
+        )
     blank = int((split.x.reshape(len(split.x), -1).max(axis=1) == 0).sum())
     if blank:
         raise DataError(f"{name}: {blank} images are blank (all pixels 0). The image file is corrupt.")
@@ -59,13 +62,13 @@ def duplicates_between(a: np.ndarray, b: np.ndarray) -> int:
     return sum(img.tobytes() in seen for img in b)
 
 
-def data_report(splits: dict[str, Split]) -> dict:
+def data_report(splits: dict[str, Split]) -> dict[str, Any]:
     """Counts per class per split, pixel statistics, the checks that passed."""
-    report: dict = {"splits": {}, "checks": {}}
+    report: dict[str, Any] = {"splits": {}, "checks": {}}
     for name, split in splits.items():
         pixels = split.x.astype(np.float64) / 255.0
         report["splits"][name] = {
-            "images": int(len(split.y)),
+            "images": len(split.y),
             "per_class": {str(c): int(n) for c, n in enumerate(np.bincount(split.y, minlength=NUM_CLASSES))},
             "pixel_mean": round(float(pixels.mean()), 6),
             "pixel_std": round(float(pixels.std()), 6),
@@ -77,7 +80,7 @@ def data_report(splits: dict[str, Split]) -> dict:
     return report
 
 
-def write_summaries(splits: dict[str, Split], report: dict, logdir: Path) -> None:
+def write_summaries(splits: dict[str, Split], report: dict[str, Any], logdir: Path) -> None:
     """TensorBoard: class histogram per split, a grid of sample digits per class, pixel statistics."""
     with summaries.EventWriter(logdir) as events:
         for name, split in splits.items():
@@ -87,7 +90,7 @@ def write_summaries(splits: dict[str, Split], report: dict, logdir: Path) -> Non
         train = splits["train"]
         samples = [train.x[train.y == c][:10] for c in range(NUM_CLASSES)]
         events.image("samples/train_per_class", summaries.digit_grid(np.concatenate(samples)))
-        counts = [[name] + list(report["splits"][name]["per_class"].values()) for name in splits]
+        counts = [[name, *list(report["splits"][name]["per_class"].values())] for name in splits]
         header = ["split"] + [str(c) for c in range(NUM_CLASSES)]
         events.text("class_counts", tables.markdown(header, counts))
         checks = [[name, ", ".join(passed)] for name, passed in report["checks"].items()]

@@ -6,6 +6,7 @@ import platform
 import shutil
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from tensorboard.plugins.hparams import summary_v2 as hp
 
@@ -29,7 +30,7 @@ COLUMNS = [
 LEADERBOARD_KEYS = ("accuracy",)  # the rest of each model's metrics is in its own metrics.json
 
 
-def read_rows(models_dir: Path, evaluate_dir: Path, models: list[str]) -> list[dict]:
+def read_rows(models_dir: Path, evaluate_dir: Path, models: list[str]) -> list[dict[str, Any]]:
     """One row per model, best test accuracy first: its metrics.json and macro precision, recall and F1
     (per_class.csv), with its size, epochs and validation accuracy (meta.json) and its timings (the
     train and evaluate stages' timings.json)."""
@@ -53,13 +54,13 @@ def read_rows(models_dir: Path, evaluate_dir: Path, models: list[str]) -> list[d
     return sorted(rows, key=lambda r: -r["accuracy"])
 
 
-def leaderboard_json(rows: list[dict]) -> dict:
+def leaderboard_json(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The leaderboard as DVC metrics, kept in git: each model's test accuracy, best first, so that
     `dvc metrics show` on a fresh clone shows them before any `dvc pull` (as `accuracy.cnn`, ...)."""
     return {key: {r["model"]: r[key] for r in rows} for key in LEADERBOARD_KEYS}
 
 
-def cell(key: str, value) -> str:
+def cell(key: str, value: Any) -> str:
     """A leaderboard value as the report shows it."""
     if key in ("accuracy", "gate"):
         return f"{100 * value:.2f}%"
@@ -72,12 +73,12 @@ def cell(key: str, value) -> str:
     return str(value)
 
 
-def leaderboard_table(rows: list[dict]) -> list[dict[str, str]]:
+def leaderboard_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The leaderboard as the report shows it: one dict per model, column title -> cell."""
     return [{title: cell(key, r[key]) for key, title in COLUMNS} for r in rows]
 
 
-def report_markdown(rows: list[dict], data_report: dict, seed: int) -> str:
+def report_markdown(rows: list[dict[str, Any]], data_report: dict[str, Any], seed: int) -> str:
     """data/report.md: the leaderboard, then each model's confusion matrix and training curves."""
     lines = [
         "# MNIST pipeline report",
@@ -147,11 +148,18 @@ def write_hparams_config(logdir: Path, models: list[str], experiments: list[str]
         events.add(hp.hparams_config_pb(hparams=hparams, metrics=metrics))
 
 
-def write_trial(logdir: Path, row: dict, p: ModelParams, experiment: str | None = None) -> None:
+def write_trial(logdir: Path, row: dict[str, Any], p: ModelParams, experiment: str | None = None) -> None:
     """One HParams trial in its own run folder: a model's hyper-parameters and final metrics (a leaderboard row).
     Its id is the model's name, or `<experiment>/<model>`, so that no two experiments' trials merge."""
-    values = {"model": row["model"], "optimizer": p.optimizer, "learning_rate": p.learning_rate,
-              "batch_size": p.batch_size, "epochs": p.epochs, "dropout": dropout(p), "parameters": int(row["parameters"])}
+    values = {
+        "model": row["model"],
+        "optimizer": p.optimizer,
+        "learning_rate": p.learning_rate,
+        "batch_size": p.batch_size,
+        "epochs": p.epochs,
+        "dropout": dropout(p),
+        "parameters": int(row["parameters"]),
+    }
     if experiment:
         values["experiment"] = experiment
     with summaries.EventWriter(logdir) as events:
@@ -160,7 +168,7 @@ def write_trial(logdir: Path, row: dict, p: ModelParams, experiment: str | None 
             events.scalar(tag, row[key])
 
 
-def write_hparams(rows: list[dict], models: dict[str, ModelParams], logdir: Path) -> None:
+def write_hparams(rows: list[dict[str, Any]], models: dict[str, ModelParams], logdir: Path) -> None:
     """TensorBoard HParams: one trial per model with its hyper-parameters and final metrics (a fresh run folder)."""
     shutil.rmtree(logdir, ignore_errors=True)
     write_hparams_config(logdir, [r["model"] for r in rows])
@@ -168,7 +176,7 @@ def write_hparams(rows: list[dict], models: dict[str, ModelParams], logdir: Path
         write_trial(logdir / r["model"], r, models[r["model"]])
 
 
-def write_outputs(rows: list[dict], data_report: dict, seed: int, leaderboard: Path, report: Path) -> None:
+def write_outputs(rows: list[dict[str, Any]], data_report: dict[str, Any], seed: int, leaderboard: Path, report: Path) -> None:
     """The leaderboard metrics file and data/report.md."""
     artifacts.write_leaderboard(leaderboard, leaderboard_json(rows))
     artifacts.write_report(report, report_markdown(rows, data_report, seed))

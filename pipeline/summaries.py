@@ -35,6 +35,7 @@ from tensorboard.util import tensor_util
 
 if TYPE_CHECKING:
     import tensorflow as tf
+    from matplotlib.figure import Figure
 
 _file_ids = itertools.count()  # tells apart two writers of one process opened in the same second
 
@@ -128,7 +129,7 @@ def digit_grid(images: np.ndarray, columns: int = 10, pad: int = 2) -> np.ndarra
     return grid[None, :, :, None]
 
 
-def figure_png(fig) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     """Render a matplotlib figure (matplotlib.figure.Figure, which needs no pyplot) to PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")

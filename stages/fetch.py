@@ -7,6 +7,8 @@ from pathlib import Path
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import as_task, run_stage
 
+# isort: split
+
 from prefect import flow, get_run_logger
 from prefect.tasks import exponential_backoff
 
@@ -32,7 +34,9 @@ def fetch_flow(params: Params, out: Path, tensorboard: Path) -> None:
     remove_leftovers(out)
     backoff = exponential_backoff(backoff_factor=params.fetch.backoff_s) if params.fetch.backoff_s else 0
     fetched = [
-        as_task(fetch.fetch_file, f"fetch {name}", retries=params.fetch.retries, retry_delay_seconds=backoff)(name, mirrors, out, pool)
+        as_task(fetch.fetch_file, f"fetch {name}", retries=params.fetch.retries, retry_delay_seconds=backoff)(
+            name, mirrors, out, pool
+        )
         for name in FILES
     ]
     as_task(fetch.write_summaries, "tensorboard")(fetched, tensorboard)

@@ -7,6 +7,8 @@ from pathlib import Path
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import as_task, run_stage
 
+# isort: split
+
 from prefect import flow, get_run_logger
 
 from pipeline import artifacts, preprocess
@@ -30,7 +32,10 @@ def preprocess_flow(params: Params, raw: Path, out: Path, report: Path, tensorbo
     data_report = as_task(preprocess.data_report, "check and report")(splits)
     get_run_logger().info(
         "train %d, val %d, test %d images; %d test images also in train",
-        len(train.y), len(val.y), len(splits["test"].y), data_report["test_images_duplicated_in_train"],
+        len(train.y),
+        len(val.y),
+        len(splits["test"].y),
+        data_report["test_images_duplicated_in_train"],
     )
     as_task(artifacts.save_prepared, "write arrays")(out, splits)
     artifacts.write_data_report(report, data_report)

@@ -7,6 +7,8 @@ from pathlib import Path
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
 from pipeline.stage import as_task, run_stage
 
+# isort: split
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
@@ -31,9 +33,13 @@ def report_flow(
         tensorboard: TensorBoard folder for the HParams view
     """
     rows = report.read_rows(models, evaluations, list(params.models))
-    as_task(report.write_outputs, "write leaderboard")(rows, artifacts.read_data_report(data_report), params.seed, leaderboard, out)
+    as_task(report.write_outputs, "write leaderboard")(
+        rows, artifacts.read_data_report(data_report), params.seed, leaderboard, out
+    )
     as_task(report.write_hparams, "tensorboard hparams")(rows, params.models, tensorboard)
-    create_table_artifact(report.leaderboard_table(rows), key="leaderboard", description="test accuracy of every model, best first")
+    create_table_artifact(
+        report.leaderboard_table(rows), key="leaderboard", description="test accuracy of every model, best first"
+    )
     for r in rows:
         get_run_logger().info("%-10s %.4f %s", r["model"], r["accuracy"], "" if r["blessed"] else "(under its gate)")
 

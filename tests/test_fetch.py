@@ -16,9 +16,9 @@ import pytest
 
 from helpers import (
     LABEL_FILES,
+    MIRROR,
     PYTHON,
     REPO,
-    MIRROR,
     closed_port_url,
     serve_directory,
     serve_handler,
@@ -26,9 +26,9 @@ from helpers import (
 )
 from pipeline.config import FetchParams
 from pipeline.data import remove_leftovers, sha256
-from pipeline.mnist import FILES
 from pipeline.errors import ConfigError, FetchError
 from pipeline.fetch import MIRROR_ENV, fetch_file, http_pool, mirrors_to_try
+from pipeline.mnist import FILES
 
 needs_mirror = pytest.mark.skipif(
     not all((MIRROR / f"{name}.gz").is_file() for name in FILES),
@@ -409,9 +409,10 @@ def test_an_http_mirror_sending_more_than_any_mnist_file_is_cut_off(tmp_path, ho
         with pytest.raises(FetchError) as err:
             fetch_file(name, [url], tmp_path / "raw", http_pool(params(url, timeout_s=10)))
         seconds = time.monotonic() - start
-    expected = {"announced": f"announces {10 << 30:,} bytes, more than {CAP:,} bytes"}.get(
-        how, f"sends more than {CAP:,} bytes")
-    assert f"  - {url}: {url}{name}.gz {expected} (64 MiB, pipeline/fetch.py MAX_DOWNLOAD_BYTES)" in str(err.value), str(err.value)
+    expected = {"announced": f"announces {10 << 30:,} bytes, more than {CAP:,} bytes"}.get(how, f"sends more than {CAP:,} bytes")
+    assert f"  - {url}: {url}{name}.gz {expected} (64 MiB, pipeline/fetch.py MAX_DOWNLOAD_BYTES)" in str(err.value), str(
+        err.value
+    )
     assert seconds < 9, f"{seconds:.1f} s: it waited for the body"
     assert listing(tmp_path / "raw") == []
 
@@ -426,17 +427,20 @@ def with_secrets(url: str) -> str:
     return url.replace("http://", "http://mnist:s3cret@", 1)
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("https://user:s3cret@mirror.example:8443/mnist/", "https://mirror.example:8443/mnist/"),
-    ("https://t0ken@mirror.example/mnist/", "https://mirror.example/mnist/"),
-    ("https://mirror.example/mnist/?token=t0ken&v=2#part", "https://mirror.example/mnist/?token=***&v=***"),
-    ("https://mirror.example/mnist/?t0ken", "https://mirror.example/mnist/?***"),
-    ("https://user:s3cret@[::1]:8080/m/", "https://[::1]:8080/m/"),
-    ("https://user:s3cret@host:99999999/", "https://***"),
-    ("https://mirror.example/mnist/", "https://mirror.example/mnist/"),
-    ("file:///data/mnist", "file:///data/mnist"),
-    ("/data/mnist", "/data/mnist"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://user:s3cret@mirror.example:8443/mnist/", "https://mirror.example:8443/mnist/"),
+        ("https://t0ken@mirror.example/mnist/", "https://mirror.example/mnist/"),
+        ("https://mirror.example/mnist/?token=t0ken&v=2#part", "https://mirror.example/mnist/?token=***&v=***"),
+        ("https://mirror.example/mnist/?t0ken", "https://mirror.example/mnist/?***"),
+        ("https://user:s3cret@[::1]:8080/m/", "https://[::1]:8080/m/"),
+        ("https://user:s3cret@host:99999999/", "https://***"),
+        ("https://mirror.example/mnist/", "https://mirror.example/mnist/"),
+        ("file:///data/mnist", "file:///data/mnist"),
+        ("/data/mnist", "/data/mnist"),
+    ],
+)
 def test_redact_url_strips_user_password_and_query_values(url, shown):
     from pipeline.errors import redact_url
 

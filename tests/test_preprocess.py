@@ -46,7 +46,9 @@ def test_load_raw_reads_the_four_files(splits):
 
 def test_load_raw_refuses_images_and_labels_that_do_not_pair(raw):
     (raw / "t10k-labels-idx1-ubyte").write_bytes(write_idx(np.zeros(N_TEST - 1, dtype=np.uint8)))
-    with pytest.raises(DataError, match=f"test: {N_TEST} images in t10k-images-idx3-ubyte but {N_TEST - 1} labels in t10k-labels"):
+    with pytest.raises(
+        DataError, match=f"test: {N_TEST} images in t10k-images-idx3-ubyte but {N_TEST - 1} labels in t10k-labels"
+    ):
         load_raw(raw)
 
 
@@ -84,7 +86,7 @@ def test_check_split_passes_good_data(splits):
 def test_check_split_refuses_label_10(splits):
     y = splits["train"].y.copy()
     y[5] = 10
-    with pytest.raises(DataError, match="train: a label is 10; MNIST labels are 0..9"):
+    with pytest.raises(DataError, match=r"train: a label is 10; MNIST labels are 0..9"):
         check_split("train", Split(splits["train"].x, y))
 
 

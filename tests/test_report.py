@@ -251,7 +251,9 @@ def test_write_hparams_writes_one_session_per_model(rows, params, tmp_path):
         ):
             (event,) = acc.Tensors(tag)
             assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(value, rel=1e-6), (name, tag)
-    assert hparams_data(load_events(logdir / "cnn"), "_hparams_/session_start_info").session_start_info.hparams["dropout"].number_value == pytest.approx(0.5)
+    assert hparams_data(load_events(logdir / "cnn"), "_hparams_/session_start_info").session_start_info.hparams[
+        "dropout"
+    ].number_value == pytest.approx(0.5)
 
 
 # --- the flow, as the DVC stage runs it --------------------------------------------------
@@ -267,8 +269,13 @@ def test_report_flow_writes_leaderboard_report_and_hparams(stage_outputs, params
     models, evaluations = stage_outputs
     with prefect_settings():
         report_flow(
-            params=params, models=models, evaluations=evaluations, data_report=data_report, leaderboard=leaderboard,
-            out=out, tensorboard=tb,
+            params=params,
+            models=models,
+            evaluations=evaluations,
+            data_report=data_report,
+            leaderboard=leaderboard,
+            out=out,
+            tensorboard=tb,
         )
     assert json.loads(leaderboard.read_text()) == report.leaderboard_json(report.read_rows(models, evaluations, list(METRICS)))
     assert set(json.loads(leaderboard.read_text())) == {"accuracy"}
