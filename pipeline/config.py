@@ -13,14 +13,23 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, StringConstraints, TypeAdapter, ValidationError, ValidationInfo,
-    field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ConfigError, redact_url
@@ -124,9 +133,11 @@ class ModelParams(Section):
         # Each optimizer's own knob is given exactly when that optimizer is chosen: no silent default.
         problems = []
         # The same for the learning-rate schedule's.
-        for knob, owner, chosen, kind in (("momentum", "momentum", self.optimizer, "optimizer"),
-                                          ("rho", "rmsprop", self.optimizer, "optimizer"),
-                                          ("lr_decay", "exponential", self.lr_schedule, "lr_schedule")):
+        for knob, owner, chosen, kind in (
+            ("momentum", "momentum", self.optimizer, "optimizer"),
+            ("rho", "rmsprop", self.optimizer, "optimizer"),
+            ("lr_decay", "exponential", self.lr_schedule, "lr_schedule"),
+        ):
             given = getattr(self, knob) is not None
             if chosen == owner and not given:
                 problems.append(f"{kind} {owner} needs `{knob}`: add it to the block")
@@ -158,7 +169,7 @@ class Params(Section):
         return self.models[name]
 
 
-def params_hash(block: BaseModel | dict) -> str:
+def params_hash(block: BaseModel | dict[str, Any]) -> str:
     """A short, stable digest of a params block, recorded beside what it produced."""
     data = block.model_dump() if isinstance(block, BaseModel) else block
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -198,7 +209,7 @@ def load_params(path: Path | str = PARAMS_FILE, model_types: Mapping[str, type[M
 
 
 def _typed_models(
-    raw: dict, path: Path, model_types: Mapping[str, type[ModelParams]] | None
+    raw: dict[str, Any], path: Path, model_types: Mapping[str, type[ModelParams]] | None
 ) -> tuple[dict[str, ModelParams], list[str]]:
     """Each models.<name> block validated against its params class; the gates checked against the models."""
     models = raw.get("models")
@@ -246,12 +257,14 @@ _MODEL_NAME = TypeAdapter(ModelName, config=ConfigDict(strict=True))
 def _bad_model_name(section: str, name: Any) -> str:
     """The problem of a key of `section` (models or gates) that is no allowed model name, with a name that is."""
     allowed = re.sub(r"[^a-z0-9_]", "_", str(name).lower()) or "model"
-    return (f"{section}.{name!r} is not allowed: a model name is lowercase letters, digits and underscores only "
-            f"([a-z0-9_]+), because dvc.yaml puts it into shell commands as ${{key}}; rename it, e.g. to '{allowed}', "
-            "in models: and gates:.")
+    return (
+        f"{section}.{name!r} is not allowed: a model name is lowercase letters, digits and underscores only "
+        f"([a-z0-9_]+), because dvc.yaml puts it into shell commands as ${{key}}; rename it, e.g. to '{allowed}', "
+        "in models: and gates:."
+    )
 
 
-def _check_gates(models: dict, gates: Any) -> list[str]:
+def _check_gates(models: dict[str, Any], gates: Any) -> list[str]:
     """Every model has a gate, every gate a model, and each gate is a test accuracy from 0 to 1."""
     problems = []
     if isinstance(gates, dict):
@@ -266,7 +279,7 @@ def _check_gates(models: dict, gates: Any) -> list[str]:
     return problems
 
 
-def _describe(err: dict, root: type[BaseModel], path: Path, prefix: tuple = ()) -> str:
+def _describe(err: Mapping[str, Any], root: type[BaseModel], path: Path, prefix: tuple[str, ...] = ()) -> str:
     """One line for one pydantic error: the key, the bad value and what is allowed."""
     loc = tuple(str(p) for p in err["loc"])
     if loc[-1:] == ("[key]",) and err["type"] == "string_pattern_mismatch":
@@ -281,8 +294,11 @@ def _describe(err: dict, root: type[BaseModel], path: Path, prefix: tuple = ()) 
     message = err["msg"].removeprefix("Value error, ")
     if isinstance(err["input"], dict):  # a check across a whole block: its message names the keys
         return f"{key}: {message}."
-    value = [redact_url(v) if isinstance(v, str) else v for v in err["input"]] if isinstance(err["input"], list) else (
-        redact_url(err["input"]) if isinstance(err["input"], str) else err["input"])  # a mirror's credentials stay out
+    value = (
+        [redact_url(v) if isinstance(v, str) else v for v in err["input"]]
+        if isinstance(err["input"], list)
+        else (redact_url(err["input"]) if isinstance(err["input"], str) else err["input"])
+    )  # a mirror's credentials stay out
     return f"{key} = {value!r} is not allowed: {message}."
 
 
@@ -296,6 +312,6 @@ def _allowed_keys(root: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _did_you_mean(word: str, options) -> str:
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""

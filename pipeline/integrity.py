@@ -72,8 +72,11 @@ def rwlock_holders(repo: Repo) -> list[tuple[str, int, str, str]]:
     path = Path(repo.tmp_dir) / RWLOCK_FILE
     if not path.exists():
         return []
-    guard = make_lock(os.path.join(repo.tmp_dir, RWLOCK_LOCK), tmp_dir=repo.tmp_dir,
-                      hardlink_lock=repo.config["core"].get("hardlink_lock", False))
+    guard = make_lock(
+        os.path.join(repo.tmp_dir, RWLOCK_LOCK),
+        tmp_dir=repo.tmp_dir,
+        hardlink_lock=repo.config["core"].get("hardlink_lock", False),
+    )
     try:
         with guard:  # as DVC edits the file (dvc/rwlock.py): never half-written
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -107,8 +110,10 @@ def repo_lock(root: Path, wait_s: float = 0.0) -> Iterator[Repo]:
                 break
             except LockError:
                 if time.monotonic() >= deadline:
-                    raise Busy(f"another DVC command holds this workspace ({Path(repo.tmp_dir) / 'lock'}): "
-                               "run it again once that command has finished.") from None
+                    raise Busy(
+                        f"another DVC command holds this workspace ({Path(repo.tmp_dir) / 'lock'}): "
+                        "run it again once that command has finished."
+                    ) from None
         try:
             yield repo
         finally:
@@ -184,9 +189,11 @@ def set_aside_unreadable_lock(root: Path) -> str | None:
             kept = _keep_aside(lock)
     except (Busy, DvcException):  # a DVC command holds the workspace, or this is no DVC repo
         return None
-    return (f"dvc.lock could not be read: {LOCK_PROBLEMS[problem]}. Moved to {kept.name} (earlier copies are kept). "
-            "DVC rewrites dvc.lock after every stage, so a run stopped at that moment can leave it so (an edit can too). "
-            "DVC restores the stages that had finished from its run-cache and runs the rest.")
+    return (
+        f"dvc.lock could not be read: {LOCK_PROBLEMS[problem]}. Moved to {kept.name} (earlier copies are kept). "
+        "DVC rewrites dvc.lock after every stage, so a run stopped at that moment can leave it so (an edit can too). "
+        "DVC restores the stages that had finished from its run-cache and runs the rest."
+    )
 
 
 def merge_conflict() -> PipelineError:
@@ -270,13 +277,21 @@ def locked_outputs(repo: Repo) -> list[tuple[str, str, bool]]:
     if not lock.exists():
         return []
     try:
-        uncached = {Path(out.fs_path).relative_to(base).as_posix()
-                    for stage in repo.index.stages for out in stage.outs if not out.use_cache}
+        uncached = {
+            Path(out.fs_path).relative_to(base).as_posix()
+            for stage in repo.index.stages
+            for out in stage.outs
+            if not out.use_cache
+        }
         recorded = yaml.safe_load(lock.read_text()) or {}
     except (DvcException, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PipelineError(f"dvc.lock cannot be read ({exc}); `mnist run` sets an unreadable one aside.") from None
-    return [(out["path"], out["md5"], out["path"] not in uncached)
-            for stage in (recorded.get("stages") or {}).values() for out in stage.get("outs", []) if "md5" in out]
+    return [
+        (out["path"], out["md5"], out["path"] not in uncached)
+        for stage in (recorded.get("stages") or {}).values()
+        for out in stage.get("outs", [])
+        if "md5" in out
+    ]
 
 
 def _items(root: Path, outputs: list[tuple[str, str, bool]], cache: Path, report: Report) -> list[Item]:
@@ -320,7 +335,9 @@ def verify(root: Path, wait_s: float | None = None) -> Report:
                 continue  # DVC recorded a new version meanwhile
             writer = next((who for p, who in busy.items() if _overlaps(item.file, Path(p))), None)
             if writer:
-                report.findings.append(Finding(item.file, f"being written by a DVC command ({writer})", "left alone", damage=False))
+                report.findings.append(
+                    Finding(item.file, f"being written by a DVC command ({writer})", "left alone", damage=False)
+                )
                 continue
             report.findings += check_file(root, item, cache if item.cached else None, _state(repo), report)
     return report
@@ -349,7 +366,9 @@ def _state(repo: Repo) -> Callable[[Path], str | None]:
     return recorded
 
 
-def check_file(root: Path, item: Item, cache: Path | None, recorded: Callable[[Path], str | None], report: Report) -> list[Finding]:
+def check_file(
+    root: Path, item: Item, cache: Path | None, recorded: Callable[[Path], str | None], report: Report
+) -> list[Finding]:
     """Check one file and its cache object (if cached) and repair what is damaged (call with the repo lock held).
 
     `recorded(file)` is the md5 DVC's state database holds for the file as it is now: the file
@@ -361,17 +380,27 @@ def check_file(root: Path, item: Item, cache: Path | None, recorded: Callable[[P
     bad_obj = obj if obj is not None and obj.exists() and md5(obj) != expected else None  # a missing one is DVC's business
     found = []
     if here != expected and recorded(file) != expected:
-        found.append(Finding(file, "modified since dvc.lock recorded it (a newer output, not damage)", "left alone", damage=False))
+        found.append(
+            Finding(file, "modified since dvc.lock recorded it (a newer output, not damage)", "left alone", damage=False)
+        )
     elif here != expected and bad_obj is None and obj is not None and obj.exists():
         return [Finding(file, "workspace file damaged", "restored from the cache", _replace(root, file, obj, report))]
     elif here != expected:
-        found.append(Finding(file, "workspace file damaged" + (", and no good copy in the cache" if cache else ""),
-                             "moved aside", _move_aside(root, file, report)))
+        found.append(
+            Finding(
+                file,
+                "workspace file damaged" + (", and no good copy in the cache" if cache else ""),
+                "moved aside",
+                _move_aside(root, file, report),
+            )
+        )
     elif bad_obj is not None:
         aside = _replace(root, bad_obj, file, report, read_only=True)
         return [Finding(bad_obj, f"cache object of {_rel(root, file)} damaged", "rewritten from the workspace file", aside)]
     if bad_obj is not None:
-        found.append(Finding(bad_obj, f"cache object of {_rel(root, file)} damaged", "moved aside", _move_aside(root, bad_obj, report)))
+        found.append(
+            Finding(bad_obj, f"cache object of {_rel(root, file)} damaged", "moved aside", _move_aside(root, bad_obj, report))
+        )
     return found
 
 

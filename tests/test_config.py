@@ -81,44 +81,71 @@ def add_model_like_cnn(name: str):
 
 # (id, edit, substrings the ConfigError message must hold: the key, the bad value, what is allowed)
 BAD_EDITS = [
-    ("top-level typo", rename("seed", "sed"),
-     ["unknown key 'sed'", "Did you mean 'seed'?", "Allowed keys there: seed, fetch, data", "missing key 'seed'"]),
-    ("nested typo", rename("models.cnn.epochs", "epoch"),
-     ["unknown key 'models.cnn.epoch'", "Did you mean 'epochs'?", "Allowed keys there:", "missing key 'models.cnn.epochs'"]),
-    ("section typo", rename("fetch.timeout_s", "timeout"),
-     ["unknown key 'fetch.timeout'", "Did you mean 'timeout_s'?"]),
+    (
+        "top-level typo",
+        rename("seed", "sed"),
+        ["unknown key 'sed'", "Did you mean 'seed'?", "Allowed keys there: seed, fetch, data", "missing key 'seed'"],
+    ),
+    (
+        "nested typo",
+        rename("models.cnn.epochs", "epoch"),
+        ["unknown key 'models.cnn.epoch'", "Did you mean 'epochs'?", "Allowed keys there:", "missing key 'models.cnn.epochs'"],
+    ),
+    ("section typo", rename("fetch.timeout_s", "timeout"), ["unknown key 'fetch.timeout'", "Did you mean 'timeout_s'?"]),
     ("epochs 0", set_("models.cnn.epochs", 0), ["models.cnn.epochs = 0", "greater than 0"]),
     ("epochs -3", set_("models.cnn.epochs", -3), ["models.cnn.epochs = -3", "greater than 0"]),
     ("epochs ten", set_("models.cnn.epochs", "ten"), ["models.cnn.epochs = 'ten'", "valid integer"]),
-    ("learning_rate negative", set_("models.mlp.learning_rate", -0.1),
-     ["models.mlp.learning_rate = -0.1", "greater than 0"]),
-    ("learning_rate as string", set_("models.cnn.learning_rate", "0.001"),
-     ["models.cnn.learning_rate = '0.001'", "valid number"]),
+    ("learning_rate negative", set_("models.mlp.learning_rate", -0.1), ["models.mlp.learning_rate = -0.1", "greater than 0"]),
+    (
+        "learning_rate as string",
+        set_("models.cnn.learning_rate", "0.001"),
+        ["models.cnn.learning_rate = '0.001'", "valid number"],
+    ),
     ("batch_size 2.5", set_("models.logreg.batch_size", 2.5), ["models.logreg.batch_size = 2.5", "valid integer"]),
-    ("val_size > limit", both(set_("data.limit", 1000), set_("data.val_size", 2000)),
-     ["val_size = 2000", "smaller than data.limit = 1000"]),
+    (
+        "val_size > limit",
+        both(set_("data.limit", 1000), set_("data.val_size", 2000)),
+        ["val_size = 2000", "smaller than data.limit = 1000"],
+    ),
     ("val_size 60000", set_("data.val_size", 60000), ["val_size = 60000", "smaller than the 60000 MNIST training images"]),
     ("val_size 0", set_("data.val_size", 0), ["data.val_size = 0", "greater than 0"]),
     ("limit 0", set_("data.limit", 0), ["data.limit = 0", "greater than 0"]),
-    ("unknown model", add_model_like_cnn("resnet"),
-     ["models.resnet is not a known model", "Known models: linear, logreg, mlp, deep_mlp, cnn", "pipeline/models/registry.py"]),
+    (
+        "unknown model",
+        add_model_like_cnn("resnet"),
+        ["models.resnet is not a known model", "Known models: linear, logreg, mlp, deep_mlp, cnn", "pipeline/models/registry.py"],
+    ),
     ("no models", both(set_("models", {}), set_("gates", {})), ["models: give at least one model block"]),
-    ("model name typo", rename("models.cnn", "cnnn"),
-     ["models.cnnn is not a known model", "Did you mean 'cnn'?", "gates.cnn names no model"]),
+    (
+        "model name typo",
+        rename("models.cnn", "cnnn"),
+        ["models.cnnn is not a known model", "Did you mean 'cnn'?", "gates.cnn names no model"],
+    ),
     ("gate above 1", set_("gates.cnn", 1.5), ["gates.cnn = 1.5", "from 0 to 1"]),
     ("gate negative", set_("gates.linear", -0.2), ["gates.linear = -0.2", "from 0 to 1"]),
     ("gate of no model", set_("gates.vgg", 0.9), ["gates.vgg names no model", "add models.vgg"]),
     ("missing gate", delete("gates.mlp"), ["gates.mlp is missing", "0 to 1"]),
-    ("mirror ftp", set_("fetch.mirrors", ["ftp://x"]), ["fetch.mirrors", "'ftp://x'", "scheme 'ftp'", "use http://, https://, file://"]),
+    (
+        "mirror ftp",
+        set_("fetch.mirrors", ["ftp://x"]),
+        ["fetch.mirrors", "'ftp://x'", "scheme 'ftp'", "use http://, https://, file://"],
+    ),
     ("mirror empty string", set_("fetch.mirrors", [""]), ["fetch.mirrors = ['']", "not an empty string"]),
     ("mirror without host", set_("fetch.mirrors", ["https://"]), ["fetch.mirrors", "names no host"]),
     ("mirrors empty list", set_("fetch.mirrors", []), ["fetch.mirrors = []", "at least 1 item"]),
     ("timeout 0", set_("fetch.timeout_s", 0), ["fetch.timeout_s = 0", "greater than 0"]),
     ("retries 11", set_("fetch.retries", 11), ["fetch.retries = 11", "less than or equal to 10"]),
-    ("optimizer adamw", set_("models.cnn.optimizer", "adamw"),
-     ["models.cnn.optimizer = 'adamw'", "'sgd', 'momentum', 'rmsprop' or 'adam'"]),
+    (
+        "optimizer adamw",
+        set_("models.cnn.optimizer", "adamw"),
+        ["models.cnn.optimizer = 'adamw'", "'sgd', 'momentum', 'rmsprop' or 'adam'"],
+    ),
     ("dropout 1.5", set_("models.cnn.dense_drop", 1.5), ["models.cnn.dense_drop = 1.5", "less than 1"]),
-    ("dropout negative", set_("models.deep_mlp.input_drop", -0.1), ["models.deep_mlp.input_drop = -0.1", "greater than or equal to 0"]),
+    (
+        "dropout negative",
+        set_("models.deep_mlp.input_drop", -0.1),
+        ["models.deep_mlp.input_drop = -0.1", "greater than or equal to 0"],
+    ),
     ("init xavier", set_("models.cnn.init", "xavier"), ["models.cnn.init = 'xavier'", "'normal', 'glorot' or 'he'"]),
     ("activation", set_("models.mlp.activation", "gelu"), ["models.mlp.activation = 'gelu'", "'sigmoid', 'tanh' or 'relu'"]),
     ("hidden_units empty", set_("models.deep_mlp.hidden_units", []), ["models.deep_mlp.hidden_units = []", "at least 1 item"]),
@@ -129,24 +156,49 @@ BAD_EDITS = [
     ("seed negative", set_("seed", -1), ["seed = -1", "greater than or equal to 0"]),
     ("seed bool", set_("seed", True), ["seed = True", "valid integer"]),
     # each optimizer's own knob: `momentum` only with optimizer momentum, `rho` only with rmsprop
-    ("momentum with rmsprop", set_("models.cnn.momentum", 0.9),
-     ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop: remove it"]),
-    ("momentum with adam", set_("models.mlp.momentum", 0.0),
-     ["models.mlp: `momentum` is a knob of optimizer momentum, not adam: remove it"]),
-    ("rho with adam", set_("models.logreg.rho", 0.9), ["models.logreg: `rho` is a knob of optimizer rmsprop, not adam: remove it"]),
+    (
+        "momentum with rmsprop",
+        set_("models.cnn.momentum", 0.9),
+        ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop: remove it"],
+    ),
+    (
+        "momentum with adam",
+        set_("models.mlp.momentum", 0.0),
+        ["models.mlp: `momentum` is a knob of optimizer momentum, not adam: remove it"],
+    ),
+    (
+        "rho with adam",
+        set_("models.logreg.rho", 0.9),
+        ["models.logreg: `rho` is a knob of optimizer rmsprop, not adam: remove it"],
+    ),
     ("rmsprop without rho", delete("models.cnn.rho"), ["models.cnn: optimizer rmsprop needs `rho`: add it"]),
-    ("momentum without momentum", set_("models.mlp.optimizer", "momentum"),
-     ["models.mlp: optimizer momentum needs `momentum`: add it"]),
-    ("rmsprop's rho renamed momentum", rename("models.cnn.rho", "momentum"),
-     ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop"]),
+    (
+        "momentum without momentum",
+        set_("models.mlp.optimizer", "momentum"),
+        ["models.mlp: optimizer momentum needs `momentum`: add it"],
+    ),
+    (
+        "rmsprop's rho renamed momentum",
+        rename("models.cnn.rho", "momentum"),
+        ["models.cnn: `momentum` is a knob of optimizer momentum, not rmsprop"],
+    ),
     # the schedule's: `lr_decay` only with lr_schedule exponential
-    ("lr_decay with cosine", both(set_("models.cnn.lr_schedule", "cosine"), set_("models.cnn.lr_decay", 0.8)),
-     ["models.cnn: `lr_decay` is a knob of lr_schedule exponential, not cosine: remove it"]),
-    ("exponential without lr_decay", both(set_("models.cnn.lr_schedule", "exponential"), set_("models.cnn.lr_decay", None)),
-     ["models.cnn: lr_schedule exponential needs `lr_decay`: add it"]),
+    (
+        "lr_decay with cosine",
+        both(set_("models.cnn.lr_schedule", "cosine"), set_("models.cnn.lr_decay", 0.8)),
+        ["models.cnn: `lr_decay` is a knob of lr_schedule exponential, not cosine: remove it"],
+    ),
+    (
+        "exponential without lr_decay",
+        both(set_("models.cnn.lr_schedule", "exponential"), set_("models.cnn.lr_decay", None)),
+        ["models.cnn: lr_schedule exponential needs `lr_decay`: add it"],
+    ),
     ("rho 1", set_("models.cnn.rho", 1.0), ["models.cnn.rho = 1.0", "less than 1"]),
-    ("momentum negative", both(set_("models.mlp.optimizer", "momentum"), set_("models.mlp.momentum", -0.5)),
-     ["models.mlp.momentum = -0.5", "greater than or equal to 0"]),
+    (
+        "momentum negative",
+        both(set_("models.mlp.optimizer", "momentum"), set_("models.mlp.momentum", -0.5)),
+        ["models.mlp.momentum = -0.5", "greater than or equal to 0"],
+    ),
 ]
 
 
@@ -183,14 +235,14 @@ def test_without_model_types_the_model_blocks_are_not_typed_and_not_readable(tmp
     params = load_params(PARAMS_YAML)
     assert params.models == {}
     assert set(params.gates) == set(base["models"])
-    with pytest.raises(ConfigError, match="no model 'cnn'.*none \\(this stage was given no model types\\)"):
+    with pytest.raises(ConfigError, match=r"no model 'cnn'.*none \(this stage was given no model types\)"):
         params.model("cnn")
     # a bad knob inside a block is then not this stage's business; with the types it is an error
     raw = copy.deepcopy(base)
     set_("models.cnn.epochs", 0)(raw)
     path = write_params(tmp_path, raw)
     assert load_params(path).models == {}
-    with pytest.raises(ConfigError, match="models.cnn.epochs = 0"):
+    with pytest.raises(ConfigError, match=r"models.cnn.epochs = 0"):
         load_params(path, PARAM_TYPES)
 
 
@@ -221,7 +273,9 @@ def test_a_model_name_outside_a_z_0_9_and_underscore_is_refused_naming_the_key(t
     with pytest.raises(ConfigError) as err:
         load_params(write_params(tmp_path, raw), model_types)
     message = str(err.value)
-    assert f"models.{name!r} is not allowed: a model name is lowercase letters, digits and underscores only ([a-z0-9_]+)" in message
+    assert (
+        f"models.{name!r} is not allowed: a model name is lowercase letters, digits and underscores only ([a-z0-9_]+)" in message
+    )
     assert f"gates.{name!r} is not allowed" in message
     assert "shell commands" in message and "is not a known model" not in message, message
 
@@ -284,29 +338,44 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 def test_params_are_frozen():
     params = load_params(PARAMS_YAML, PARAM_TYPES)
-    with pytest.raises(Exception):
-        params.seed = 1  # type: ignore[misc]
-    with pytest.raises(Exception):
-        params.model("cnn").epochs = 1  # type: ignore[misc]
+    with pytest.raises(Exception):  # noqa: B017 - any refusal of the assignment will do
+        params.seed = 1  # type: ignore[misc]  # frozen: assigning is the test
+    with pytest.raises(Exception):  # noqa: B017 - any refusal of the assignment will do
+        params.model("cnn").epochs = 1  # type: ignore[misc]  # frozen: assigning is the test
 
 
 def test_unknown_model_name_at_lookup_is_a_config_error():
-    with pytest.raises(ConfigError, match="no model 'resnet'.*models: linear"):
+    with pytest.raises(ConfigError, match=r"no model 'resnet'.*models: linear"):
         load_params(PARAMS_YAML, PARAM_TYPES).model("resnet")
 
 
 STAGE_RUNS = [
     # preprocess reads no model block (it loads params.yaml without model types): give it a bad data knob
     pytest.param(
-        "preprocess", set_("data.val_size", "ten"), "data.val_size = 'ten'",
+        "preprocess",
+        set_("data.val_size", "ten"),
+        "data.val_size = 'ten'",
         ["--raw", "data/raw", "--out", "data/prepared", "--report", "data/data_report.json", "--tensorboard", "data/tb"],
         id="preprocess",
     ),
     # train types every model block: a bad knob of another model than the one trained stops it too
     pytest.param(
-        "train", set_("models.cnn.epochs", "ten"), "models.cnn.epochs = 'ten'",
-        ["linear", "--data", "data/prepared", "--out", "data/models/linear", "--live", "data/live/linear", "--resume", "data/resume/linear",
-         "--tensorboard", "data/tb"],
+        "train",
+        set_("models.cnn.epochs", "ten"),
+        "models.cnn.epochs = 'ten'",
+        [
+            "linear",
+            "--data",
+            "data/prepared",
+            "--out",
+            "data/models/linear",
+            "--live",
+            "data/live/linear",
+            "--resume",
+            "data/resume/linear",
+            "--tensorboard",
+            "data/tb",
+        ],
         id="train",
     ),
 ]
@@ -329,7 +398,11 @@ def test_stage_with_bad_params_exits_1_without_traceback_and_touches_nothing(tmp
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     result = subprocess.run(
         [str(PYTHON), str(REPO / "stages" / f"{stage}.py"), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert expected in result.stderr

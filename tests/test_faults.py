@@ -31,8 +31,13 @@ from pipeline import artifacts
 def start_repro(project: Path, env: dict[str, str]) -> subprocess.Popen:
     """`dvc repro fetch` in its own process group, output piped."""
     return subprocess.Popen(
-        ["dvc", "repro", "fetch"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        ["dvc", "repro", "fetch"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -83,8 +88,13 @@ def digest(path: Path) -> str:
     return artifacts.tree_digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-SAME_AS_CLEAN = ("data/models/logreg/model.keras", "data/evaluate/logreg/metrics.json", "data/evaluate/logreg/predictions.csv",
-                 "data/export/logreg/saved_model", "data/serving/logreg/1")
+SAME_AS_CLEAN = (
+    "data/models/logreg/model.keras",
+    "data/evaluate/logreg/metrics.json",
+    "data/evaluate/logreg/predictions.csv",
+    "data/export/logreg/saved_model",
+    "data/serving/logreg/1",
+)
 
 
 def test_a_full_disk_in_training_export_and_publishing_stops_with_the_path_and_keeps_nothing_partial(
@@ -136,7 +146,9 @@ def test_damaged_cache_objects_and_outputs_are_never_trained_on_and_mnist_verify
     # The train stage refuses the damaged file (the .npz's CRC-32), naming it and the fix; nothing is trained.
     train = dvc(project, "repro", "--force", "--single-item", "train@logreg", env=env, check=False)
     assert train.returncode != 0
-    assert "data/prepared/mnist.npz is not a valid prepared file" in train.stderr and "Bad CRC-32" in train.stderr, train.stderr[-2000:]
+    assert "data/prepared/mnist.npz is not a valid prepared file" in train.stderr and "Bad CRC-32" in train.stderr, train.stderr[
+        -2000:
+    ]
     assert "epoch 1/1" not in train.stderr and "Traceback" not in train.stderr
     # 2. A model file rots in the workspace (its cache object is good); 3. a predictions object rots in the cache.
     model = project / "data" / "models" / "cnn" / "model.keras"
@@ -151,11 +163,20 @@ def test_damaged_cache_objects_and_outputs_are_never_trained_on_and_mnist_verify
     lines = verify.stdout.splitlines()
     (aside,) = (project / ".dvc" / "tmp").glob("verify-*")  # nothing deleted: every damaged copy moved here
     rel = aside.relative_to(project)
-    assert f"data/prepared/mnist.npz: workspace file damaged, and no good copy in the cache: moved aside (the damaged copy: {rel}/data/prepared/mnist.npz)" in lines, lines
+    assert (
+        f"data/prepared/mnist.npz: workspace file damaged, and no good copy in the cache: moved aside (the damaged copy: {rel}/data/prepared/mnist.npz)"
+        in lines
+    ), lines
     assert any("cache object of data/prepared/mnist.npz damaged: moved aside" in line for line in lines), lines
-    assert f"data/models/cnn/model.keras: workspace file damaged: restored from the cache (the damaged copy: {rel}/data/models/cnn/model.keras)" in lines, lines
+    assert (
+        f"data/models/cnn/model.keras: workspace file damaged: restored from the cache (the damaged copy: {rel}/data/models/cnn/model.keras)"
+        in lines
+    ), lines
     obj = predictions_object.relative_to(project)
-    assert f"{obj}: cache object of data/evaluate/mlp/predictions.csv damaged: rewritten from the workspace file (the damaged copy: {rel}/{obj})" in lines, lines
+    assert (
+        f"{obj}: cache object of data/evaluate/mlp/predictions.csv damaged: rewritten from the workspace file (the damaged copy: {rel}/{obj})"
+        in lines
+    ), lines
     assert "run `dvc repro`" in verify.stdout
     assert len([p for p in aside.rglob("*") if p.is_file()]) == 4
 
@@ -164,8 +185,12 @@ def test_damaged_cache_objects_and_outputs_are_never_trained_on_and_mnist_verify
     assert "up to date" in dvc(project, "status", env=env).stdout
     done = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("data/prepared/mnist.npz", "data/models/cnn/model.keras", "data/models/logreg/model.keras",
-                 "data/evaluate/mlp/predictions.csv"):
+    for name in (
+        "data/prepared/mnist.npz",
+        "data/models/cnn/model.keras",
+        "data/models/logreg/model.keras",
+        "data/evaluate/mlp/predictions.csv",
+    ):
         assert digest(project / name) == digest(small_run.project / name), name
     assert hashlib.md5(predictions_object.read_bytes()).hexdigest() == predictions_object.parent.name + predictions_object.name
 
@@ -189,7 +214,9 @@ def test_a_dvc_lock_left_empty_by_a_killed_run_is_set_aside_and_the_next_run_res
     for model in small_run.models():
         assert f"] train@{model}: restored from the run-cache" in run.stdout, run.stdout[-3000:]  # mnist run's progress line
         assert f"Running stage 'train@{model}'" not in run.stdout
-        assert digest(project / "data" / "models" / model / "model.keras") == digest(small_run.project / "data" / "models" / model / "model.keras")
+        assert digest(project / "data" / "models" / model / "model.keras") == digest(
+            small_run.project / "data" / "models" / model / "model.keras"
+        )
     assert "up to date" in dvc(project, "status", env=env).stdout
     again = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "dvc.lock could not be read" not in again.stderr, again.stderr[-3000:]  # a good lock stays
@@ -203,7 +230,9 @@ def dvc_repo(folder: Path) -> Path:
     return folder
 
 
-HOLD_REPO_LOCK = "import sys, time, zc.lockfile\nlock = zc.lockfile.LockFile(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)"
+HOLD_REPO_LOCK = (
+    "import sys, time, zc.lockfile\nlock = zc.lockfile.LockFile(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)"
+)
 
 
 @contextlib.contextmanager
@@ -244,11 +273,15 @@ def test_a_lock_file_is_left_alone_while_another_dvc_command_holds_the_workspace
 
 LOCK_CONTENTS = {  # what an unreadable dvc.lock holds, and what the message says of it
     "empty": (b"", "dvc.lock could not be read: it is empty."),
-    "cut off": (b"schema: '2.0'\nstages:\n  fetch:\n    cmd: python -m pipeline.warm stages/fetch.py\n    outs:\n    - path: 'data/r",
-                "dvc.lock could not be read: it is not valid YAML: cut off, or damaged."),
+    "cut off": (
+        b"schema: '2.0'\nstages:\n  fetch:\n    cmd: python -m pipeline.warm stages/fetch.py\n    outs:\n    - path: 'data/r",
+        "dvc.lock could not be read: it is not valid YAML: cut off, or damaged.",
+    ),
     "not UTF-8": (b"schema: '2.0'\nstages: \xff\xfe\n", "dvc.lock could not be read: it is not UTF-8 text."),
-    "not DVC's": (b"schema: '2.0'\nstages:\n  fetch:\n    cmd: 3\n    outs: nothing\n",
-                  "dvc.lock could not be read: it is YAML, but not in DVC's lock format"),
+    "not DVC's": (
+        b"schema: '2.0'\nstages:\n  fetch:\n    cmd: 3\n    outs: nothing\n",
+        "dvc.lock could not be read: it is YAML, but not in DVC's lock format",
+    ),
 }
 
 
@@ -268,20 +301,34 @@ def test_every_unreadable_lock_set_aside_is_kept_and_the_message_says_what_was_f
 
 
 def test_a_lock_with_merge_conflict_markers_is_no_damage_it_stays_and_the_error_says_how_to_resolve_the_merge(
-    tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     """A merge of two branches' dvc.lock leaves git's markers in it: `mnist run` stops, naming the fix, and
     neither moves it aside nor runs anything."""
     project = copy_project(tmp_path / "project")
     lock = (project / "dvc.lock").read_text()
     half = lock.index("\n  preprocess:")
-    conflicted = f"{lock[:half]}\n<<<<<<< HEAD\n{lock[half:]}=======\n{lock[half:].replace('md5: ', 'md5: 0')}>>>>>>> experiment\n"
+    conflicted = (
+        f"{lock[:half]}\n<<<<<<< HEAD\n{lock[half:]}=======\n{lock[half:].replace('md5: ', 'md5: 0')}>>>>>>> experiment\n"
+    )
     (project / "dvc.lock").write_text(conflicted)
-    run = subprocess.run([str(BIN / "mnist"), "run"], cwd=project, env=project_env(PYTHONPATH=str(project)),
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(BIN / "mnist"), "run"],
+        cwd=project,
+        env=project_env(PYTHONPATH=str(project)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "error: dvc.lock holds git's merge conflict markers (<<<<<<<, =======, >>>>>>>): its merge is unfinished" in run.stderr, run.stderr[-2000:]
-    assert "git checkout --theirs dvc.lock" in run.stderr and "git checkout --ours dvc.lock" in run.stderr and "dvc commit" in run.stderr
+    assert (
+        "error: dvc.lock holds git's merge conflict markers (<<<<<<<, =======, >>>>>>>): its merge is unfinished" in run.stderr
+    ), run.stderr[-2000:]
+    assert (
+        "git checkout --theirs dvc.lock" in run.stderr
+        and "git checkout --ours dvc.lock" in run.stderr
+        and "dvc commit" in run.stderr
+    )
     assert "Traceback" not in run.stderr and "Running stage" not in run.stdout
     assert (project / "dvc.lock").read_text() == conflicted and not list(project.glob("dvc.lock.broken*"))
 
@@ -293,7 +340,6 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
     The dashboards start it again; the run completes, or, where a Prefect call that is not retried failed
     during the outage, a second `dvc repro` does; the results are the clean run's, and a run left
     Running by a process that is gone is marked Crashed."""
-    import psutil
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType

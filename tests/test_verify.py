@@ -41,8 +41,14 @@ def workspace(finished: Path, tmp_path: Path) -> Path:
 
 
 def verify(project: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=project_env(PYTHONPATH=str(project)),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "mnist"), "verify"],
+        cwd=project,
+        env=project_env(PYTHONPATH=str(project)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def asides(project: Path) -> list[Path]:
@@ -97,11 +103,22 @@ def test_damaged_copies_are_moved_into_one_dated_folder_not_deleted(finished: Pa
     assert aside.name.startswith("verify-") and aside.name.endswith("Z")
     rel = aside.relative_to(project)
     lines = done.stdout.splitlines()
-    assert f"data/models/logreg/model.keras: workspace file damaged: restored from the cache (the damaged copy: {rel}/data/models/logreg/model.keras)" in lines, lines
+    assert (
+        f"data/models/logreg/model.keras: workspace file damaged: restored from the cache (the damaged copy: {rel}/data/models/logreg/model.keras)"
+        in lines
+    ), lines
     obj = predictions.relative_to(project)
-    assert f"{obj}: cache object of data/evaluate/logreg/predictions.csv damaged: rewritten from the workspace file (the damaged copy: {rel}/{obj})" in lines, lines
-    assert f"data/leaderboard.json: workspace file damaged: moved aside (the damaged copy: {rel}/data/leaderboard.json)" in lines, lines
-    assert f"nothing was deleted: each damaged copy is in {rel}/, under its own path; to put one back: mv {rel}/<path> <path>" in lines, lines
+    assert (
+        f"{obj}: cache object of data/evaluate/logreg/predictions.csv damaged: rewritten from the workspace file (the damaged copy: {rel}/{obj})"
+        in lines
+    ), lines
+    assert (
+        f"data/leaderboard.json: workspace file damaged: moved aside (the damaged copy: {rel}/data/leaderboard.json)" in lines
+    ), lines
+    assert (
+        f"nothing was deleted: each damaged copy is in {rel}/, under its own path; to put one back: mv {rel}/<path> <path>"
+        in lines
+    ), lines
     assert (aside / "data/models/logreg/model.keras").read_bytes() == damaged[model]
     assert (aside / obj).read_bytes() == damaged[predictions]
     assert (aside / "data/leaderboard.json").read_bytes() == damaged[metrics]
@@ -122,8 +139,9 @@ def test_verify_waits_for_the_dvc_command_that_holds_the_repo_lock(
     flip_a_bit(model, model.stat().st_size // 2)
     damaged = model.read_bytes()
     monkeypatch.setattr(integrity, "LOCK_WAIT_S", 1.0, raising=False)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_REPO_LOCK, str(project / ".dvc" / "tmp" / "lock")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_REPO_LOCK, str(project / ".dvc" / "tmp" / "lock")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(PipelineError) as busy:
@@ -146,8 +164,15 @@ def test_verify_beside_a_running_stage_leaves_what_it_writes_alone_and_the_run_g
     raw = project / "data" / "raw" / "t10k-labels-idx1-ubyte"
     with silent_server() as url:
         edit_params(project, lambda p: {**p, "fetch": {**p["fetch"], "mirrors": [url], "timeout_s": 300, "retries": 0}})
-        repro = subprocess.Popen(["dvc", "repro", "--force", "fetch"], cwd=project, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        repro = subprocess.Popen(
+            ["dvc", "repro", "--force", "fetch"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             wait_for_stage(repro, "stages/fetch.py")
             written = b"\x00\x00\x08\x01 a newer file of the running stage"
