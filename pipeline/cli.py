@@ -9,14 +9,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 from uuid import UUID
 
+from prefect import State, flow
 from prefect.client.orchestration import get_client
-from prefect import flow
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -28,13 +29,16 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import temporary_settings
 from prefect.states import Completed, Crashed, Failed, Running
 
-from pipeline import integrity, servers, warm
-from pipeline import progress as progress_lines
+from pipeline import integrity, progress as progress_lines, servers, warm
 from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
+from pipeline.localserver import SERVER_AUTH_ENV as AUTH_ENV
 from pipeline.mnist import IMAGE_SHAPE
 from pipeline.stage import PARENT_ENV, RUN_ID_ENV, check_prefect_api, client_settings, run_tag, stage_slot, this_process
+
+if TYPE_CHECKING:
+    import numpy as np
 
 EXPORT_ROOT = Path("data/export")
 TENSORBOARD_LOGDIR = Path("data/tensorboard")
@@ -60,11 +64,11 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _follow(child: subprocess.Popen, progress: progress_lines.Progress) -> None:
+def _follow(child: subprocess.Popen[str], progress: progress_lines.Progress) -> None:
     """Pass the child's stdout and stderr through `progress` (which prints a line per ended stage) to ours."""
     lock = threading.Lock()
 
-    def pump(source, sink) -> None:
+    def pump(source: IO[str], sink: TextIO) -> None:
         for line in source:
             with lock:
                 if progress.feed(line):
@@ -73,7 +77,7 @@ def _follow(child: subprocess.Popen, progress: progress_lines.Progress) -> None:
 
     other = threading.Thread(target=pump, args=(child.stderr, sys.stderr), daemon=True)
     other.start()
-    pump(child.stdout, sys.stdout)
+    pump(child.stdout, sys.stdout)  # type: ignore[arg-type]  # stdout=PIPE: not None
     other.join()
     progress.close()
 
@@ -107,22 +111,29 @@ def _run_with_prefect(cmd: list[str], warm_starts: bool = False, progress: progr
                 parent = _open_parent_run(api, run_id) if progress else None
                 if parent:
                     env[PARENT_ENV] = str(parent)
-                    progress.on_end = lambda stage, what, seconds: _note_stage(api, parent, stage, what)
-                piped = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "bufsize": 1} if progress else {}
-                child = subprocess.Popen(cmd, env=env, preexec_fn=warm.DIE_WITH_PARENT, **piped)  # dvc goes if this command is killed
+                    progress.on_end = lambda stage, what, seconds: _note_stage(api, parent, stage, what)  # type: ignore[union-attr]  # a parent run is opened only with progress
+                piped: dict[str, Any] = (
+                    {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "bufsize": 1} if progress else {}
+                )
+                child = subprocess.Popen(
+                    cmd, env=env, preexec_fn=warm.DIE_WITH_PARENT, **piped
+                )  # dvc goes if this command is killed
                 signals.adopt(child)
                 if progress:
                     _follow(child, progress)
                 code = exit_status(child.wait())
                 _mark_killed_runs(api, run_id)
                 if parent:
-                    _close_parent_run(api, parent, code, progress)
+                    _close_parent_run(api, parent, code, progress)  # type: ignore[arg-type]  # a parent run is opened only with progress
         except servers.Stopped as stop:
             print(f"stopped by {stop} before the run started; nothing ran.", file=sys.stderr)
             return 128 + int(signals.received or 0)
     if signals.received is not None:
-        print(f"stopped by {signal.Signals(signals.received).name}: run the same command again to go on "
-              "(DVC restores or re-runs what did not finish).", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(signals.received).name}: run the same command again to go on "
+            "(DVC restores or re-runs what did not finish).",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -219,8 +230,13 @@ def _note_stage(api: str, parent: UUID, stage: str, what: str) -> None:
     name = "Restored" if what == progress_lines.RESTORED else "Up to date"
     try:
         with temporary_settings(updates=client_settings(api)), get_client(sync_client=True) as client:
-            client.create_task_run(stage_slot.with_options(name=stage), flow_run_id=parent, dynamic_key=stage, name=stage,
-                                   state=Completed(message=what, name=name))
+            client.create_task_run(
+                stage_slot.with_options(name=stage),
+                flow_run_id=parent,
+                dynamic_key=stage,
+                name=stage,
+                state=Completed(message=what, name=name),
+            )
     except Exception as exc:  # noqa: BLE001 - a dashboard detail must not stop the run
         print(f"Prefect: could not record {stage} ({type(exc).__name__}: {exc})", file=sys.stderr)
 
@@ -228,7 +244,7 @@ def _note_stage(api: str, parent: UUID, stage: str, what: str) -> None:
 def _close_parent_run(api: str, parent: UUID, code: int, progress: progress_lines.Progress) -> None:
     """End the parent flow run as the run ended; a stage task run left unfinished (its process killed) is Crashed."""
     failed = [f"{stage}: {message}" for stage, message in progress.errors.items()]
-    end = Completed() if code == 0 else Failed(message="; ".join(failed) or f"dvc repro exited with {code}")
+    end: State = Completed() if code == 0 else Failed(message="; ".join(failed) or f"dvc repro exited with {code}")
     try:
         with temporary_settings(updates=client_settings(api)), get_client(sync_client=True) as client:
             for slot in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent]))):
@@ -259,8 +275,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("\n" + progress_lines.models_table(root, root / params.serving.base, list(params.models)))
         except Exception as exc:  # noqa: BLE001 - the run is done; a table it cannot make is only said
             print(f"\n(no table of the models: {exc})")
-        print("\nReport: data/report.md (and `dvc metrics show`). Prefect and TensorBoard: `make dashboards` "
-              f"(Prefect on http://127.0.0.1:{servers.PREFECT_PORT}, TensorBoard on http://127.0.0.1:{servers.TENSORBOARD_PORT}).")
+        print(
+            "\nReport: data/report.md (and `dvc metrics show`). Prefect and TensorBoard: `make dashboards` "
+            f"(Prefect on http://127.0.0.1:{servers.PREFECT_PORT}, TensorBoard on http://127.0.0.1:{servers.TENSORBOARD_PORT})."
+        )
     return code
 
 
@@ -302,9 +320,9 @@ def until_stopped(signals: servers.Signals) -> None:
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
     """The Prefect UI and TensorBoard together, until Ctrl-C or SIGTERM."""
-    if not servers.is_loopback(args.host) and not os.environ.get(servers.AUTH_ENV):
+    if not servers.is_loopback(args.host) and not os.environ.get(AUTH_ENV):
         raise PipelineError(
-            f"--host {args.host} lets other machines reach the Prefect server: set {servers.AUTH_ENV}=user:password "
+            f"--host {args.host} lets other machines reach the Prefect server: set {AUTH_ENV}=user:password "
             f"first (and PREFECT_API_AUTH_STRING to the same on every client and worker), or bind 127.0.0.1."
         )
     if args.database_url and urlsplit(args.database_url).password:
@@ -317,18 +335,27 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     # start-up or shut-down cuts nothing halfway, and every server started is stopped.
     with servers.Signals() as signals:
         try:
-            with servers.prefect_server(
-                args.host, args.prefect_port, database_url=args.database_url, signals=signals,
-                restart=True, on_restart=_mark_orphaned_runs,
-            ) as api, servers.tensorboard_server(  # TensorBoard has no authentication: loopback only, whatever --host says
-                TENSORBOARD_LOGDIR, "127.0.0.1", args.tensorboard_port, live=TRAINING_NOW, signals=signals
-            ) as tb:
+            with (
+                servers.prefect_server(
+                    args.host,
+                    args.prefect_port,
+                    database_url=args.database_url,
+                    signals=signals,
+                    restart=True,
+                    on_restart=_mark_orphaned_runs,
+                ) as api,
+                servers.tensorboard_server(  # TensorBoard has no authentication: loopback only, whatever --host says
+                    TENSORBOARD_LOGDIR, "127.0.0.1", args.tensorboard_port, live=TRAINING_NOW, signals=signals
+                ) as tb,
+            ):
                 _mark_orphaned_runs(api)
                 if args.prefect_port == servers.PREFECT_PORT:  # the stages look for the project's server there
                     clients = "A bare `dvc repro`, `dvc exp run` or queued experiment reports here with no setting."
                 else:
-                    clients = (f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}"
-                               " PREFECT_API_AUTH_STRING=<the auth string above>")
+                    clients = (
+                        f"For a bare `dvc repro` to report here: export PREFECT_API_URL={api}"
+                        " PREFECT_API_AUTH_STRING=<the auth string above>"
+                    )
                 print(f"Prefect:     {api.removesuffix('/api')}\nTensorBoard: {tb}\n{clients}\nCtrl-C stops both.", flush=True)
                 until_stopped(signals)
         except servers.Stopped:
@@ -365,17 +392,21 @@ def check_png_size(path: Path, header: bytes) -> None:
     """Raise PipelineError if the PNG at `path` (its first 24 bytes: `header`) is over MAX_PNG_BYTES or MAX_PNG_PIXELS."""
     size = path.stat().st_size
     if size > MAX_PNG_BYTES:
-        raise PipelineError(f"{path} is a PNG of {size:,} bytes; `mnist predict` reads PNGs of up to {MAX_PNG_BYTES:,} bytes "
-                            f"({MAX_PNG_BYTES >> 20} MiB): scale the image down (the model sees 28x28 pixels).")
+        raise PipelineError(
+            f"{path} is a PNG of {size:,} bytes; `mnist predict` reads PNGs of up to {MAX_PNG_BYTES:,} bytes "
+            f"({MAX_PNG_BYTES >> 20} MiB): scale the image down (the model sees 28x28 pixels)."
+        )
     if len(header) < 24 or header[12:16] != b"IHDR":
         raise PipelineError(f"{path} is not a readable PNG (no IHDR header where the PNG format puts it).")
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     if width * height > MAX_PNG_PIXELS:
-        raise PipelineError(f"{path} is a PNG of {width}x{height} pixels; `mnist predict` decodes up to {MAX_PNG_PIXELS:,} "
-                            "pixels: scale the image down (the model sees 28x28 pixels).")
+        raise PipelineError(
+            f"{path} is a PNG of {width}x{height} pixels; `mnist predict` decodes up to {MAX_PNG_PIXELS:,} "
+            "pixels: scale the image down (the model sees 28x28 pixels)."
+        )
 
 
-def read_images(path: Path, invert: bool) -> "np.ndarray":
+def read_images(path: Path, invert: bool) -> np.ndarray:
     """A PNG (up to MAX_PNG_BYTES and MAX_PNG_PIXELS, resized to MNIST's 28x28) or an IDX image file, as uint8 [n, height, width]."""
     # TensorFlow and the models load only for the commands that use them (predict, describe):
     # `mnist run` and `mnist dashboards` start without paying for them.
@@ -395,7 +426,7 @@ def read_images(path: Path, invert: bool) -> "np.ndarray":
             raise PipelineError(f"{path} is not a readable PNG ({exc.message.strip()}).") from None
         if tuple(image.shape[:2]) != IMAGE_SHAPE:
             image = tf.cast(tf.image.resize(image, IMAGE_SHAPE, antialias=True), tf.uint8)
-        images = image.numpy()[None, :, :, 0]
+        images: np.ndarray = image.numpy()[None, :, :, 0]
     elif header[:3] == b"\x00\x00\x08":
         try:
             images = parse_idx(path.read_bytes(), path.name, ndim=3)
@@ -481,13 +512,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for f in report.findings:
         print(f"{shown(f.path)}: {f.what}: {f.action}" + (f" (the damaged copy: {shown(f.aside)})" if f.aside else ""))
     if any(not f.damage for f in report.findings):
-        print("a modified output is left as it is: `dvc commit` records it, `dvc checkout <path>` puts back what dvc.lock records")
+        print(
+            "a modified output is left as it is: `dvc commit` records it, `dvc checkout <path>` puts back what dvc.lock records"
+        )
     if report.aside:
-        print(f"nothing was deleted: each damaged copy is in {shown(report.aside)}/, under its own path; "
-              f"to put one back: mv {shown(report.aside)}/<path> <path>")
+        print(
+            f"nothing was deleted: each damaged copy is in {shown(report.aside)}/, under its own path; "
+            f"to put one back: mv {shown(report.aside)}/<path> <path>"
+        )
     if not report.damaged:
-        print("no damage: every output in dvc.lock and its cache object hold the bytes dvc.lock records"
-              + (", or are newer outputs" if report.findings else ""))
+        print(
+            "no damage: every output in dvc.lock and its cache object hold the bytes dvc.lock records"
+            + (", or are newer outputs" if report.findings else "")
+        )
         return 0
     if any(f.action == "moved aside" for f in report.damaged):
         print("run `dvc repro` to make the outputs moved aside again (or `dvc pull` to fetch them from the remote)")
@@ -499,8 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="dvc repro, with every stage on a Prefect server")
-    run.add_argument("--cold", action="store_true",
-                     help="start every stage as a new process (by default each is forked from one that has imported them: pipeline/warm.py)")
+    run.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every stage as a new process (by default each is forked from one that has imported them: pipeline/warm.py)",
+    )
     run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (e.g. train@cnn, --force)")
     run.set_defaults(fn=cmd_run)
 
@@ -511,8 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     dep = sub.add_parser("deploy", help="register the model-chain deployment on a Prefect work pool")
     dep.add_argument("--work-pool", required=True, help="the pool (created as a process pool if missing)")
     dep.add_argument("--repo", help="git URL the workers clone (default: this clone's origin)")
-    dep.add_argument("--zombie-after", type=int, default=120, metavar="S",
-                     help="mark a chain run Crashed after S seconds without a heartbeat from its worker (default 120)")
+    dep.add_argument(
+        "--zombie-after",
+        type=int,
+        default=120,
+        metavar="S",
+        help="mark a chain run Crashed after S seconds without a heartbeat from its worker (default 120)",
+    )
     dep.set_defaults(fn=cmd_deploy)
 
     serve = sub.add_parser("serve", help="serve the end-to-end flow as a scheduled Prefect deployment")
@@ -521,12 +566,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(fn=cmd_serve)
 
     dash = sub.add_parser("dashboards", help="Prefect UI on :4200 and TensorBoard on :6006, until Ctrl-C")
-    dash.add_argument("--host", default="127.0.0.1", help="the Prefect server's bind address (default loopback only; beyond it, "
-                      "PREFECT_SERVER_API_AUTH_STRING is required); TensorBoard, which has no authentication, stays on 127.0.0.1")
+    dash.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the Prefect server's bind address (default loopback only; beyond it, "
+        "PREFECT_SERVER_API_AUTH_STRING is required); TensorBoard, which has no authentication, stays on 127.0.0.1",
+    )
     dash.add_argument("--prefect-port", type=int, default=4200)
     dash.add_argument("--tensorboard-port", type=int, default=6006)
-    dash.add_argument("--database-url", help="Prefect's database without a password, e.g. postgresql+asyncpg://prefect@host:5432/prefect; "
-                      f"with one, set {servers.DATABASE_ENV} instead (default: SQLite under PREFECT_HOME)")
+    dash.add_argument(
+        "--database-url",
+        help="Prefect's database without a password, e.g. postgresql+asyncpg://prefect@host:5432/prefect; "
+        f"with one, set {servers.DATABASE_ENV} instead (default: SQLite under PREFECT_HOME)",
+    )
     dash.set_defaults(fn=cmd_dashboards)
 
     pred = sub.add_parser("predict", help="classify PNG or IDX images with an exported SavedModel")
@@ -558,8 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dvc_args = unknown + args.dvc_args
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    fn: Callable[[argparse.Namespace], int] = args.fn
     try:
-        return args.fn(args)
+        return fn(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,17 +9,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Iterator
+from typing import Any
 
 import httpx
 
 from pipeline import localserver
 from pipeline.errors import PipelineError
-from pipeline.localserver import CLIENT_AUTH_ENV
-from pipeline.localserver import SERVER_AUTH_ENV as AUTH_ENV  # Prefect's basic authentication: "user:password"
+from pipeline.localserver import (
+    CLIENT_AUTH_ENV,
+    SERVER_AUTH_ENV as AUTH_ENV,  # Prefect's basic authentication: "user:password"
+)
 from pipeline.warm import DIE_WITH_PARENT, stop
 
 PREFECT_PORT = 4200
@@ -51,9 +54,9 @@ class Signals:
     def __init__(self) -> None:
         self.received: int | None = None
         self.children: list[int] = []
-        self._saved: dict[int, object] = {}
+        self._saved: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
 
-    def __enter__(self) -> "Signals":
+    def __enter__(self) -> Signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._saved[sig] = signal.signal(sig, self._handle)
         return self
@@ -67,7 +70,7 @@ class Signals:
         for pid in self.children:
             forward(pid, signum)
 
-    def adopt(self, process: subprocess.Popen) -> None:
+    def adopt(self, process: subprocess.Popen[Any]) -> None:
         """Pass later signals on to `process` and its descendants (and one that came already)."""
         self.children.append(process.pid)
         if self.received is not None:
@@ -104,7 +107,7 @@ def answers(url: str, timeout_s: float = 2.0) -> bool:
 
 
 def _wait_until(
-    url: str, process: subprocess.Popen, what: str, timeout_s: float, log: Path, signals: Signals | None
+    url: str, process: subprocess.Popen[Any], what: str, timeout_s: float, log: Path, signals: Signals | None
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -130,9 +133,18 @@ class Watchdog(threading.Thread):
     restarts within `window_s` is left down, with a message: it would only die again (see its log).
     """
 
-    def __init__(self, start: Callable[[], subprocess.Popen], process: subprocess.Popen, url: str, what: str,
-                 on_restart: Callable[[], None] | None = None, max_restarts: int = 5, window_s: float = 300.0,
-                 backoff_s: float = 2.0, log: Path | None = None):
+    def __init__(
+        self,
+        start: Callable[[], subprocess.Popen[Any]],
+        process: subprocess.Popen[Any],
+        url: str,
+        what: str,
+        on_restart: Callable[[], None] | None = None,
+        max_restarts: int = 5,
+        window_s: float = 300.0,
+        backoff_s: float = 2.0,
+        log: Path | None = None,
+    ):
         super().__init__(daemon=True, name=f"watchdog {what}")
         self.start_server, self.process, self.url, self.what, self.on_restart = start, process, url, what, on_restart
         self.max_restarts, self.window_s, self.backoff_s, self.log = max_restarts, window_s, backoff_s, log
@@ -149,13 +161,20 @@ class Watchdog(threading.Thread):
             recent = [t for t in recent if now - t < self.window_s]
             if len(recent) >= self.max_restarts:
                 self.gave_up = True
-                print(f"{self.what} stopped {len(recent) + 1} times within {self.window_s:.0f} s (last exit status "
-                      f"{self.process.returncode}); not starting it again{f': see {self.log}' if self.log else ''}.",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{self.what} stopped {len(recent) + 1} times within {self.window_s:.0f} s (last exit status "
+                    f"{self.process.returncode}); not starting it again{f': see {self.log}' if self.log else ''}.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
             delay = min(self.backoff_s * 2 ** (len(recent) - 1), 30.0) if recent else 0.0
-            print(f"{self.what} stopped (exit status {self.process.returncode}); starting it again"
-                  f"{f' in {delay:.0f} s' if delay else ''}.", file=sys.stderr, flush=True)
+            print(
+                f"{self.what} stopped (exit status {self.process.returncode}); starting it again"
+                f"{f' in {delay:.0f} s' if delay else ''}.",
+                file=sys.stderr,
+                flush=True,
+            )
             if self.stopping.wait(delay):
                 return
             recent.append(time.monotonic())
@@ -168,7 +187,7 @@ class Watchdog(threading.Thread):
                 if self.on_restart:
                     self.on_restart()
 
-    def stop(self) -> subprocess.Popen:
+    def stop(self) -> subprocess.Popen[Any]:
         """Stop watching; the server process of the moment, for the caller to stop."""
         self.stopping.set()
         self.join()
@@ -240,11 +259,15 @@ def prefect_server(
     else:
         env.pop(AUTH_ENV, None)
 
-    def start() -> subprocess.Popen:
+    def start() -> subprocess.Popen[Any]:
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=DIE_WITH_PARENT,
             )
         localserver.write(localserver.Record(pid=process.pid, port=port, auth=secret))
         return process
@@ -267,8 +290,7 @@ def prefect_server(
                     localserver.forget(port, process.pid)
                     raise
                 if secret and not os.environ.get(AUTH_ENV):  # shown once: the browser asks for it
-                    print(f"Prefect: started a server on {host}:{port}; its UI asks for this auth string: {secret}",
-                          flush=True)
+                    print(f"Prefect: started a server on {host}:{port}; its UI asks for this auth string: {secret}", flush=True)
         try:
             if secret:
                 os.environ[CLIENT_AUTH_ENV] = secret
@@ -288,8 +310,11 @@ def prefect_server(
                 try:
                     fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    print(f"Prefect: other commands still use the server on {host}:{port}; stopping it once they end ...",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"Prefect: other commands still use the server on {host}:{port}; stopping it once they end ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     fcntl.flock(users_fd, fcntl.LOCK_EX)
                 localserver.forget(port, process.pid)
                 stop(process)
@@ -390,9 +415,23 @@ def tensorboard_server(
             logdir = stack.enter_context(runs_view(logdir, live, Path(logdir).parent / f".tensorboard-{port}.runs"))
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(port),
-                 "--reload_interval", "5"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=DIE_WITH_PARENT,
+                [
+                    sys.executable,
+                    "-m",
+                    "tensorboard.main",
+                    "--logdir",
+                    str(logdir),
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--reload_interval",
+                    "5",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=DIE_WITH_PARENT,
             )
         try:
             _wait_until(f"{url}/data/logdir", process, f"TensorBoard on {host}:{port}", 90, log, signals)

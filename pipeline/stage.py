@@ -15,9 +15,10 @@ import os
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -58,18 +59,31 @@ except PipelineError as _exc:
     print(f"\nerror: {_exc}", file=sys.stderr)
     sys.exit(1)
 
-from prefect import Flow, task  # noqa: E402 - only once the settings are known to be readable
-from prefect import flow as flow_decorator  # noqa: E402
-from prefect.client.schemas.filters import (  # noqa: E402
+from prefect import (  # noqa: E402 - only once the settings are known to be readable
+    Flow,
+    State,
+    flow as flow_decorator,
+    task,
+)
+from prefect.cache_policies import NO_CACHE  # noqa: E402 - as above
+from prefect.client.orchestration import get_client  # noqa: E402 - as above
+from prefect.client.schemas.filters import (  # noqa: E402 - as above
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
     FlowRunFilterName,
 )
-from prefect.states import Completed, Failed, Running  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.logging.loggers import flow_run_logger  # noqa: E402
+from prefect.logging.loggers import flow_run_logger  # noqa: E402 - as above
+from prefect.states import Completed, Failed, Running  # noqa: E402 - as above
+
+if TYPE_CHECKING:
+    from prefect import Task
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.flows import FlowStateHook
+    from prefect.settings.legacy import Setting
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 START_UP_LOG = "stage process ready in %.2f s (%s start, pipeline/warm.py), launched by DVC at %s"  # for people reading the log
 # The same, as the flow run's labels: seconds from launch to ready, "warm" or "cold", and the launch time (ISO 8601)
@@ -123,7 +137,7 @@ def run_tag(run_id: str) -> str:
     return f"pipeline-run:{run_id}"
 
 
-def prefect_settings() -> dict:
+def prefect_settings() -> dict[Setting, Any]:
     """Prefect setting overrides for a stage's flow run: heartbeats off, unless the user set them.
 
     The heartbeat thread sleeps in 1 s steps and the flow waits for it at its end, so they
@@ -143,7 +157,7 @@ def check_prefect_api(timeout_s: float = 3.0, wait_s: float = SERVER_WAIT_S) -> 
     settings it cannot read (a bad PREFECT_* variable) stop it too, with the setting named.
     """
     check_prefect_settings()
-    url = PREFECT_API_URL.value()
+    url: str | None = PREFECT_API_URL.value()
     if not url:
         return None
     deadline = time.monotonic() + wait_s
@@ -154,8 +168,12 @@ def check_prefect_api(timeout_s: float = 3.0, wait_s: float = SERVER_WAIT_S) -> 
         except httpx.ConnectError as exc:  # refused: the server may be restarting
             if time.monotonic() < deadline:
                 if not waited:
-                    print(f"The Prefect server at {url} refuses connections; waiting up to {wait_s:.0f} s for it "
-                          "(it may be restarting).", file=sys.stderr, flush=True)
+                    print(
+                        f"The Prefect server at {url} refuses connections; waiting up to {wait_s:.0f} s for it "
+                        "(it may be restarting).",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     waited = True
                 time.sleep(0.5)
                 continue
@@ -186,9 +204,12 @@ def dashboards_api(timeout_s: float = 2.0) -> str | None:
     except (httpx.HTTPError, ValueError):
         return None
     if healthy and record is None:
-        print(f"Prefect: {DASHBOARDS_API_URL} answers but is not a server this project started "
-              f"({localserver.describe_listener(port)}); this stage reports to a temporary server instead.",
-              file=sys.stderr, flush=True)
+        print(
+            f"Prefect: {DASHBOARDS_API_URL} answers but is not a server this project started "
+            f"({localserver.describe_listener(port)}); this stage reports to a temporary server instead.",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     if healthy and record is not None and record.auth:
         os.environ[localserver.CLIENT_AUTH_ENV] = record.auth
@@ -206,7 +227,7 @@ def reporting_api() -> str | None:
     return api
 
 
-def client_settings(api: str | None) -> dict:
+def client_settings(api: str | None) -> dict[Setting, Any]:
     """Prefect settings for calls to `api`: its URL, and the auth string that the environment holds for it."""
     if not api:
         return {}
@@ -250,7 +271,7 @@ def end_parent(parent: UUID, state: Any, stage: str) -> None:
         client.set_flow_run_state(parent, Completed() if ok else Failed(message=f"{stage} failed: {state.message}"), force=True)
 
 
-def run_in_parent(flow: Flow, parent: UUID, stage: str, run_name: str, parameters: dict[str, Any]) -> Any:
+def run_in_parent(flow: Flow[..., Any], parent: UUID, stage: str, run_name: str, parameters: dict[str, Any]) -> Any:
     """Run `flow` as a subflow of the pipeline run's flow run `parent`; its final state.
 
     A task run of the parent, named `stage` as DVC names it, stands for the stage, and the stage's flow run is created with that
@@ -262,8 +283,13 @@ def run_in_parent(flow: Flow, parent: UUID, stage: str, run_name: str, parameter
     from prefect.states import Pending
 
     with get_client(sync_client=True) as client:
-        slot = client.create_task_run(stage_slot.with_options(name=stage), flow_run_id=parent,
-                                      dynamic_key=f"{stage}-{os.getpid()}", name=stage, state=Pending())
+        slot = client.create_task_run(
+            stage_slot.with_options(name=stage),
+            flow_run_id=parent,
+            dynamic_key=f"{stage}-{os.getpid()}",
+            name=stage,
+            state=Pending(),
+        )
         flow_run = client.create_flow_run(flow, name=run_name, parameters=parameters, parent_task_run_id=slot.id)
     return run_flow(flow, flow_run=flow_run, parameters=parameters, return_type="state")
 
@@ -273,7 +299,7 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def record_run(labels: list[str]):
+def record_run(labels: list[str]) -> FlowStateHook[..., Any]:
     """An on_running hook that tags the flow run with `labels` and notes its stage process on it.
 
     The process (`host:pid`) lets a run whose process is gone be told from one still running
@@ -285,15 +311,17 @@ def record_run(labels: list[str]):
 
     launch, ready = warm.launched(), time.time()  # called before the flow run is created: the process is ready
 
-    def record(flow: Flow, flow_run, state) -> None:
+    def record(flow: Flow[..., Any], flow_run: FlowRun, state: State) -> None:
         with get_client(sync_client=True) as client:
             client.update_flow_run(flow_run.id, infrastructure_pid=this_process(), tags=sorted({*flow_run.tags, *labels}))
         if launch:
             when, how = launch
-            launched_at = datetime.fromtimestamp(when, timezone.utc).isoformat()
+            launched_at = datetime.fromtimestamp(when, UTC).isoformat()
             with get_client(sync_client=True) as client:  # what benchmarks/breakdown.py reads
-                client.update_flow_run_labels(flow_run.id, {START_UP_LABELS[0]: round(ready - when, 3), START_UP_LABELS[1]: how,
-                                                            START_UP_LABELS[2]: launched_at})
+                client.update_flow_run_labels(
+                    flow_run.id,
+                    {START_UP_LABELS[0]: round(ready - when, 3), START_UP_LABELS[1]: how, START_UP_LABELS[2]: launched_at},
+                )
             flow_run_logger(flow_run, flow).info(START_UP_LOG, ready - when, how, launched_at)
 
     return record
@@ -309,12 +337,12 @@ class HidePipelineTracebacks(logging.Filter):
         return True
 
 
-def as_task(fn, name: str, **options: Any):
+def as_task(fn: Callable[P, R], name: str, **options: Any) -> Task[P, R]:
     """A Prefect task around a plain library function, named for the dashboard.
 
     Inputs are arrays and models: never cache or hash them.
     """
-    return task(fn, cache_policy=NO_CACHE, task_run_name=name, **options)
+    return task(fn, cache_policy=NO_CACHE, task_run_name=name, **options)  # type: ignore[call-overload, no-any-return]  # Prefect accepts task(fn, **options); its overloads do not say so
 
 
 def artifact_key(*parts: str) -> str:
@@ -322,7 +350,7 @@ def artifact_key(*parts: str) -> str:
     return "-".join(parts).lower().replace("_", "-")
 
 
-def parse_arguments(flow: Flow, argv: list[str] | None = None) -> dict[str, Any]:
+def parse_arguments(flow: Flow[..., Any], argv: list[str] | None = None) -> dict[str, Any]:
     """The flow's arguments from the command line, as dvc.yaml's command gives them.
 
     They are read off the flow itself: its `model` parameter is the first word, each Path
@@ -343,7 +371,7 @@ def parse_arguments(flow: Flow, argv: list[str] | None = None) -> dict[str, Any]
 
 
 def run_stage(
-    flow: Flow, model_types: dict[str, type[ModelParams]] | None = None, argv: list[str] | None = None
+    flow: Flow[..., Any], model_types: dict[str, type[ModelParams]] | None = None, argv: list[str] | None = None
 ) -> None:
     """Run `flow` as the Prefect flow run of the DVC stage of the same name, with the command line's arguments.
 
@@ -371,11 +399,15 @@ def run_stage(
             if api:
                 address = f"{stage}@{model}" if model else stage  # as DVC names the stage
                 parent, own = (UUID(os.environ[PARENT_ENV]), False) if os.environ.get(PARENT_ENV) else (adopt_parent(), True)
-                state = run_in_parent(flow.with_options(on_running=[hook]), parent, address, run_name, {"params": params, **arguments})
+                state = run_in_parent(
+                    flow.with_options(on_running=[hook]), parent, address, run_name, {"params": params, **arguments}
+                )
                 if own:  # no run command ends the parent: each stage leaves it as the run stands after it
                     end_parent(parent, state, address)
             else:  # Prefect's temporary server: nothing to nest under
-                state = flow.with_options(flow_run_name=run_name, on_running=[hook])(params=params, **arguments, return_state=True)
+                state = flow.with_options(flow_run_name=run_name, on_running=[hook])(
+                    params=params, **arguments, return_state=True
+                )
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             if isinstance(error, BaseException):

@@ -35,9 +35,10 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import Any, NoReturn
 
 SOCKET_ENV = "PIPELINE_WARM_SOCKET"
 LAUNCHED_ENV = "PIPELINE_STAGE_LAUNCHED"  # "<unix time> warm|cold": when and how the launcher started the stage
@@ -55,9 +56,19 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
 # Modules that the stages import only once they run (Prefect's engines and the encoder it takes from
 # FastAPI, DVCLive's DVC, TensorBoard's summary ops): about 0.15 s per stage, 0.25 s per train stage,
 # found with PYTHONPROFILEIMPORTTIME=1 on a warm `mnist run`. The server imports them too, where they exist.
-IMPORTED_LATER = ("prefect.flow_engine", "prefect.task_engine", "prefect.utilities.visualization", "fastapi.encoders",
-                  "anyio._core._sockets", "anyio._core._streams", "rich._emoji_codes", "dvc.repo", "dvc.scm", "dvc.dirs",
-                  "tensorboard.summary.v2")
+IMPORTED_LATER = (
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.utilities.visualization",
+    "fastapi.encoders",
+    "anyio._core._sockets",
+    "anyio._core._streams",
+    "rich._emoji_codes",
+    "dvc.repo",
+    "dvc.scm",
+    "dvc.dirs",
+    "tensorboard.summary.v2",
+)
 
 
 def _die_with_parent() -> None:
@@ -67,6 +78,7 @@ def _die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+DIE_WITH_PARENT: Callable[[], None] | None
 if sys.platform == "linux":  # looked up here: after fork, the child only calls it
     import ctypes
 
@@ -166,8 +178,13 @@ def server(root: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
     with tempfile.TemporaryDirectory(prefix="mnist-warm-") as folder:
         path = str(Path(folder) / "socket")
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.warm", "--serve", path], cwd=root, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=DIE_WITH_PARENT,
+            [sys.executable, "-m", "pipeline.warm", "--serve", path],
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=DIE_WITH_PARENT,
         )
         try:
             yield {SOCKET_ENV: path}
@@ -175,7 +192,7 @@ def server(root: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
             stop(process)
 
 
-def stop(process: subprocess.Popen, timeout: float = 15) -> None:
+def stop(process: subprocess.Popen[Any], timeout: float = 15) -> None:
     """End a server process: SIGTERM, then SIGKILL if it has not ended after `timeout` seconds."""
     if process.poll() is None:
         process.terminate()
@@ -220,7 +237,7 @@ def serve(path: str, root: Path) -> None:
         while os.getppid() == parent:
             try:
                 conn, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             with conn:
                 _answer(conn, listener, root, loaded)
@@ -270,8 +287,13 @@ def _request_refusal(message: bytes, fds: list[int], root: Path, loaded: dict[st
     """Why the request cannot be run here: malformed, or to be run cold (see refusal); or None."""
     try:
         request = json.loads(message)
-        if len(fds) != 3 or not isinstance(request, dict) or not isinstance(request.get("argv"), list) \
-                or not isinstance(request.get("cwd"), str) or not isinstance(request.get("env"), dict):
+        if (
+            len(fds) != 3
+            or not isinstance(request, dict)
+            or not isinstance(request.get("argv"), list)
+            or not isinstance(request.get("cwd"), str)
+            or not isinstance(request.get("env"), dict)
+        ):
             return "a malformed request (argv, cwd, env and three streams expected)"
         threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
         if threads != 1:
@@ -281,7 +303,7 @@ def _request_refusal(message: bytes, fds: list[int], root: Path, loaded: dict[st
         return "a malformed request (not JSON)"
 
 
-def refusal(request: dict, root: Path, loaded: dict[str, int]) -> str | None:
+def refusal(request: dict[str, Any], root: Path, loaded: dict[str, int]) -> str | None:
     """Why the server must not run `request` (the launcher then starts cold), or None."""
     if Path(request["cwd"]).resolve() != root:
         return f"the server runs the code of {root}, not of {request['cwd']}"
@@ -311,7 +333,7 @@ def _mtime(name: str) -> int:
         return -1
 
 
-def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> NoReturn:
+def _supervise(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
     """In a fork of the server: fork the stage process (set up as `python SCRIPT ARGS` would be), report
     its pid and then its exit status to the launcher."""
     os.setpgid(0, 0)  # signals to the server's process group reach the stage only through its launcher
@@ -330,14 +352,14 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> NoReturn:
     # WNOWAIT: the ended child stays a zombie until this process exits, so its pid is not reused
     # while the launcher_gone thread might still signal it.
     ended = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
-    status = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+    status = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status  # type: ignore[union-attr]  # None only with WNOHANG
     try:
         conn.send(json.dumps({"status": status}).encode())
     finally:
         os._exit(0)
 
 
-def _become_stage(conn: socket.socket, request: dict, fds: list[int]) -> NoReturn:
+def _become_stage(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
     """Turn this fork into the stage process: the launcher's stdio, directory, environment, arguments, signals."""
     supervisor = os.getppid()
     conn.close()
@@ -348,7 +370,7 @@ def _become_stage(conn: socket.socket, request: dict, fds: list[int]) -> NoRetur
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=stream.isatty())
+        stream.reconfigure(line_buffering=stream.isatty())  # type: ignore[union-attr]  # sys.stdout and sys.stderr are TextIOWrappers
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -382,7 +404,7 @@ def _exit_after(run: Callable[[], object]) -> NoReturn:
         status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if not isinstance(exc.code, int) and exc.code is not None:
             print(exc.code, file=sys.stderr)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the stage's error, whatever it is, is shown and becomes its exit status
         sys.excepthook(type(exc), exc, exc.__traceback__)
         status, interrupted = 1, isinstance(exc, KeyboardInterrupt)
     for thread in threading.enumerate():

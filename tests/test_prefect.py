@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,16 @@ from conftest import MIRROR, REPO, SmallRun, copy_project, dvc, edit_params, fre
 from helpers import silent_server
 from pipeline.cli import mark_killed_runs
 from pipeline.config import Params
-from pipeline.stage import EXPERIMENT_ENV, HEARTBEAT_ENV, RUN_ID_ENV, SERVER_WAIT_S, check_prefect_api, prefect_settings, run_tag, stage_labels
+from pipeline.stage import (
+    EXPERIMENT_ENV,
+    HEARTBEAT_ENV,
+    RUN_ID_ENV,
+    SERVER_WAIT_S,
+    check_prefect_api,
+    prefect_settings,
+    run_tag,
+    stage_labels,
+)
 
 
 def flow_runs(tag: str) -> list:
@@ -57,8 +67,12 @@ def logs_of(flow_run_id) -> str:
 
 def run_dag(project: Path, run_id: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.dag"], cwd=project, env=project_env(PIPELINE_RUN_ID=run_id, **env),
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "pipeline.dag"],
+        cwd=project,
+        env=project_env(PIPELINE_RUN_ID=run_id, **env),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -89,6 +103,7 @@ def test_artifacts_leaderboard_metrics_progress_and_links(small_run: SmallRun) -
     # The small run's own artifacts: other tests' runs (test_fanout's sequential run) report to this server too.
     ours = ArtifactFilterFlowRunId(any_=[run.id for run, _ in flow_runs(f"pipeline-run:{small_run.run_id}")])
     with get_client(sync_client=True) as client:
+
         def latest(key: str):
             found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ours))
             assert found, f"no artifact {key}"
@@ -113,7 +128,7 @@ def test_end_to_end_flow_reports_ran_and_up_to_date(small_run: SmallRun) -> None
         run_id = f"flow-{int(time.time())}"
         done = run_dag(project, run_id)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        [(flow_run, flow)] = [(r, f) for r, f in flow_runs(f"pipeline-run:{run_id}") if f == "pipeline"]
+        [(flow_run, _)] = [(r, f) for r, f in flow_runs(f"pipeline-run:{run_id}") if f == "pipeline"]
         assert flow_run.state.type == StateType.COMPLETED
         tasks = task_runs(flow_run.id)
         ran = {"evaluate@linear", "export@linear", "report", "publish"}  # publish: the linear export record changed
@@ -156,7 +171,9 @@ def test_failing_stage_fails_its_flow_run_and_the_rest_is_not_run(tmp_path: Path
         edit_params(project, bad_mirror)
         run_id = f"fail-{int(time.time())}"
         env = {k: v for k, v in project_env(PIPELINE_RUN_ID=run_id).items() if k != "MNIST_MIRROR"}
-        done = subprocess.run([sys.executable, "-m", "pipeline.dag"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.dag"], cwd=project, env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 1
     finally:
         server.shutdown()
@@ -181,7 +198,10 @@ def test_a_killed_stage_shows_as_crashed_after_the_run(tmp_path: Path) -> None:
         edit_params(project, lambda raw: {**raw, "fetch": {**raw["fetch"], "mirrors": [url], "timeout_s": 120, "retries": 0}})
         stage = subprocess.Popen(
             [sys.executable, "stages/fetch.py", "--out", "data/raw", "--tensorboard", "tb"],
-            cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 120
@@ -221,7 +241,10 @@ def test_an_unreachable_prefect_server_stops_the_stage_before_any_work(tmp_path:
         start = time.monotonic()
         done = subprocess.run(
             [sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw", "--tensorboard", "tb"],
-            cwd=tmp_path, env=project_env(PREFECT_API_URL=url + "api"), capture_output=True, text=True,
+            cwd=tmp_path,
+            env=project_env(PREFECT_API_URL=url + "api"),
+            capture_output=True,
+            text=True,
             timeout=SERVER_WAIT_S + 90,  # a hang fails here
         )
         print(f"{server}: stopped after {time.monotonic() - start:.1f} s")
@@ -245,7 +268,7 @@ def test_a_stage_waits_for_a_prefect_server_that_comes_back(capsys: pytest.Captu
     port = int(url.rstrip("/").rsplit(":", 1)[1])
 
     class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        def do_GET(self) -> None:  # the name http.server calls
             self.send_response(200 if self.path == "/api/health" else 404)
             self.end_headers()
             self.wfile.write(b"true")
@@ -316,7 +339,7 @@ def test_without_prefect_api_url_a_stage_reports_to_the_dashboards_server_if_one
         stage.run_stage(probe, argv=[])
         APILogWorker.drain_all(timeout=30)  # now, while the server is up, rather than at exit after the session stopped it
     assert f"reporting to the server of `make dashboards` at {prefect_api}" in capsys.readouterr().err
-    (run, name), = flow_runs(run_tag(marker))
+    ((run, name),) = flow_runs(run_tag(marker))
     assert (name, run.name, run.state_name) == ("probe", "probe", "Completed")
 
 
@@ -334,7 +357,11 @@ def test_a_bad_prefect_setting_stops_the_stage_with_its_name(tmp_path: Path) -> 
     env = project_env(**{HEARTBEAT_ENV: "10"})  # Prefect wants at least 30
     done = subprocess.run(
         [sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw", "--tensorboard", "tb"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1
     assert "heartbeat_frequency = '10'" in done.stderr and "PREFECT_*" in done.stderr, done.stderr
@@ -348,7 +375,11 @@ def test_deployment_triggered_through_the_api_completes(small_run: SmallRun, tmp
     env = project_env(PREFECT_RUNNER_POLL_FREQUENCY="1")
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline.dag", "--serve", "--name", "test", "--cron", ""],
-        cwd=small_run.project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=small_run.project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -357,7 +388,7 @@ def test_deployment_triggered_through_the_api_completes(small_run: SmallRun, tmp
                 try:
                     client.read_deployment_by_name("pipeline/test")
                     break
-                except Exception:
+                except Exception:  # noqa: BLE001 - not there yet, whatever the client raises: the deadline ends the wait
                     if time.monotonic() > deadline or server.poll() is not None:
                         pytest.fail("the deployment never appeared")
                     time.sleep(1)
@@ -385,8 +416,21 @@ def start_dashboards(tmp_path: Path, **extra_env: str) -> tuple[subprocess.Popen
     env = project_env(PREFECT_HOME=str(tmp_path / "prefect-home"), **extra_env)
     env.pop("PREFECT_API_URL", None)
     command = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "dashboards", "--prefect-port", str(prefect_port), "--tensorboard-port", str(tensorboard_port)],
-        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "dashboards",
+            "--prefect-port",
+            str(prefect_port),
+            "--tensorboard-port",
+            str(tensorboard_port),
+        ],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     return command, prefect_port, tensorboard_port
 
@@ -411,8 +455,10 @@ def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Pat
             assert command.poll() is None and time.monotonic() < deadline, "the dashboards did not start"
             time.sleep(0.5)
         listening = {
-            conn.laddr for proc in psutil.Process(command.pid).children(recursive=True)
-            for conn in proc.net_connections(kind="tcp") if conn.status == psutil.CONN_LISTEN
+            conn.laddr
+            for proc in psutil.Process(command.pid).children(recursive=True)
+            for conn in proc.net_connections(kind="tcp")
+            if conn.status == psutil.CONN_LISTEN
         }
         assert {("127.0.0.1", prefect_port), ("127.0.0.1", tensorboard_port)} <= {(a.ip, a.port) for a in listening}
         assert all(a.ip == "127.0.0.1" for a in listening), listening
@@ -450,7 +496,7 @@ def test_dashboards_sigterm_during_start_up_leaves_no_server(tmp_path: Path) -> 
         output, _ = command.communicate(timeout=60)
     assert command.returncode == 0, output
     assert children, "no server process was seen"
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"left running: {alive}"
     assert not answers(prefect_url, timeout_s=1.0)
     assert not answers(f"http://127.0.0.1:{tensorboard_port}/data/logdir", timeout_s=1.0)
@@ -528,8 +574,12 @@ def test_sigterm_to_the_run_command_alone_stops_dvc_and_its_stage(tmp_path: Path
     with silent_server() as url:  # fetch waits on it
         edit_params(project, lambda raw: {**raw, "fetch": {**raw["fetch"], "mirrors": [url], "timeout_s": 300, "retries": 0}})
         command = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "fetch"], cwd=project, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "pipeline.cli", "run", "fetch"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(command.stdout), daemon=True)
@@ -567,12 +617,19 @@ def test_the_watchdog_restarts_a_dead_server_and_gives_up_on_one_that_keeps_dyin
         starts.append(time.monotonic())
         return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
 
-    dog = Watchdog(start, start(), f"http://127.0.0.1:{free_port()}/health", "A test server", max_restarts=3,
-                   backoff_s=0.5, log=tmp_path / "server.log")
+    dog = Watchdog(
+        start,
+        start(),
+        f"http://127.0.0.1:{free_port()}/health",
+        "A test server",
+        max_restarts=3,
+        backoff_s=0.5,
+        log=tmp_path / "server.log",
+    )
     dog.start()
     dog.join(timeout=120)
     assert not dog.is_alive() and dog.gave_up and dog.restarts == 3
-    waits = [b - a for a, b in zip(starts, starts[1:])]
+    waits = [b - a for a, b in pairwise(starts)]
     assert waits[1] >= 0.5 and waits[2] >= 1.0, waits  # at once, then after 0.5 s, then after 1 s (plus the polling)
     err = capsys.readouterr().err
     assert err.count("stopped (exit status 3); starting it again") == 3, err
@@ -587,8 +644,14 @@ def test_mnist_run_is_one_flow_run_with_every_stage_nested(prefect_api: str, tmp
 
     project = copy_project(tmp_path / "project")
     edit_params(project, only_logreg)
-    done = subprocess.run([str(Path(sys.executable).parent / "mnist"), "run"], cwd=project, env={**project_env(), "PYTHONPATH": str(project)},
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mnist"), "run"],
+        cwd=project,
+        env={**project_env(), "PYTHONPATH": str(project)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     run_id = done.stdout.split("runs tagged pipeline-run:", 1)[1].split(")")[0]
     stages = {"fetch", "preprocess", "train@logreg", "evaluate@logreg", "export@logreg", "report", "publish"}
