@@ -267,7 +267,7 @@ def test_sigkill_during_http_download_leaves_no_final_file(tmp_path):
             half_sent.set()
             release.wait(30)
 
-        def log_message(self, format, *args):  # noqa: A002
+        def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
             pass
 
     out = tmp_path / "raw"
@@ -400,7 +400,7 @@ def test_an_http_mirror_sending_more_than_any_mnist_file_is_cut_off(tmp_path, ho
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-        def log_message(self, format, *args):  # noqa: A002
+        def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
             pass
 
     name = "t10k-labels-idx1-ubyte"
