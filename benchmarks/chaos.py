@@ -20,6 +20,13 @@ another case), on one Prefect server started here:
   more) with `mnist verify` at a random moment of it: verify reports no damage and moves nothing aside,
   the run completes, and its outputs pass `mnist verify`; then the params back and `mnist run` (DVC's
   run-cache restores the first run's outputs);
+- no-server-two: two `mnist run` at once in two workspaces with no PREFECT_API_URL: one starts the
+  local server, the other uses it, and it stops when the last ends (pipeline/servers.py);
+- squatter: a program that answers like a Prefect server on 127.0.0.1:4200, then `mnist run` with no
+  PREFECT_API_URL: it must refuse, naming what answered, send it no credential and write nothing;
+  the squatter gone, `mnist run` again;
+- bad-warm-request: during a run, malformed requests and a connection that goes at once sent to its
+  warm stage server: the server must go on, and the later stages still start warm;
 - damaged: in the clean run's workspace, one bit flipped in the prepared arrays' cache object (then
   checked out), in a model file and in a predictions cache object; `mnist verify`, then `mnist run`.
 
@@ -50,8 +57,8 @@ from benchmarks.common import REPO, describe, environ, free_port, machine
 
 sys.path.insert(0, str(REPO / "tests"))  # the quick configuration and the project copy are the tests'
 
-from conftest import copy_project, edit_params, small_params  # noqa: E402
-from helpers import cache_object_of, flip_a_bit  # noqa: E402
+from conftest import copy_project, edit_params, small_params
+from helpers import cache_object_of, flip_a_bit
 
 BIN = Path(sys.executable).parent
 COMPARED = ("data/models/{m}/model.keras", "data/evaluate/{m}/metrics.json", "data/evaluate/{m}/predictions.csv")
@@ -87,8 +94,9 @@ def quick(models: list[str]):
 def workspace(root: Path, name: str, models: list[str]) -> Path:
     project = copy_project(root / name)
     edit_params(project, quick(models))
-    subprocess.run(["git", "-c", "user.name=chaos", "-c", "user.email=chaos@localhost", "commit", "-qam", "quick"],
-                   cwd=project, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=chaos", "-c", "user.email=chaos@localhost", "commit", "-qam", "quick"], cwd=project, check=True
+    )
     return project
 
 
@@ -99,8 +107,9 @@ def env_for(project: Path) -> dict[str, str]:
 def start(args: list[str], project: Path, log: Path) -> subprocess.Popen:
     """`args` in `project`, in a process group of its own (the one a terminal would give it)."""
     with open(log, "ab") as out:
-        return subprocess.Popen(args, cwd=project, env=env_for(project), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            args, cwd=project, env=env_for(project), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def run_to_end(project: Path, log: Path, tries: int = 3) -> bool:
@@ -178,8 +187,9 @@ def reference_run(root: Path, models: list[str]) -> tuple[dict[str, str], float,
     return locked_md5(project), time.monotonic() - begin, project
 
 
-def kill_case(root: Path, sig: signal.Signals, kills: int, rng: random.Random, clean_s: float, models: list[str],
-              reference: dict[str, str]) -> Case:
+def kill_case(
+    root: Path, sig: signal.Signals, kills: int, rng: random.Random, clean_s: float, models: list[str], reference: dict[str, str]
+) -> Case:
     """Start a run, send `sig` to its process group at a random moment, `kills` times; then run to the end."""
     case = Case(sig.name.lower())
     project = workspace(root, case.name, models)
@@ -225,6 +235,155 @@ def two_at_once(root: Path, models: list[str], reference: dict[str, str]) -> Cas
     return case
 
 
+def without_server(project: Path, home: Path) -> dict[str, str]:
+    """The environment of a command in `project` that finds no Prefect server configured."""
+    env = {**env_for(project), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_AUTH_STRING", None)
+    return env
+
+
+def no_server_two(root: Path, models: list[str], reference: dict[str, str]) -> Case:
+    """Two `mnist run` at once in two workspaces, no PREFECT_API_URL: both finish, on one server, which goes after."""
+    from pipeline import localserver
+    from pipeline.servers import PREFECT_PORT, answers
+
+    case = Case("no-server-two", faults=1)
+    home = root / f"{case.name}-home"
+    projects = [workspace(root, f"{case.name}-{i}", models) for i in (1, 2)]
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    with open(log, "ab") as out:
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "mnist"), "run"],
+                cwd=p,
+                env=without_server(p, home),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            for p in projects
+        ]
+        codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+    case.notes.append(f"exit codes {codes}; servers started: {log.read_text().count('Prefect: started a server')}")
+    case.recovered = codes == [0, 0] and log.read_text().count("Prefect: started a server") == 1
+    with environ(PREFECT_HOME=str(home)):
+        if localserver.read(PREFECT_PORT) or answers(f"http://127.0.0.1:{PREFECT_PORT}/api/health"):
+            case.orphans.append(f"a Prefect server still answers on 127.0.0.1:{PREFECT_PORT}")
+    for project in projects:
+        compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def squatter(root: Path, models: list[str], reference: dict[str, str]) -> Case:
+    """A stranger answering on 127.0.0.1:4200: `mnist run` refuses, sends it nothing secret, writes nothing."""
+    import http.server
+    import threading
+
+    from pipeline.servers import PREFECT_PORT
+
+    seen: list[str] = []
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization") or "")
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        do_POST = do_GET  # noqa: N815 - http.server's naming
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's signature
+            pass
+
+    case = Case("squatter", faults=1)
+    project = workspace(root, case.name, models)
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", PREFECT_PORT), Answer)
+    except OSError as exc:
+        case.notes.append(f"port {PREFECT_PORT} is taken ({exc}): case not run")
+        return case
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    lock_before = (project / "dvc.lock").read_bytes()
+    try:
+        with open(log, "ab") as out:
+            code = subprocess.run(
+                [str(BIN / "mnist"), "run"],
+                cwd=project,
+                env=without_server(project, root / "squatter-home"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=RUN_TIMEOUT_S,
+            ).returncode
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = log.read_text()
+    case.notes.append(f"exit code {code}; the squatter got {len(seen)} requests, {sum(bool(a) for a in seen)} with credentials")
+    if code == 0 or "not a Prefect server this project started" not in text:
+        case.mismatches.append("mnist run did not refuse the stranger on the port")
+    if any(seen):
+        case.mismatches.append("credentials were sent to the stranger")
+    if (project / "dvc.lock").read_bytes() != lock_before or (project / "data" / "raw").exists():
+        case.mismatches.append("the refused run wrote outputs or dvc.lock")
+    case.recovered = run_to_end(project, log)
+    compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
+def bad_warm_request(root: Path, models: list[str], reference: dict[str, str]) -> Case:
+    """Malformed requests to a run's warm server while it runs: it serves on, and later stages start warm."""
+    import socket
+
+    from pipeline.warm import SOCKET_ENV
+
+    case = Case("bad-warm-request")
+    project = workspace(root, case.name, models)
+    log = root / f"{case.name}.log"
+    begin = time.monotonic()
+    run = start([str(BIN / "mnist"), "run"], project, log)
+    path, deadline = None, time.monotonic() + 300
+    while path is None and run.poll() is None and time.monotonic() < deadline:
+        for proc in processes_in(project):
+            try:
+                path = proc.environ().get(SOCKET_ENV) or path
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    while path and not os.path.exists(path) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the server gets ready in a few seconds
+    if path and run.poll() is None:
+        for message, streams in ((b"not json", []), (b'{"argv": 1}', [0, 1, 2]), (None, [])):
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+                    conn.settimeout(30)
+                    conn.connect(path)
+                    if message is not None:  # None: connect and go at once
+                        socket.send_fds(conn, [message], streams)
+                        conn.recv(1 << 16)
+                case.faults += 1
+            except OSError as exc:
+                case.notes.append(f"request not delivered: {exc}")
+        injected = log.stat().st_size
+    else:
+        injected = None
+        case.notes.append("the run ended before its warm server was ready: nothing injected")
+    case.recovered = run.wait(timeout=RUN_TIMEOUT_S) == 0 or run_to_end(project, log)
+    if injected is not None:
+        after = log.read_bytes()[injected:].decode(errors="replace")
+        if "warm start not possible" in after or "warm start refused" in after:
+            case.mismatches.append("a stage started cold after the bad requests")
+    compare(case, project, reference, models)
+    case.seconds = time.monotonic() - begin
+    return case
+
+
 def dashboards_case(root: Path, kills: int, rng: random.Random) -> Case:
     """`mnist dashboards` sent SIGTERM at random moments of start-up (and, half of the times, again in shut-down)."""
     case = Case("dashboards")
@@ -259,7 +418,9 @@ def dashboards_case(root: Path, kills: int, rng: random.Random) -> Case:
             p.kill()
         if code not in (0, -signal.SIGTERM):
             case.mismatches.append(f"start-up {i + 1}: exit {code}")
-        case.notes.append(f"SIGTERM at {moment:.1f} s{' and again' if twice else ''}: exit {code}, {len(seen)} server process(es) seen")
+        case.notes.append(
+            f"SIGTERM at {moment:.1f} s{' and again' if twice else ''}: exit {code}, {len(seen)} server process(es) seen"
+        )
     case.recovered = True
     case.seconds = time.monotonic() - begin
     return case
@@ -279,7 +440,11 @@ def server_killed(root: Path, models: list[str], reference: dict[str, str], rng:
     with open(log, "ab") as out:
         dashboards = subprocess.Popen(
             [str(BIN / "mnist"), "dashboards", "--prefect-port", str(port), "--tensorboard-port", str(free_port())],
-            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     api = f"http://127.0.0.1:{port}/api"
     try:
@@ -290,8 +455,14 @@ def server_killed(root: Path, models: list[str], reference: dict[str, str], rng:
                 return case
             time.sleep(0.5)
         with open(log, "ab") as out:
-            repro = subprocess.Popen(["dvc", "repro"], cwd=project, env={**env_for(project), "PREFECT_API_URL": api},
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            repro = subprocess.Popen(
+                ["dvc", "repro"],
+                cwd=project,
+                env={**env_for(project), "PREFECT_API_URL": api},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         moment = rng.uniform(5.0, max(10.0, 0.8 * clean_s))
         try:
             repro.wait(timeout=moment)
@@ -304,8 +475,10 @@ def server_killed(root: Path, models: list[str], reference: dict[str, str], rng:
                     case.faults = 1
         code = repro.wait(timeout=RUN_TIMEOUT_S)
         restarted = "starting it again" in log.read_text(errors="replace")
-        case.notes.append(f"server SIGKILLed at {moment:.1f} s; dvc repro exit {code}; "
-                          f"{'started again by the dashboards' if restarted else 'NOT started again'}")
+        case.notes.append(
+            f"server SIGKILLed at {moment:.1f} s; dvc repro exit {code}; "
+            f"{'started again by the dashboards' if restarted else 'NOT started again'}"
+        )
         case.recovered = (code == 0 or run_to_end(project, log)) and (restarted or not case.faults)
     finally:
         dashboards.terminate()
@@ -338,7 +511,9 @@ def disk_full(root: Path, models: list[str], reference: dict[str, str]) -> Case:
                 said = f.read().decode(errors="replace")
             if code != 0 and f"the disk is full: writing data/{folder.name}/" in said:
                 case.faults += 1
-                case.notes.append(f"stopped at the full data/{folder.name} disk: " + said.split("the disk is full: ")[-1].split(" needs")[0])
+                case.notes.append(
+                    f"stopped at the full data/{folder.name} disk: " + said.split("the disk is full: ")[-1].split(" needs")[0]
+                )
             else:
                 case.mismatches.append(f"the run did not stop at the full data/{folder.name} disk with its message (exit {code})")
             case.leftovers += [str(p.relative_to(project)) for p in (project / "data").rglob(".tmp-*")]
@@ -367,8 +542,9 @@ def damaged(project: Path, models: list[str], reference: dict[str, str]) -> Case
     flip_a_bit(cache_object_of(project, f"data/evaluate/{models[0]}/predictions.csv"), 20)
     case.faults = 3
     with open(log, "ab") as out:
-        verify = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env_for(project), stdout=subprocess.PIPE,
-                                stderr=out, text=True)
+        verify = subprocess.run(
+            [str(BIN / "mnist"), "verify"], cwd=project, env=env_for(project), stdout=subprocess.PIPE, stderr=out, text=True
+        )
     found = [line for line in verify.stdout.splitlines() if "(the damaged copy: " in line]
     case.notes += [f"mnist verify: {line}" for line in found]
     if len(found) != 4:  # the arrays: workspace file and cache object; the model file; the predictions object
@@ -414,8 +590,9 @@ def verify_during_run(root: Path, models: list[str], reference: dict[str, str], 
 def _verify(case: Case, project: Path, when: str, quiet: bool = False) -> None:
     """`mnist verify` in `project`: a mismatch for any damage it reports, anything it moves aside, and (`quiet`)
     any output it finds modified."""
-    verify = subprocess.run([str(BIN / "mnist"), "verify"], cwd=project, env=env_for(project), capture_output=True,
-                            text=True, timeout=RUN_TIMEOUT_S)
+    verify = subprocess.run(
+        [str(BIN / "mnist"), "verify"], cwd=project, env=env_for(project), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     lines = verify.stdout.splitlines()
     case.notes.append(f"mnist verify {when}: exit {verify.returncode}, {len(lines)} line(s)")
     case.notes += [f"  {line}" for line in lines if ": " in line and not line.startswith(("no damage", "a modified"))]
@@ -424,13 +601,28 @@ def _verify(case: Case, project: Path, when: str, quiet: bool = False) -> None:
         case.mismatches.append(f"mnist verify {when}: exit {verify.returncode}; {'; '.join(shown) or verify.stderr[-300:]}")
 
 
-CASES = ("sigkill", "sigterm", "two-at-once", "dashboards", "server-killed", "disk-full", "verify-during-run", "damaged")
+CASES = (
+    "sigkill",
+    "sigterm",
+    "two-at-once",
+    "dashboards",
+    "server-killed",
+    "disk-full",
+    "verify-during-run",
+    "no-server-two",
+    "squatter",
+    "bad-warm-request",
+    "damaged",
+)
 
 
 def table(cases: list[Case]) -> str:
     head = f"{'case':<17} {'faults':>6} {'recovered':>9} {'mismatches':>10} {'leftovers':>9} {'orphans':>7} {'seconds':>8}"
-    rows = [f"{c.name:<17} {c.faults:>6} {'yes' if c.recovered else 'NO':>9} {len(c.mismatches):>10} "
-            f"{len(c.leftovers):>9} {len(c.orphans):>7} {c.seconds:>8.0f}" for c in cases]
+    rows = [
+        f"{c.name:<17} {c.faults:>6} {'yes' if c.recovered else 'NO':>9} {len(c.mismatches):>10} "
+        f"{len(c.leftovers):>9} {len(c.orphans):>7} {c.seconds:>8.0f}"
+        for c in cases
+    ]
     return "\n".join([head, *rows])
 
 
@@ -449,15 +641,17 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     rng, models = random.Random(seed), args.models.split(",")
     info = machine()
-    print(f"chaos: seed {seed}, {args.kills} kills per signal, models {', '.join(models)}; "
-          f"{describe(info)}", flush=True)
+    print(f"chaos: seed {seed}, {args.kills} kills per signal, models {', '.join(models)}; {describe(info)}", flush=True)
     from pipeline.servers import prefect_server
 
     with tempfile.TemporaryDirectory(prefix="mnist-chaos-") as tmp:
         root = Path(tmp)
         home = root / "prefect-home"
-        with environ(PREFECT_HOME=str(home)), prefect_server("127.0.0.1", free_port(), log=root / "prefect.log") as api, \
-                environ(PREFECT_API_URL=api):
+        with (
+            environ(PREFECT_HOME=str(home)),
+            prefect_server("127.0.0.1", free_port(), log=root / "prefect.log") as api,
+            environ(PREFECT_API_URL=api),
+        ):
             begin = time.monotonic()
             reference, clean_s, clean = reference_run(root, models)
             print(f"clean run: {clean_s:.0f} s", flush=True)
@@ -469,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
                 "server-killed": lambda: server_killed(root, models, reference, rng, clean_s),
                 "disk-full": lambda: disk_full(root, models, reference),
                 "verify-during-run": lambda: verify_during_run(root, models, reference, rng, clean_s),
+                "no-server-two": lambda: no_server_two(root, models, reference),
+                "squatter": lambda: squatter(root, models, reference),
+                "bad-warm-request": lambda: bad_warm_request(root, models, reference),
                 "damaged": lambda: damaged(clean, models, reference),  # last: it changes the clean workspace
             }
             cases = []
@@ -483,9 +680,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {case.name}: {what[:-1] if what != 'notes' else 'note'}: {line}")
         print(table(cases))
         print(f"total {total:.0f} s (clean run {clean_s:.0f} s)")
-        args.out.write_text(json.dumps({"seed": seed, "models": models, "kills": args.kills, "machine": info,
-                                        "clean_s": clean_s, "total_s": total, "cases": [asdict(c) for c in cases]},
-                                       indent=1) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "models": models,
+                    "kills": args.kills,
+                    "machine": info,
+                    "clean_s": clean_s,
+                    "total_s": total,
+                    "cases": [asdict(c) for c in cases],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     failed = [c for c in cases if not c.recovered or c.mismatches or c.leftovers or c.orphans]
     return 1 if failed else 0
 
