@@ -258,6 +258,7 @@ def _close_parent_run(api: str, parent: UUID, code: int, progress: progress_line
 def cmd_run(args: argparse.Namespace) -> int:
     """`dvc repro`, every stage reporting to one Prefect server, with a line per stage as it ends and a table at the end."""
     root = Path.cwd()
+    load_params()  # first: a bad params.yaml (a model name DVC would put into a shell command) stops here, not in DVC
     targets = [a for a in args.dvc_args if not a.startswith("-")]
     single = any(a in ("-s", "--single-item") for a in args.dvc_args)
     try:

@@ -15,6 +15,7 @@ from prefect.tasks import exponential_backoff
 from pipeline import fetch
 from pipeline.config import Params
 from pipeline.data import remove_leftovers
+from pipeline.errors import redact_url
 from pipeline.mnist import FILES
 
 
@@ -28,7 +29,7 @@ def fetch_flow(params: Params, out: Path, tensorboard: Path) -> None:
         tensorboard: TensorBoard run folder
     """
     mirrors = fetch.mirrors_to_try(params.fetch)
-    get_run_logger().info("mirrors, in order: %s", ", ".join(mirrors))
+    get_run_logger().info("mirrors, in order: %s", ", ".join(map(redact_url, mirrors)))
     pool = fetch.http_pool(params.fetch)
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)

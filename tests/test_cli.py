@@ -434,3 +434,20 @@ def test_dashboards_refuse_a_database_password_on_the_command_line(
     err = capsys.readouterr().err
     assert "PREFECT_SERVER_DATABASE_CONNECTION_URL" in err and "s3cret" not in err and "Traceback" not in err
     assert not started
+
+
+def test_run_checks_params_before_dvc_builds_a_stage_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """dvc.yaml puts each model's name into a shell command: `mnist run` refuses a bad one before DVC starts."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["models"]["cnn; touch pwned"] = raw["models"].pop("cnn")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    started = []
+    monkeypatch.setattr(cli, "_run_with_prefect", lambda *a, **k: started.append(a) or 0)
+    assert cli.main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert "cnn; touch pwned" in err and "Traceback" not in err and not started
