@@ -51,10 +51,17 @@ def main() -> None:
 def sweep(experiment: str) -> None:
     """The sweep's three screenshots, from the project in the working directory."""
     columns = "Experiment|Created|State|cnn.accuracy|cnn.loss|models.cnn.learning_rate"
-    shown = subprocess.run(["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", columns],
-                           capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "120"}).stdout
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", columns],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "120"},
+    ).stdout
     page_html = Path("data/exp-show.html").resolve()
-    page_html.write_text(f"<pre style='font: 14px monospace; padding: 12px'>$ dvc exp show --drop '.*' --keep '{columns}'\n{html.escape(shown)}</pre>")
+    page_html.write_text(
+        f"<pre style='font: 14px monospace; padding: 12px'>$ dvc exp show --drop '.*' --keep '{columns}'\n{html.escape(shown)}</pre>"
+    )
     with servers.tensorboard_server(Path("data/compare"), port=6016) as tb, servers.prefect_server() as api:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
