@@ -273,7 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if code == 0:
         try:
             params = load_params()
-            print("\n" + progress_lines.models_table(root, root / params.serving.base, list(params.models)))
+            print("\n" + progress_lines.models_table(root, root / params.serving.base, list(params.gates)))  # a gate per model
         except Exception as exc:  # noqa: BLE001 - the run is done; a table it cannot make is only said
             print(f"\n(no table of the models: {exc})")
         print(
