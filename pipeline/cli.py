@@ -217,7 +217,7 @@ def _open_parent_run(api: str, run_id: str) -> UUID | None:
     """The flow run of the whole pipeline run, named `run_id`, Running; None (said) if the server refuses it."""
     try:
         with temporary_settings(updates=client_settings(api)), get_client(sync_client=True) as client:
-            return client.create_flow_run(pipeline_run, name=run_id, tags=[run_tag(run_id)], state=Running()).id
+            return client.create_flow_run(pipeline_run, name=run_id, state=Running()).id  # untagged: the tag lists stages
     except Exception as exc:  # noqa: BLE001 - the stages then report as separate runs; the pipeline still runs
         print(f"Prefect: could not create the run's parent flow run ({type(exc).__name__}: {exc})", file=sys.stderr)
         return None
