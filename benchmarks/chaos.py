@@ -437,6 +437,8 @@ def server_killed(root: Path, models: list[str], reference: dict[str, str], rng:
     port = free_port()
     env = {**env_for(project), "PREFECT_HOME": str(root / f"{case.name}-home")}
     env.pop("PREFECT_API_URL", None)
+    auth = "mnist:chaos-server-killed"  # the dashboards' server asks every client for it
+    env["PREFECT_SERVER_API_AUTH_STRING"] = auth
     with open(log, "ab") as out:
         dashboards = subprocess.Popen(
             [str(BIN / "mnist"), "dashboards", "--prefect-port", str(port), "--tensorboard-port", str(free_port())],
@@ -458,7 +460,7 @@ def server_killed(root: Path, models: list[str], reference: dict[str, str], rng:
             repro = subprocess.Popen(
                 ["dvc", "repro"],
                 cwd=project,
-                env={**env_for(project), "PREFECT_API_URL": api},
+                env={**env_for(project), "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

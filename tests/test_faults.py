@@ -343,13 +343,15 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
     from prefect.states import Running
 
+    from pipeline.servers import AUTH_ENV
     from pipeline.stage import this_process
     from test_prefect import flow_runs, start_dashboards
 
-    dashboards, port, _ = start_dashboards(tmp_path)
+    auth = "mnist:server-killed-test"  # the dashboards' server asks every client for it
+    dashboards, port, _ = start_dashboards(tmp_path, **{AUTH_ENV: auth})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(dashboards.stdout), daemon=True)
     reader.start()
@@ -365,10 +367,13 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
             time.sleep(0.5)
         gone = subprocess.Popen(["true"])
         gone.wait()
-        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}),
+            get_client(sync_client=True) as client,
+        ):
             orphan = client.create_flow_run(flow(name="fetch")(lambda: None), name="fetch", tags=["stage:fetch"], state=Running())
             client.update_flow_run(orphan.id, infrastructure_pid=f"{this_process().split(':')[0]}:{gone.pid}")
-        env = project_env(PREFECT_API_URL=api, PIPELINE_RUN_ID=run_id, PYTHONPATH=str(project))
+        env = project_env(PREFECT_API_URL=api, PREFECT_API_AUTH_STRING=auth, PIPELINE_RUN_ID=run_id, PYTHONPATH=str(project))
         with open(log, "w") as out:
             repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -376,7 +381,7 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
             # the stages after it start while the server restarts or after, and wait for it at their start-up check.
             deadline = time.monotonic() + 600
             while True:
-                with temporary_settings(updates={PREFECT_API_URL: api}):
+                with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}):
                     runs = flow_runs(f"pipeline-run:{run_id}")
                 if any(name == "train" and run.state.type == StateType.RUNNING for run, name in runs):
                     break
@@ -400,7 +405,7 @@ def test_a_prefect_server_killed_mid_run_is_started_again_the_run_completes_and_
         while "marked fetch as crashed" not in "".join(lines):
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.5)
-        with temporary_settings(updates={PREFECT_API_URL: api}):
+        with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}):
             runs = flow_runs(f"pipeline-run:{run_id}")
             with get_client(sync_client=True) as client:
                 marked = client.read_flow_run(orphan.id)
