@@ -158,4 +158,4 @@ def models_table(root: Path, serving_base: Path, models: list[str]) -> str:
             accuracy, gate, passed = "-", "-", "-"
         newest = serving.newest(serving_base / model)
         rows.append([model, accuracy, gate, passed, newest.name if newest else "-"])
-    return tabulate(rows, headers=["model", "test accuracy", "gate", "passed", "serving version"])
+    return tabulate(rows, headers=["model", "test accuracy", "gate", "passed", "serving version"], disable_numparse=True)
