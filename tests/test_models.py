@@ -119,6 +119,10 @@ def test_params_blocks_are_typed_by_the_registry(params):
         assert type(params.model(name)) is spec.params
 
 
+def test_every_registry_params_class_has_a_builder():
+    assert set(registry.BUILDERS) == {spec.params for spec in REGISTRY.values()}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_model_builds_with_params_yaml_and_maps_raw_pixels_to_10_logits(name, params):
     model = registry.build(name, params.model(name))

@@ -18,6 +18,7 @@ import keras
 
 from pipeline import tables
 from pipeline.models.lenet import SparseConv2D, SubSampling
+from pipeline.models.params import conv_size
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,6 @@ class Row:
     shape: tuple[int, ...]  # output volume without the batch axis
     params: int
     formula: str
-
-
-def conv_size(w1: int, f: int, s: int, pad_total: int) -> float:
-    """W2 = (W1 - F + 2P)/S + 1 with 2P = pad_total; may be fractional (impossible geometry)."""
-    return (w1 - f + pad_total) / s + 1
 
 
 def same_padding(w1: int, f: int, s: int) -> int:

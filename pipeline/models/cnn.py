@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import keras
 from keras import layers
-from pydantic import Field
 
-from pipeline.config import ModelParams, PositiveInt, Rate
 from pipeline.models.layers import as_image, dense, initializer, l2, logits, pixels_in
-
-
-class CNNParams(ModelParams):
-    """Tutorial 5's convolutional net."""
-
-    filters: list[PositiveInt] = Field(min_length=1)
-    kernel_size: PositiveInt
-    dense_units: PositiveInt
-    conv_drop: Rate
-    dense_drop: Rate
+from pipeline.models.params import CNNParams
 
 
 def build_cnn(p: CNNParams) -> keras.Model:

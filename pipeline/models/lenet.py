@@ -9,15 +9,14 @@ a linear classifier y = Ax + b.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
-from pydantic import Field, model_validator
 
-from pipeline.config import ModelParams, PositiveInt
 from pipeline.models.layers import as_image, dense, initializer, l2, logits, pixels_in
+from pipeline.models.params import LeNetParams
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -132,28 +131,6 @@ class SparseConv2D(keras.layers.Layer):  # type: ignore[misc]  # keras is untype
 def abs_tanh(x: tf.Tensor) -> tf.Tensor:
     """The notes' "apply Tan & Abs": |tanh(x)|."""
     return tf.abs(tf.tanh(x))
-
-
-class LeNetParams(ModelParams):
-    """The notes' LeNet-style flow: C1 -> S2 -> sparse C3 -> S4 -> C5 -> F6 -> linear classifier."""
-
-    activation: Literal["tanh", "abs_tanh"]
-    c1_maps: PositiveInt
-    c3_maps: PositiveInt
-    c3_inputs: list[PositiveInt] = Field(min_length=2, max_length=2)  # fewest, most input maps per C3 map
-    c5_units: PositiveInt
-    f6_units: PositiveInt
-    connection_seed: int = Field(ge=0)
-
-    @model_validator(mode="after")
-    def _strict_subsets(self) -> LeNetParams:
-        fewest, most = self.c3_inputs
-        if not fewest <= most < self.c1_maps:
-            raise ValueError(
-                f"c3_inputs = {self.c3_inputs}: each C3 map sees between `fewest` and `most` of the "
-                f"{self.c1_maps} C1 maps, a strict subset, so 1 <= fewest <= most < c1_maps"
-            )
-        return self
 
 
 def build_lenet(p: LeNetParams) -> keras.Model:

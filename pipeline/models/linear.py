@@ -6,17 +6,9 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from pipeline.config import ModelParams
 from pipeline.mnist import NUM_CLASSES
 from pipeline.models.layers import logits, pixels_in
-
-
-class LinearParams(ModelParams):
-    """Tutorial 1 applied to MNIST: a least-squares linear classifier."""
-
-
-class LogregParams(ModelParams):
-    """Tutorial 2: softmax regression."""
+from pipeline.models.params import LinearParams, LogregParams
 
 
 @keras.saving.register_keras_serializable(package="pipeline")  # type: ignore[untyped-decorator]  # keras is untyped

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import keras
 from keras import layers
-from pydantic import Field
 
-from pipeline.config import ModelParams, PositiveInt, Rate
 from pipeline.models.layers import dense, logits, pixels_in
-
-
-class MLPParams(ModelParams):
-    """Tutorial 3: one hidden layer."""
-
-    hidden_units: PositiveInt
-    activation: Literal["sigmoid", "tanh", "relu"]
-
-
-class DeepMLPParams(ModelParams):
-    """Tutorial 4: hidden ReLU layers with dropout, given as drop rates."""
-
-    hidden_units: list[PositiveInt] = Field(min_length=1)
-    input_drop: Rate
-    hidden_drop: Rate
+from pipeline.models.params import DeepMLPParams, MLPParams
 
 
 def build_mlp(p: MLPParams) -> keras.Model:
