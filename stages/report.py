@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 
 from pipeline import artifacts, report
 from pipeline.config import Params
-from pipeline.models.registry import PARAM_TYPES
+from pipeline.models.params import PARAM_TYPES
 
 
 @flow(name="report")
