@@ -29,7 +29,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import temporary_settings
 from prefect.states import Completed, Crashed, Failed, Running
 
-from pipeline import integrity, progress as progress_lines, servers, warm
+from pipeline import integrity, localserver, progress as progress_lines, servers, warm
 from pipeline.config import load_params
 from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
@@ -48,14 +48,15 @@ TRAINING_NOW = Path("data/resume")  # the TensorBoard events of training runs in
 @contextmanager
 def prefect_api(signals: servers.Signals | None = None) -> Iterator[str]:
     """The Prefect API for one pipeline run: $PREFECT_API_URL if set (it must answer), else a local
-    server on 127.0.0.1:4200 — the one already running, or one started now and stopped afterwards.
+    server on 127.0.0.1:4200 ($MNIST_PREFECT_PORT) — the one already running, or one started now and stopped afterwards.
     One server for the whole run: no stage pays Prefect's temporary-server start (~8 s)."""
     url = check_prefect_api()
     if url:
         yield url
         return
-    print(f"Prefect: using or starting a server on 127.0.0.1:{servers.PREFECT_PORT} ...", flush=True)
-    with servers.prefect_server(signals=signals, restart=True) as api:  # started again if it dies mid-run
+    port = localserver.port()
+    print(f"Prefect: using or starting a server on 127.0.0.1:{port} ...", flush=True)
+    with servers.prefect_server(port=port, signals=signals, restart=True) as api:  # started again if it dies mid-run
         yield api
 
 
@@ -278,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"\n(no table of the models: {exc})")
         print(
             "\nReport: data/report.md (and `dvc metrics show`). Prefect and TensorBoard: `make dashboards` "
-            f"(Prefect on http://127.0.0.1:{servers.PREFECT_PORT}, TensorBoard on http://127.0.0.1:{servers.TENSORBOARD_PORT})."
+            f"(Prefect on http://127.0.0.1:{localserver.port()}, TensorBoard on http://127.0.0.1:{servers.TENSORBOARD_PORT})."
         )
     return code
 
@@ -320,7 +321,12 @@ def until_stopped(signals: servers.Signals) -> None:
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
-    """The Prefect UI and TensorBoard together, until Ctrl-C or SIGTERM."""
+    """The Prefect UI and TensorBoard together, until Ctrl-C or SIGTERM; with --stop, stop the servers that
+    bare `dvc repro` runs started in the background instead."""
+    if args.stop:
+        lines = servers.stop_background()
+        print("\n".join(lines) if lines else "nothing to stop: no server runs in the background (started by a bare `dvc repro`)")
+        return 0
     if not servers.is_loopback(args.host) and not os.environ.get(AUTH_ENV):
         raise PipelineError(
             f"--host {args.host} lets other machines reach the Prefect server: set {AUTH_ENV}=user:password "
@@ -350,7 +356,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
                 ) as tb,
             ):
                 _mark_orphaned_runs(api)
-                if args.prefect_port == servers.PREFECT_PORT:  # the stages look for the project's server there
+                if args.prefect_port == localserver.port():  # the stages look for the project's server there
                     clients = "A bare `dvc repro`, `dvc exp run` or queued experiment reports here with no setting."
                 else:
                     clients = (
@@ -573,12 +579,17 @@ def main(argv: list[str] | None = None) -> int:
         help="the Prefect server's bind address (default loopback only; beyond it, "
         "PREFECT_SERVER_API_AUTH_STRING is required); TensorBoard, which has no authentication, stays on 127.0.0.1",
     )
-    dash.add_argument("--prefect-port", type=int, default=4200)
+    dash.add_argument("--prefect-port", type=int, default=localserver.port(), help="default 4200, or $MNIST_PREFECT_PORT")
     dash.add_argument("--tensorboard-port", type=int, default=6006)
     dash.add_argument(
         "--database-url",
         help="Prefect's database without a password, e.g. postgresql+asyncpg://prefect@host:5432/prefect; "
         f"with one, set {servers.DATABASE_ENV} instead (default: SQLite under PREFECT_HOME)",
+    )
+    dash.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the Prefect and warm stage servers that bare `dvc repro` runs started in the background, and exit",
     )
     dash.set_defaults(fn=cmd_dashboards)
 

@@ -198,6 +198,10 @@ class Stranger(PipelineError):
     """Something that is not a server of this project answers on the port asked for."""
 
 
+class AlreadyRunning(PipelineError):
+    """The project's server runs on the port already, and the caller asked to start one, not to use one."""
+
+
 def stranger_message(host: str, port: int) -> str:
     return (
         f"Something answers on {host}:{port} that is not a Prefect server this project started: "
@@ -228,16 +232,19 @@ def prefect_server(
     restart: bool = False,
     on_restart: Callable[[str], None] | None = None,
     auth: bool = True,
+    reuse: bool = True,
 ) -> Iterator[str]:
     """Yield the API URL of a Prefect server on host:port: this project's server already running
-    there, or one started now. Anything else answering on the port raises Stranger.
+    there (`reuse=False`: AlreadyRunning instead), or one started now. Anything else answering on
+    the port raises Stranger.
 
     A server started here asks every client for an auth string: PREFECT_SERVER_API_AUTH_STRING if
     set, else a random one (`auth=False`: none). It is recorded for other commands of this user
     (pipeline/localserver.py), and for the block PREFECT_API_AUTH_STRING in os.environ holds it, so
     child processes send it. Checking and starting happen under a lock, so two commands starting
     at once get one server. It is stopped on exit, once no other command is using it (they hold
-    the port's `users` lock); a server that was running already is left alone.
+    the port's `users` lock, and touch its file when they let it go); a server that was running
+    already is left alone.
     Its database is `database_url` (a PostgreSQL URL, postgresql+asyncpg://...) if given, else
     PREFECT_SERVER_DATABASE_CONNECTION_URL if set, else Prefect's SQLite file under PREFECT_HOME.
     With `signals`, a SIGINT or SIGTERM during start-up stops it and raises Stopped. With `restart`,
@@ -276,13 +283,16 @@ def prefect_server(
     with ExitStack() as users:
         with _locked(records / f"{port}.lock", fcntl.LOCK_EX):
             # a command stopping its server holds `users` exclusively until the server is gone
-            users_fd = users.enter_context(_locked(records / f"{port}.users", fcntl.LOCK_SH))
+            users_fd = users.enter_context(_locked(localserver.users_path(port), fcntl.LOCK_SH))
             record = localserver.ours(port)
             if record is None and answers(f"{api}/health"):
                 raise Stranger(stranger_message(host, port))
+            if record is not None and not reuse:
+                raise AlreadyRunning(f"The project's Prefect server runs on {host}:{port} already (PID {record.pid}).")
             if record is not None:
                 secret = record.auth
             else:
+                fcntl.flock(users_fd, fcntl.LOCK_UN)  # the starter is no user: it waits for the users at its end
                 process = start()
                 try:
                     _wait_until(f"{api}/health", process, f"The Prefect server on {host}:{port}", 90, log, signals)
@@ -304,7 +314,9 @@ def prefect_server(
                 os.environ.pop(CLIENT_AUTH_ENV, None)
             else:
                 os.environ[CLIENT_AUTH_ENV] = saved_auth
-            if process is not None:
+            if process is None:  # a user: the server's last use is now (a background keeper's idle time counts from it)
+                _touch(localserver.users_path(port))
+            else:
                 if watchdog:
                     process = watchdog.stop()
                 try:
@@ -318,6 +330,112 @@ def prefect_server(
                     fcntl.flock(users_fd, fcntl.LOCK_EX)
                 localserver.forget(port, process.pid)
                 stop(process)
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+# --- the background servers of a bare `dvc repro` ------------------------------------------------
+
+KEEPER_EXIT_RUNNING = 3  # `keep`'s exit status when the project's server runs on the port already
+
+
+def keep(port: int, idle_s: float) -> int:
+    """`python -m pipeline.servers keep PORT IDLE_S`: start the project's Prefect server on 127.0.0.1:PORT (its
+    database and auth string as `mnist dashboards` gives them), keep it (started again if it dies), and stop it
+    once no command or stage has used it for `idle_s` seconds (wait_idle), or on SIGTERM or SIGINT
+    (`mnist dashboards --stop`). A bare `dvc repro`'s first stage starts it detached (pipeline/stage.py); its
+    record, localserver.keeper_path, is how `mnist dashboards --stop` finds it. Exit status 0 when it stopped,
+    KEEPER_EXIT_RUNNING if the project's server ran there already, 1 if it could not start one."""
+    me = os.getpid()
+    path = localserver.keeper_path(port)
+    with Signals() as signals:
+        try:
+            localserver.write_json(path, {"pid": me, "started": localserver.started_at(me), "port": port, "idle_s": idle_s})
+            with prefect_server("127.0.0.1", port, signals=signals, restart=True, reuse=False) as api:
+                print(f"keeping {api}; it stops after {localserver.idle_words(idle_s)} without a stage", flush=True)
+                reason = wait_idle(localserver.users_path(port), idle_s, signals)
+                print(f"stopping the server: {reason}", flush=True)
+        except AlreadyRunning:
+            return KEEPER_EXIT_RUNNING
+        except Stopped:
+            return 0
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            record = localserver.read_json(path)
+            if record and record.get("pid") == me:
+                path.unlink(missing_ok=True)
+    return 0
+
+
+def wait_idle(users: Path, idle_s: float, signals: Signals) -> str:
+    """Return, saying why, once SIGTERM or SIGINT came or no command or stage has held `users` (each holds a
+    shared flock on it while it uses the server) for `idle_s` seconds, counted from the later of the last
+    time one was seen holding it and the file's modification time (each touches it as it starts and ends)."""
+    fd = os.open(users, os.O_RDWR | os.O_CREAT, 0o600)
+    last_busy = time.time()
+    step = max(0.2, min(2.0, idle_s / 5))
+    try:
+        while signals.received is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                last_busy = time.time()
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                last = max(last_busy, os.stat(users).st_mtime)
+                if time.time() - last >= idle_s:
+                    return f"no stage or command used it for {localserver.idle_words(idle_s)}"
+            time.sleep(step)
+        return f"stopped by {signal.Signals(signals.received).name}"
+    finally:
+        os.close(fd)
+
+
+def stop_background(timeout_s: float = 30.0) -> list[str]:
+    """Stop the servers that bare `dvc repro` runs started in the background for this user (under this
+    PREFECT_HOME): every recorded keeper (keep) and warm stage server (pipeline/warm.py), each only if its
+    recorded PID is still that process. Lines saying what was stopped, or what is still stopping."""
+    folder = localserver.folder()
+    found: list[tuple[int, str]] = []
+    for path in sorted(folder.glob("*.keeper.json")):
+        record = localserver.read_json(path)
+        if record and localserver.is_process(int(record["pid"]), float(record.get("started") or 0), "pipeline.servers"):
+            found.append((int(record["pid"]), f"the Prefect server on 127.0.0.1:{record['port']}"))
+    for path in sorted(folder.glob("warm-*.json")):
+        record = localserver.read_json(path)
+        if record and localserver.is_process(int(record["pid"]), float(record.get("started") or 0), "pipeline.warm"):
+            found.append((int(record["pid"]), f"the warm stage server of {record['root']}"))
+    for pid, _ in found:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while not all(_ended(pid) for pid, _ in found) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [
+        f"{what} (PID {pid}) is still stopping: it waits for the commands and stages that use it to end"
+        if not _ended(pid)
+        else f"stopped {what} (PID {pid})"
+        for pid, what in found
+    ]
+
+
+def _ended(pid: int) -> bool:
+    """True if process `pid` is gone, or is a zombie (detached, its parent is init, which may reap it late)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 LIVE_RUNS = "training"  # the live runs' folder in a runs view: their runs are named training/...
@@ -438,3 +556,16 @@ def tensorboard_server(
             yield url
         finally:
             stop(process)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.servers keep PORT IDLE_S` (see keep)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] != "keep":
+        print("usage: python -m pipeline.servers keep PORT IDLE_S", file=sys.stderr)
+        return 2
+    return keep(int(argv[1]), float(argv[2]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

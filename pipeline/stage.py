@@ -88,15 +88,16 @@ R = TypeVar("R")
 START_UP_LOG = "stage process ready in %.2f s (%s start, pipeline/warm.py), launched by DVC at %s"  # for people reading the log
 # The same, as the flow run's labels: seconds from launch to ready, "warm" or "cold", and the launch time (ISO 8601)
 START_UP_LABELS = ("mnist.start_up_s", "mnist.start", "mnist.launched_at")
-RUN_ID_ENV = "PIPELINE_RUN_ID"
+RUN_ID_ENV = warm.RUN_ID_ENV  # set by a run command; else the id comes from the experiment or the dvc repro (pipeline_run_id)
 PARENT_ENV = "PIPELINE_PARENT_FLOW_RUN"  # the id of the flow run of the whole pipeline run (`mnist run` sets it)
 EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` (and queued experiments) for every stage process
 SERVER_WAIT_S = 30.0  # how long a stage waits for a Prefect server that refuses connections (a restart takes ~10 s)
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 # Where `make dashboards` serves Prefect (and `mnist run` its server) and TensorBoard: pipeline/servers.py's
 # default ports, repeated here because no stage imports servers.py (its changes re-run no stage);
-# tests/test_prefect.py checks that they agree.
+# tests/test_prefect.py checks that they agree. $MNIST_PREFECT_PORT moves the Prefect one (local_api_url).
 DASHBOARDS_API_URL = "http://127.0.0.1:4200/api"
+KEEPER_START_S = 120.0  # how long the first stage of a bare `dvc repro` waits for the Prefect server it starts
 TENSORBOARD_URL = "http://127.0.0.1:6006"  # the link artifacts point here
 
 logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -192,46 +193,163 @@ def check_prefect_api(timeout_s: float = 3.0, wait_s: float = SERVER_WAIT_S) -> 
         ) from None
 
 
-def dashboards_api(timeout_s: float = 2.0) -> str | None:
-    """DASHBOARDS_API_URL if this project's Prefect server answers there (`make dashboards` running on this
-    machine, pipeline/localserver.py), with its auth string in os.environ; else None. A server there that
-    is not the project's gets nothing (a note says what answered)."""
-    port = urlsplit(DASHBOARDS_API_URL).port or 80
+def local_api_url() -> str:
+    """The API URL of the project's own Prefect server on this machine: DASHBOARDS_API_URL, or on $MNIST_PREFECT_PORT."""
+    if os.environ.get(localserver.PORT_ENV):
+        return f"http://127.0.0.1:{localserver.port()}/api"
+    return DASHBOARDS_API_URL
+
+
+_local_auth: str | None = None  # the auth string of the project's server a stage found (client_settings sends it)
+
+
+def dashboards_api(timeout_s: float = 2.0, url: str | None = None) -> str | None:
+    """`url` (default local_api_url()) if this project's Prefect server answers there (`make dashboards`, or
+    one a bare `dvc repro` started, on this machine: pipeline/localserver.py), its auth string noted for
+    client_settings; else None. A server there that is not the project's gets nothing (a note says what answered)."""
+    url = url or local_api_url()
+    found = _project_server(url, timeout_s)
+    return url if found else None
+
+
+def _project_server(url: str, timeout_s: float) -> bool | None:
+    """True if the project's server answers at `url` (its auth string then in _local_auth); None if something
+    else answers there (said in a note); False if nothing does."""
+    global _local_auth
+    port = urlsplit(url).port or 80
     record = localserver.ours(port)
     try:
-        answer = httpx.get(DASHBOARDS_API_URL + "/health", timeout=timeout_s)
+        answer = httpx.get(url + "/health", timeout=timeout_s)
         healthy = answer.status_code == 200 and answer.json() is True
     except (httpx.HTTPError, ValueError):
-        return None
+        return False
     if healthy and record is None:
         print(
-            f"Prefect: {DASHBOARDS_API_URL} answers but is not a server this project started "
+            f"Prefect: {url} answers but is not a server this project started "
             f"({localserver.describe_listener(port)}); this stage reports to a temporary server instead.",
             file=sys.stderr,
             flush=True,
         )
         return None
-    if healthy and record is not None and record.auth:
-        os.environ[localserver.CLIENT_AUTH_ENV] = record.auth
-    return DASHBOARDS_API_URL if healthy else None
+    if healthy and record is not None:
+        _local_auth = record.auth
+    return healthy
+
+
+def may_start_servers() -> bool:
+    """True for a stage of a bare `dvc repro`, `dvc exp run` or queued experiment: launched by dvc.yaml's
+    command (pipeline/warm.py), with no run command around it, and background servers not turned off
+    ($MNIST_SERVERS_IDLE_S=0)."""
+    return warm.launched() is not None and not os.environ.get(RUN_ID_ENV) and localserver.idle_s() > 0
+
+
+_users_fd: int | None = None  # this stage's shared lock on the users file of the project's server, held to its end
+
+
+def use_local_server(port: int) -> None:
+    """Hold a shared flock on the users file of `port` for the rest of this process, and touch the file:
+    the background server there does not stop while a stage uses it, and counts its idle time from the last
+    one (pipeline/servers.py wait_idle). Waits while that server is stopping."""
+    global _users_fd
+    if _users_fd is not None:
+        return
+    import fcntl
+
+    path = localserver.users_path(port)
+    _users_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(_users_fd, fcntl.LOCK_SH)
+    os.utime(path)
+
+
+def start_keeper(url: str) -> str | None:
+    """Start the project's Prefect server on `url`'s port in the background (`python -m pipeline.servers keep`,
+    detached from DVC, stopped after localserver.idle_s() without a stage); `url` once it answers, else None
+    (said in a note: the stage then reports to a temporary server)."""
+    import subprocess
+
+    port = urlsplit(url).port or localserver.DEFAULT_PORT
+    folder = localserver.folder()
+    package = Path(localserver.__file__).resolve().parent.parent  # the keeper runs this project's code
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package), os.environ.get("PYTHONPATH")]))}
+    for name in ("PREFECT_API_URL", localserver.CLIENT_AUTH_ENV, warm.SOCKET_ENV):
+        env.pop(name, None)
+    log = folder / f"{port}.keeper.log"
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+        keeper = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.servers", "keep", str(port), str(localserver.idle_s())],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not in DVC's process group, and not ended with it
+        )
+    deadline = time.monotonic() + KEEPER_START_S
+    while time.monotonic() < deadline:
+        found = _project_server(url, 2.0)
+        if found:
+            return url
+        code = keeper.poll()
+        if found is None or code not in (None, 3):  # 3: another one started it (pipeline.servers.KEEPER_EXIT_RUNNING)
+            break
+        time.sleep(0.5)
+    else:
+        keeper.terminate()
+    print(
+        f"Prefect: could not start the project's server on 127.0.0.1:{port} (see {log}); "
+        "this stage reports to a temporary server instead.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None
 
 
 def reporting_api() -> str | None:
     """The Prefect API a stage's flow run reports to: PREFECT_API_URL where it is set (and answers, see
-    check_prefect_api); else the server of `make dashboards` where one answers on this machine, so a bare
-    `dvc repro` and every `dvc exp run` or queued experiment show on the dashboard with no setting; else
-    None: Prefect's temporary server, whose records end with the stage."""
+    check_prefect_api); else the project's server on this machine (local_api_url) where it answers, so a bare
+    `dvc repro` and every `dvc exp run` or queued experiment show on the dashboard with no setting; else, for
+    a stage of one of those (may_start_servers), that server started now in the background, with a warm stage
+    server for the project folder, both for this and later runs until localserver.idle_s() passes without a
+    stage (`mnist dashboards --stop` stops them now); else None: Prefect's temporary server, whose records end
+    with the stage."""
     api = check_prefect_api()
-    if api is None and (api := dashboards_api()):
-        print(f"Prefect: reporting to the server of `make dashboards` at {api}.", file=sys.stderr, flush=True)
+    if api is not None:
+        return api
+    url = local_api_url()
+    if not may_start_servers():
+        if api := dashboards_api(url=url):
+            print(f"Prefect: reporting to the server of `make dashboards` at {api}.", file=sys.stderr, flush=True)
+        return api
+    port = urlsplit(url).port or localserver.DEFAULT_PORT
+    use_local_server(port)
+    started = []
+    root = Path.cwd().resolve()
+    if warm.SOCKET_ENV not in os.environ and warm.start_background(root, warm.initial_environ(), localserver.idle_s()):
+        started.append(f"a warm stage server for {root}")
+    found = _project_server(url, 2.0)
+    if found is False and (api := start_keeper(url)):
+        auth = f" (its UI asks for the auth string {_local_auth})" if _local_auth else ""
+        started.insert(0, f"the project's Prefect server on {url.removesuffix('/api')}{auth}")
+    elif found:
+        api = url
+        print(f"Prefect: reporting to the project's server at {api}.", file=sys.stderr, flush=True)
+    if started:
+        print(
+            f"Started in the background, for this and later runs: {' and '.join(started)}; "
+            f"{'they stop' if len(started) > 1 else 'it stops'} after {localserver.idle_words(localserver.idle_s())} "
+            "without a stage, or now with `mnist dashboards --stop`.",
+            file=sys.stderr,
+            flush=True,
+        )
     return api
 
 
 def client_settings(api: str | None) -> dict[Setting, Any]:
-    """Prefect settings for calls to `api`: its URL, and the auth string that the environment holds for it."""
+    """Prefect settings for calls to `api`: its URL, and the auth string that the environment holds for it
+    (else that of the project's server the stage found)."""
     if not api:
         return {}
-    auth = os.environ.get(localserver.CLIENT_AUTH_ENV)
+    auth = os.environ.get(localserver.CLIENT_AUTH_ENV) or _local_auth
     return {PREFECT_API_URL: api, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
 
 

@@ -16,6 +16,13 @@ ends as that would (status, atexit handlers, threads), less the teardown of the 
 SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to the child; a launcher that
 dies (SIGKILL) takes its child with it, and the server dies with the command that started it.
 
+A bare `dvc repro` (or `dvc exp run`, a queued experiment) has no such command: its first stage
+starts a background server for its project folder instead (`start_background`, called by
+pipeline/stage.py), detached from DVC. It records itself in $PREFECT_HOME/mnist-servers/
+(localserver.warm_path), where later launchers in the same folder find it, and ends by itself
+after localserver.idle_s() without a stage, when its folder is gone or a module it imported
+changes on disk, or on SIGTERM (`mnist dashboards --stop`).
+
 `python -m pipeline.warm -m MODULE ARGS` does the same for `python -m MODULE ARGS`: the export
 stage checks its SavedModel this way, in a new process that has imported TensorFlow but never
 built or loaded a model (pipeline/export.py).
@@ -24,6 +31,8 @@ built or loaded a model (pipeline/export.py).
 from __future__ import annotations
 
 import atexit
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -35,12 +44,15 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pipeline import localserver
+
 SOCKET_ENV = "PIPELINE_WARM_SOCKET"
+RUN_ID_ENV = "PIPELINE_RUN_ID"  # set by a run command (`mnist run`, `mnist flow`, the fan-out), which brings its own servers
 LAUNCHED_ENV = "PIPELINE_STAGE_LAUNCHED"  # "<unix time> warm|cold": when and how the launcher started the stage
 LAUNCHED_BY_ENV = "PIPELINE_LAUNCHED_BY"  # the PID of the process that started the launcher (DVC): one pipeline run
 MAX_MESSAGE = 1 << 20  # a request: the script, its arguments, the working directory and the environment
@@ -111,6 +123,13 @@ def launch(argv: list[str]) -> None:
         status = _run_warm(path, argv)
         if status is not None:
             _exit_like(status)
+    elif not os.environ.get(RUN_ID_ENV) and (path := background_socket(Path.cwd().resolve(), os.environ)):
+        os.environ[LAUNCHED_ENV] = f"{time.time():.6f} warm"
+        os.environ[SOCKET_ENV] = path  # in the request: the stage and its own launchers use the same server
+        status = _run_warm(path, argv, quiet=True)
+        if status is not None:
+            _exit_like(status)
+        del os.environ[SOCKET_ENV]  # gone since it was recorded: the stage starts cold, and may start a new one
     os.environ[LAUNCHED_ENV] = f"{time.time():.6f} cold"
     os.execv(sys.executable, [sys.executable, *argv])
 
@@ -124,12 +143,18 @@ def launched() -> tuple[float, str] | None:
         return None
 
 
-def _run_warm(path: str, argv: list[str]) -> int | None:
-    """The child's exit status (negative: the signal that ended it), or None if the server cannot take the run."""
+def _run_warm(path: str, argv: list[str], quiet: bool = False) -> int | None:
+    """The child's exit status (negative: the signal that ended it), or None if the server cannot take the run.
+    `quiet`: a server that is not there (a background one that just ended) is not worth a note."""
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         conn.settimeout(EXCHANGE_TIMEOUT_S)
-        conn.connect(path)
+        try:
+            conn.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if quiet:
+                return None
+            raise
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         reply = json.loads(conn.recv(MAX_MESSAGE) or b"{}")
@@ -192,6 +217,93 @@ def server(root: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
             stop(process)
 
 
+def import_fingerprint(env: Mapping[str, str]) -> str:
+    """A digest of the variables in `env` that the server reads when it imports (READ_AT_IMPORT): a launcher
+    whose digest differs from a background server's does not ask it (it would refuse), and starts cold."""
+    read = sorted((k, v) for k, v in env.items() if k.startswith(READ_AT_IMPORT))
+    return hashlib.sha256(json.dumps(read).encode()).hexdigest()
+
+
+def background_socket(root: Path, env: Mapping[str, str]) -> str | None:
+    """The socket of the background server of the project folder `root`, if one is recorded for the same
+    variables as `env`'s (import_fingerprint); else None."""
+    record = localserver.read_json(localserver.warm_path(root))
+    if not record or record.get("root") != str(root) or record.get("env") != import_fingerprint(env):
+        return None
+    path = record.get("socket")
+    return path if isinstance(path, str) and os.path.exists(path) else None
+
+
+def initial_environ() -> dict[str, str]:
+    """This process's environment as it started (Linux: /proc/self/environ), before any import set a
+    variable: for a cold stage, the launcher's; else os.environ as it is now."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (entry.partition(b"=") for entry in raw.split(b"\0") if entry)
+    return {os.fsdecode(name): os.fsdecode(value) for name, _, value in pairs}
+
+
+def start_background(root: Path, env: Mapping[str, str], idle_s: float) -> bool:
+    """Start the background server of the project folder `root`, with `env` (the stages' own), detached: it
+    outlives the stage and DVC, and ends after `idle_s` seconds without a stage (serve). True if one was
+    started; False if one runs already or is starting (it holds the folder's lock)."""
+    lock = localserver.warm_path(root, ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    subprocess.Popen(
+        [sys.executable, "-m", "pipeline.warm", "--background", str(idle_s)],
+        cwd=root,
+        env={k: v for k, v in env.items() if k != SOCKET_ENV},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in DVC's process group: a Ctrl-C of the run does not reach it
+    )
+    return True
+
+
+_LOCK_FD: int | None = None  # a background server's lock on its folder's record, closed in every fork
+
+
+def background(root: Path, idle_s: float) -> None:
+    """Serve `root`'s stages in the background: take the folder's lock (else another one serves, and this one
+    ends at once), listen in a new private folder, record the socket, serve until idle, and clean up."""
+    global _LOCK_FD
+    record_path = localserver.warm_path(root)
+    _LOCK_FD = os.open(localserver.warm_path(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(_LOCK_FD, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    folder = tempfile.mkdtemp(prefix="mnist-warm-")  # 0700
+    path = str(Path(folder) / "socket")
+    for name, value in ONE_THREAD.items():  # as the launchers set it before they look for a server
+        os.environ.setdefault(name, value)
+    me, fingerprint = os.getpid(), import_fingerprint(os.environ)  # the environment as the launchers have it
+
+    def record() -> None:
+        started = localserver.started_at(me)
+        data = {"pid": me, "started": started, "root": str(root), "socket": path, "env": fingerprint}
+        localserver.write_json(record_path, {**data, "idle_s": idle_s})
+
+    try:
+        serve(path, root, idle_s=idle_s, on_ready=record)
+    finally:
+        if os.getpid() == me:
+            current = localserver.read_json(record_path)
+            if current and current.get("pid") == me:
+                record_path.unlink(missing_ok=True)
+            Path(path).unlink(missing_ok=True)
+            os.rmdir(folder)
+
+
 def stop(process: subprocess.Popen[Any], timeout: float = 15) -> None:
     """End a server process: SIGTERM, then SIGKILL if it has not ended after `timeout` seconds."""
     if process.poll() is None:
@@ -203,11 +315,13 @@ def stop(process: subprocess.Popen[Any], timeout: float = 15) -> None:
             process.wait()
 
 
-def serve(path: str, root: Path) -> None:
+def serve(path: str, root: Path, idle_s: float | None = None, on_ready: Callable[[], None] | None = None) -> None:
     """Import every stage script of `root`, then fork a stage process for each launcher that connects.
 
-    Listens on the Unix socket `path` (created only when ready); ends on SIGTERM, or when the process
-    that started it is gone.
+    Listens on the Unix socket `path` (created only when ready, then `on_ready` runs); ends on SIGTERM,
+    or when the process that started it is gone. With `idle_s` (a background server) it outlives the
+    process that started it, and ends instead once no stage has started or run for `idle_s` seconds,
+    once `root` is gone, or once a module it imported changed on disk (the next stage starts a new one).
     """
     import gc
     import importlib
@@ -233,18 +347,41 @@ def serve(path: str, root: Path) -> None:
     listener.bind(path)
     listener.listen(8)
     listener.settimeout(1.0)
+    last_used = time.monotonic()
+    if on_ready:
+        on_ready()
     try:
-        while os.getppid() == parent:
+        while idle_s is not None or os.getppid() == parent:
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
+                if idle_s is None:
+                    continue
+                if _has_children():
+                    last_used = time.monotonic()
+                elif time.monotonic() - last_used >= idle_s or not root.is_dir() or _changed(loaded):
+                    return
                 continue
             with conn:
                 _answer(conn, listener, root, loaded)
+            last_used = time.monotonic()
+            if idle_s is not None and _changed(loaded):  # that stage was refused; the next one starts a new server
+                return
     finally:
         if os.getpid() == server:
             listener.close()
             Path(path).unlink(missing_ok=True)
+
+
+def _has_children() -> bool:
+    """True while a supervisor forked by this server (and so a stage) is running."""
+    import psutil
+
+    return bool(psutil.Process().children())
+
+
+def _changed(loaded: dict[str, int]) -> bool:
+    return any(_mtime(name) != mtime for name, mtime in loaded.items())
 
 
 def _answer(conn: socket.socket, listener: socket.socket, root: Path, loaded: dict[str, int]) -> None:
@@ -263,6 +400,8 @@ def _answer(conn: socket.socket, listener: socket.socket, root: Path, loaded: di
         if os.fork() == 0:
             try:
                 listener.close()
+                if _LOCK_FD is not None:  # the stage must not keep the folder's lock when the server ends
+                    os.close(_LOCK_FD)
                 _supervise(conn, json.loads(message), fds)  # never returns: it ends in os._exit
             finally:
                 os._exit(1)  # an error in the supervisor must not go on as a second server
@@ -434,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
         serve(argv[1], Path.cwd().resolve())
+    elif argv[:1] == ["--background"]:
+        background(Path.cwd().resolve(), float(argv[1]))
     else:
         launch(argv)
 
