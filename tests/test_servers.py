@@ -150,7 +150,8 @@ def test_two_commands_starting_at_once_share_one_server_until_both_end(home: Pat
 def test_two_mnist_runs_in_two_workspaces_without_a_server_share_one(home: Path, tmp_path: Path) -> None:
     """Two `mnist run` at once, no PREFECT_API_URL: one starts the server, the other uses it, both finish,
     and the server goes when the last one ends."""
-    env = project_env(PREFECT_HOME=str(home))
+    port = free_port()  # never 4200: another suite's server may be there
+    env = project_env(PREFECT_HOME=str(home), **{localserver.PORT_ENV: str(port)})
     env.pop("PREFECT_API_URL", None)
     runs = []
     for name in ("one", "two"):
@@ -174,9 +175,9 @@ def test_two_mnist_runs_in_two_workspaces_without_a_server_share_one(home: Path,
         assert re.search(r"^\[7/7\] \S+: ran", output, re.MULTILINE), output[-4000:]
         assert re.search(r"^logreg\s+0\.\d{4}\s+0\.0500\s+yes\s+1$", output, re.MULTILINE), output[-4000:]
         assert "Running stage" not in output and "> python -m pipeline.warm" not in output
-    assert sum("Prefect: started a server" in output for output in outputs) == 1, outputs
-    assert localserver.read(servers.PREFECT_PORT) is None
-    assert not servers.answers(f"http://127.0.0.1:{servers.PREFECT_PORT}/api/health")
+    assert sum(f"Prefect: started a server on 127.0.0.1:{port}" in output for output in outputs) == 1, outputs
+    assert localserver.read(port) is None
+    assert not servers.answers(f"http://127.0.0.1:{port}/api/health")
 
 
 def test_mnist_run_killed_outright_takes_dvc_and_its_stage_with_it(home: Path, tmp_path: Path) -> None:
@@ -184,7 +185,7 @@ def test_mnist_run_killed_outright_takes_dvc_and_its_stage_with_it(home: Path, t
 
     project = copy_project(tmp_path / "project")
     edit_params(project, only_logreg)
-    env = {**project_env(PREFECT_HOME=str(home)), "PYTHONPATH": str(project)}
+    env = {**project_env(PREFECT_HOME=str(home), **{localserver.PORT_ENV: str(free_port())}), "PYTHONPATH": str(project)}
     env.pop("PREFECT_API_URL", None)
     run = subprocess.Popen(["mnist", "run", "--cold"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -226,6 +226,43 @@ def test_the_server_refuses_what_it_could_run_wrong_and_the_stage_starts_cold(ro
     assert "warm start refused" in err and "starting stages/probe.py cold" in err, err
 
 
+def test_a_background_server_serves_its_folder_until_it_is_idle(root: Path, tmp_path: Path) -> None:
+    """As a bare `dvc repro`'s first stage starts it (warm.start_background): detached, found by the launchers
+    in its folder through its record, passed by a launcher whose import-time variables differ (cold, without a
+    note), and gone with its record and socket after its idle time."""
+    records = tmp_path / "prefect-home" / "mnist-servers"
+    env = env_for(tmp_path, PREFECT_HOME=str(records.parent))
+    env.pop("PIPELINE_RUN_ID", None)
+    start = "import os, sys; from pathlib import Path; from pipeline import warm\n"
+    start += "print(warm.start_background(Path(sys.argv[1]), dict(os.environ), 3.0))"
+    started = subprocess.run([sys.executable, "-c", start, str(root)], env=env, capture_output=True, text=True, timeout=60)
+    assert started.stdout.split() == ["True"], started.stderr
+    wait_for(lambda: list(records.glob("warm-*.json")), "the background server's record")
+    record = json.loads(next(records.glob("warm-*.json")).read_text())
+    server = psutil.Process(record["pid"])
+    try:
+        assert record["root"] == str(root.resolve()) and os.path.exists(record["socket"])
+        proc = launch(root, env, "0")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and f" pid {proc.pid} " not in out and "warm" not in err, (out, err)  # a fork of the server
+        proc = launch(root, {**env, "TF_PROBE": "1"}, "0")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and f" pid {proc.pid} " in out and "warm" not in err, (out, err)  # its own process
+        wait_for(lambda: ended(server), "the idle stop (3 s)")
+        assert not list(records.glob("warm-*.json")) and not os.path.exists(record["socket"])
+    finally:
+        if not ended(server):
+            server.kill()
+
+
+def ended(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: a detached server's parent is init, which may reap it late."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_the_server_ends_with_the_process_that_started_it(root: Path, tmp_path: Path) -> None:
     """As `mnist run` starts it (warm.server): killed outright, that command leaves no server behind."""
     starter = subprocess.Popen(
