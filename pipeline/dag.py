@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed
 
+from pipeline import progress
 from pipeline.stage import RUN_ID_ENV, record_run, run_tag
 
 RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN = "ran", "restored", "up to date", "failed", "not run"
@@ -50,10 +51,11 @@ def repro_stage(stage: str, root: Path, run_id: str) -> State:
     if done.returncode != 0:
         logger.error("stage %s failed:\n%s", stage, output[-4000:])
         return Failed(message=f"stage {stage} failed: {output.splitlines()[-1] if output else done.returncode}")
-    if f"Running stage '{stage}'" in output:
+    outcome = progress.repro_outcomes(output).get(stage)
+    if outcome == progress.RAN:
         logger.info("stage %s ran", stage)
         return Completed(message=RAN)
-    if f"Stage '{stage}' is cached - skipping run" in output:
+    if outcome == progress.RESTORED:
         logger.info("stage %s restored from DVC's run-cache", stage)
         return Completed(message=RESTORED, name="Restored")
     logger.info("stage %s is up to date", stage)

@@ -35,6 +35,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from pipeline import progress
 from pipeline.errors import PipelineError, redact_url
 from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
 
@@ -105,9 +106,13 @@ def dvc_env(workspace: Path, run_id: str) -> dict[str, str]:
 
 
 def ran_stages(output: str) -> list[str]:
-    """The stages DVC's `output` says it ran (not restored, not up to date)."""
-    marker = "Running stage '"
-    return [line.split(marker, 1)[1].split("'", 1)[0] for line in output.splitlines() if marker in line]
+    """The stages `dvc repro`'s `output` says it ran (not restored, not up to date)."""
+    return [stage for stage, outcome in progress.repro_outcomes(output).items() if outcome == progress.RAN]
+
+
+def restored_stages(output: str) -> list[str]:
+    """The stages `dvc repro`'s `output` says it restored from the run-cache."""
+    return [stage for stage, outcome in progress.repro_outcomes(output).items() if outcome == progress.RESTORED]
 
 
 def chain_targets(model: str) -> list[str]:
@@ -159,14 +164,17 @@ def default_remote(root: Path) -> str:
     return refuse_credentials(url, "DVC remote")
 
 
-def stale_models(root: Path, models: list[str], run_id: str) -> list[str]:
-    """The models whose chain `dvc status` reports changed or missing in `root`."""
-    stale = []
-    for model in models:
-        output = command(["dvc", "status", *chain_targets(model)], root, dvc_env(root, run_id))
-        if "up to date" not in output:
-            stale.append(model)
-    return stale
+def stale_models(root: Path, models: list[str]) -> list[str]:
+    """The models whose chain DVC's status reports changed or missing in `root` (`dvc status`, through Repo.status)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            dvc_yaml = Path(repo.root_dir) / "dvc.yaml"  # a bare stage name would be looked up from the working directory
+            return [model for model in models if repo.status(targets=[f"{dvc_yaml}:{s}" for s in chain_targets(model)])]
+    except DvcException as exc:
+        raise PipelineError(f"`dvc status` failed in {root}: {mask(str(exc))}") from None
 
 
 def check_deployment(pool: str) -> str:
@@ -233,8 +241,8 @@ def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> 
         output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, env)
         logger.info("dvc repro --pull:\n%s", output[-3000:])
         command(["dvc", "push", "--run-cache"], workspace, env)
-    ran = ran_stages(output)
-    return {"ran": ran, "restored": [s for s in chain_targets(model) if f"Stage '{s}' is cached" in output]}
+    ran, restored = ran_stages(output), restored_stages(output)
+    return {"ran": ran, "restored": [s for s in chain_targets(model) if s in restored]}
 
 
 # --- the coordinator ----------------------------------------------------------------------------
@@ -292,7 +300,7 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
 
     load_params(path / "params.yaml")  # a bad params.yaml stops here, named
     models = list(yaml.safe_load((path / "params.yaml").read_text())["models"])
-    stale = stale_models(path, models, run_id)
+    stale = stale_models(path, models)
     logger.info(
         "commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none"
     )

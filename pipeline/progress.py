@@ -20,13 +20,38 @@ from pipeline import artifacts
 TIMES_FILE = Path(".dvc/tmp/mnist-stage-seconds.json")  # DVC's scratch folder: git-ignored, never tracked
 RAN, RESTORED, UP_TO_DATE, FAILED = "ran", "restored from the run-cache", "up to date", "failed"
 
-# DVC's messages about a stage (dvc/stage/run.py, dvc/repo/reproduce.py)
-_RUNNING = re.compile(r"^Running stage '(?P<stage>[^']+)':")
-_RESTORED = re.compile(r"^Stage '(?P<stage>[^']+)' is cached - skipping run")
-_UNCHANGED = re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping")
-_FAILED = re.compile(r"^ERROR: failed to reproduce '(?P<stage>[^']+)'")
+RUNNING = "running"  # what DVC says as a stage's command starts; it ends as RAN or FAILED
+
+# DVC's printed messages about a stage (dvc/stage/run.py, dvc/stage/cache.py, dvc/stage/__init__.py,
+# dvc/repo/reproduce.py). `dvc repro` has no structured output and DVC's Python API does not tell a
+# stage that ran from one restored from the run-cache: stage_event is the one reader of these lines,
+# and tests/test_compat.py pins them against the real dvc.
+_STAGE_LINES = (
+    (re.compile(r"Running stage '(?P<stage>[^']+)':"), RUNNING),
+    (re.compile(r"Stage '(?P<stage>[^']+)' is cached - skipping run"), RESTORED),
+    (re.compile(r"Stage '(?P<stage>[^']+)' didn't change, skipping"), UP_TO_DATE),
+    (re.compile(r"ERROR: failed to reproduce '(?P<stage>[^']+)'"), FAILED),
+)
 _COMMAND_ECHO = re.compile(r"^> .*\bpipeline\.warm\b")  # DVC echoes each stage's command: long, and said by our line
 _STAGE_ERROR = re.compile(r"^error(?: in stage \S+)?: (?P<message>.+)")
+
+
+def stage_event(line: str) -> tuple[str, str] | None:
+    """What a line of `dvc repro`'s output says about a stage: (stage, RUNNING, RESTORED, UP_TO_DATE or FAILED), or None."""
+    for pattern, event in _STAGE_LINES:
+        if match := pattern.search(line):  # anywhere: a stage's last output may lack its newline
+            return match["stage"], event
+    return None
+
+
+def repro_outcomes(output: str) -> dict[str, str]:
+    """What `dvc repro` did to each stage its `output` names: RAN, RESTORED, UP_TO_DATE or FAILED, in DVC's order."""
+    outcomes: dict[str, str] = {}
+    for line in output.splitlines():
+        if found := stage_event(line):
+            stage, event = found
+            outcomes[stage] = RAN if event == RUNNING else event
+    return outcomes
 
 
 def planned_stages(root: Path, targets: list[str], single_item: bool) -> list[str]:
@@ -69,28 +94,24 @@ class Progress:
     def feed(self, line: str) -> bool:
         """Take one line of DVC's output; whether to show it as it is (DVC's stage lines are said by ours)."""
         text = line.rstrip("\n")
-        if match := _RUNNING.match(text):
-            self._end_running(RAN)
-            self._running, self._since, self._last_error = match["stage"], self.clock(), None
-            return False
-        if match := _RESTORED.match(text):
-            self._end_running(RAN)
-            self._end(match["stage"], RESTORED, 0.0)
-            return False
-        if match := _UNCHANGED.match(text):
-            self._end_running(RAN)
-            self._end(match["stage"], UP_TO_DATE, 0.0)
-            return False
-        if match := _FAILED.match(text):
-            stage = match["stage"]
+        found = stage_event(text)
+        if found is None:
+            if match := _STAGE_ERROR.match(text):
+                self._last_error = self._last_error or match["message"]
+            return not _COMMAND_ECHO.match(text)
+        stage, event = found
+        if event == FAILED:
             if self._running == stage:
                 self._running = None
             self.errors[stage] = self._last_error or text.split(": ", 2)[-1]
             self._end(stage, FAILED, self.clock() - self._since if self._since else 0.0)
             return True
-        if match := _STAGE_ERROR.match(text):
-            self._last_error = self._last_error or match["message"]
-        return not _COMMAND_ECHO.match(text)
+        self._end_running(RAN)
+        if event == RUNNING:
+            self._running, self._since, self._last_error = stage, self.clock(), None
+        else:
+            self._end(stage, event, 0.0)
+        return False
 
     def close(self) -> None:
         """DVC has ended: the stage that ran last has ended too."""

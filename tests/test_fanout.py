@@ -283,7 +283,7 @@ def test_the_coordinator_refuses_an_unpushed_commit(pushed_clone: Path) -> None:
         fanout.pushed_commit(pushed_clone)
 
 
-def test_ran_stages_reads_dvc_output() -> None:
+def test_ran_and_restored_stages_read_dvc_output() -> None:
     from pipeline import fanout
 
     output = (
@@ -293,6 +293,7 @@ def test_ran_stages_reads_dvc_output() -> None:
         "Running stage 'report':\n"
     )
     assert fanout.ran_stages(output) == ["train@mlp", "report"]
+    assert fanout.restored_stages(output) == ["fetch"]
 
 
 def test_a_chain_holds_the_only_slot_of_its_model_and_commit(prefect_api: str) -> None:

@@ -52,3 +52,46 @@ def test_a_command_past_its_time_limit_is_stopped_with_what_it_started(tmp_path:
     while Path(f"/proc/{pid}").exists() and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
         assert time.monotonic() < deadline, f"the command's child {pid} outlived the time limit"
         time.sleep(0.1)
+
+
+CHAINS_YAML = """\
+stages:
+  train:
+    foreach: [a, b]
+    do:
+      cmd: echo trained > ${item}.model
+      deps: [seed.txt]
+      outs:
+        - ${item}.model
+  evaluate:
+    foreach: [a, b]
+    do:
+      cmd: echo evaluated > ${item}.metrics
+      deps:
+        - ${item}.model
+      outs:
+        - ${item}.metrics
+  export:
+    foreach: [a, b]
+    do:
+      cmd: echo exported > ${item}.export
+      deps:
+        - ${item}.model
+      outs:
+        - ${item}.export
+"""
+
+
+def test_the_stale_models_are_those_whose_chain_dvc_status_reports(tmp_path: Path) -> None:
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(CHAINS_YAML)
+    (tmp_path / "seed.txt").write_text("seed\n")
+    assert fanout.stale_models(tmp_path, ["a", "b"]) == ["a", "b"]
+    subprocess.run([dvc, "repro", *fanout.chain_targets("a")], cwd=tmp_path, check=True, capture_output=True)
+    assert fanout.stale_models(tmp_path, ["a", "b"]) == ["b"]
+    (tmp_path / "a.metrics").write_text("changed\n")
+    assert fanout.stale_models(tmp_path, ["a", "b"]) == ["a", "b"]
+    (tmp_path / "dvc.yaml").write_text("stages: [")
+    with pytest.raises(PipelineError, match="`dvc status` failed"):
+        fanout.stale_models(tmp_path, ["a"])
