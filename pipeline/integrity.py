@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -66,30 +66,12 @@ def rwlock_holders(repo: Repo) -> list[tuple[str, int, str, str]]:
     there for writing and its dependencies for reading until the stage is recorded.
     """
     import psutil
-    from dvc.lock import LockError, make_lock
-    from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK, SCHEMA
 
-    path = Path(repo.tmp_dir) / RWLOCK_FILE
-    if not path.exists():
-        return []
-    guard = make_lock(
-        os.path.join(repo.tmp_dir, RWLOCK_LOCK),
-        tmp_dir=repo.tmp_dir,
-        hardlink_lock=repo.config["core"].get("hardlink_lock", False),
-    )
-    try:
-        with guard:  # as DVC edits the file (dvc/rwlock.py): never half-written
-            raw = json.loads(path.read_text(encoding="utf-8"))
-    except LockError:
-        return [("edit", 0, "a DVC command editing .dvc/tmp/rwlock", str(path))]
-    except (OSError, ValueError):
-        return []
-    try:
-        lock = SCHEMA(raw)
-    except Exception:  # noqa: BLE001 - voluptuous.Invalid: a file DVC itself would refuse
-        return []
-    entries = [("write", info, p) for p, info in lock["write"].items()]
-    entries += [("read", info, p) for p, infos in lock["read"].items() for info in infos]
+    table = read_rwlock(repo)
+    if table is None:
+        return [("edit", 0, "a DVC command editing .dvc/tmp/rwlock", str(Path(repo.tmp_dir) / "rwlock"))]
+    entries = [("write", info, p) for p, info in table["write"].items()]
+    entries += [("read", info, p) for p, infos in table["read"].items() for info in infos]
     return [(mode, info["pid"], info["cmd"], p) for mode, info, p in entries if psutil.pid_exists(info["pid"])]
 
 
@@ -99,25 +81,92 @@ def repo_lock(root: Path, wait_s: float = 0.0) -> Iterator[Repo]:
 
     Raise Busy if another process holds it for longer than `wait_s` (DVC's own Lock tries for 3 s).
     """
-    from dvc.lock import LockError
     from dvc.repo import Repo
 
     deadline = time.monotonic() + wait_s
     with Repo(str(root)) as repo:
-        while True:
-            try:
-                repo.lock.lock()
-                break
-            except LockError:
-                if time.monotonic() >= deadline:
-                    raise Busy(
-                        f"another DVC command holds this workspace ({Path(repo.tmp_dir) / 'lock'}): "
-                        "run it again once that command has finished."
-                    ) from None
+        while not take_repo_lock(repo):
+            if time.monotonic() >= deadline:
+                raise Busy(
+                    f"another DVC command holds this workspace ({Path(repo.tmp_dir) / 'lock'}): "
+                    "run it again once that command has finished."
+                )
         try:
             yield repo
         finally:
-            repo.lock.unlock()
+            release_repo_lock(repo)
+
+
+# --- where DVC has no public API: its locks, its lock-file reader, its state database ----------
+# Each is one function over DVC's internals; tests/test_compat.py pins, against the real dvc,
+# the behaviour the project relies on, so that a DVC upgrade that changes one fails a test.
+
+
+def take_repo_lock(repo: Repo) -> bool:
+    """Take DVC's repo lock (.dvc/tmp/lock), which every DVC command holds while it works (dvc repro gives
+    it up while a stage's command runs); whether it was free within DVC's own wait (3 s)."""
+    from dvc.lock import LockError
+
+    try:
+        repo.lock.lock()
+    except LockError:
+        return False
+    return True
+
+
+def release_repo_lock(repo: Repo) -> None:
+    """Give back the repo lock that take_repo_lock took."""
+    repo.lock.unlock()
+
+
+def read_rwlock(repo: Repo) -> dict[str, Any] | None:
+    """DVC's read/write lock table (.dvc/tmp/rwlock), read under its guard as DVC edits it:
+    {"write": {path: {"pid": int, "cmd": str}}, "read": {path: [{"pid": int, "cmd": str}, ...]}}.
+    Empty tables when there is none (or one DVC itself would refuse); None while a DVC command edits it."""
+    from dvc.lock import LockError, make_lock
+    from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK, SCHEMA
+
+    empty: dict[str, Any] = {"write": {}, "read": {}}
+    path = Path(repo.tmp_dir) / RWLOCK_FILE
+    if not path.exists():
+        return empty
+    guard = make_lock(
+        os.path.join(repo.tmp_dir, RWLOCK_LOCK),
+        tmp_dir=repo.tmp_dir,
+        hardlink_lock=repo.config["core"].get("hardlink_lock", False),
+    )
+    try:
+        with guard:  # never half-written
+            raw = json.loads(path.read_text(encoding="utf-8"))
+    except LockError:
+        return None
+    except (OSError, ValueError):
+        return empty
+    try:
+        table: dict[str, Any] = SCHEMA(raw)
+    except Exception:  # noqa: BLE001 - voluptuous.Invalid: a file DVC itself would refuse
+        return empty
+    return table
+
+
+def dvc_reads_lock_file(lock: Path) -> bool:
+    """Whether DVC's own reader of dvc.lock (strict YAML, checked against its lock-file schema) accepts `lock`."""
+    from dvc.exceptions import DvcException
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from dvc.utils.strictyaml import load
+
+    try:
+        load(str(lock), COMPILED_LOCKFILE_SCHEMA)
+    except DvcException:
+        return False
+    return True
+
+
+def recorded_md5(repo: Repo, file: Path) -> str | None:
+    """The md5 that DVC's state database holds for `file` as it is now (the same inode, size and modification
+    time as when DVC hashed it), or None."""
+    _, hash_info = repo.state.get(str(file), repo.fs)
+    return hash_info.value if hash_info is not None else None
 
 
 # --- an unreadable dvc.lock ------------------------------------------------------------------
@@ -125,10 +174,6 @@ def repo_lock(root: Path, wait_s: float = 0.0) -> Iterator[Repo]:
 
 def lock_problem(lock: Path) -> str | None:
     """What keeps DVC from reading `lock` ("empty", "conflict", ...: see LOCK_PROBLEMS), or None if it reads."""
-    from dvc.exceptions import DvcException
-    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
-    from dvc.utils.strictyaml import load
-
     data = lock.read_bytes()
     if not data.strip():
         return "empty"
@@ -139,9 +184,7 @@ def lock_problem(lock: Path) -> str | None:
     lines = text.splitlines()
     if any(line.startswith("<<<<<<<") for line in lines) and any(line.startswith(">>>>>>>") for line in lines):
         return "conflict"
-    try:
-        load(str(lock), COMPILED_LOCKFILE_SCHEMA)
-    except DvcException:
+    if not dvc_reads_lock_file(lock):
         try:
             yaml.safe_load(text)
         except yaml.YAMLError:
@@ -360,8 +403,7 @@ def _state(repo: Repo) -> Callable[[Path], str | None]:
     modification time as when DVC hashed it), or None."""
 
     def recorded(file: Path) -> str | None:
-        _, hash_info = repo.state.get(str(file), repo.fs)
-        return hash_info.value if hash_info is not None else None
+        return recorded_md5(repo, file)
 
     return recorded
 
