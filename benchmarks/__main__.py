@@ -5,7 +5,7 @@
     python -m benchmarks                      all benchmarks (budget: 15 minutes on 2 cores), benchmarks/results.json
     python -m benchmarks --quick              tiny sizes, a smoke test, benchmarks/results-quick.json
     python -m benchmarks --only throughput    one benchmark (repeatable); its rows replace that benchmark's in the JSON
-    python -m benchmarks --repro-log run.log  orchestration (c) from the output of `make run` instead of Prefect's database
+    python -m benchmarks --run-id run-...     orchestration (c) from that pipeline run in Prefect's database, not the latest
 """
 # fmt: on
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="results file (default: benchmarks/results.json, or results-quick.json with --quick)"
     )
-    parser.add_argument("--repro-log", type=Path, help="output of a full `make run` / `dvc repro`, for orchestration (c)")
+    parser.add_argument("--run-id", help="the pipeline run (run-YYYYmmdd-HHMMSS) in Prefect's database for orchestration (c)")
     return parser.parse_args(argv)
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="benchmarks-"))
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        ctx = Context(quick=args.quick, tmp=tmp, stack=stack, repro_log=args.repro_log)
+        ctx = Context(quick=args.quick, tmp=tmp, stack=stack, run_id=args.run_id)
         info = machine()
         import tensorflow as tf
 

@@ -54,6 +54,7 @@ import psutil
 import yaml
 
 from benchmarks.common import REPO, describe, environ, free_port, machine
+from pipeline.integrity import ASIDE_PREFIX
 
 sys.path.insert(0, str(REPO / "tests"))  # the quick configuration and the project copy are the tests'
 
@@ -547,10 +548,11 @@ def damaged(project: Path, models: list[str], reference: dict[str, str]) -> Case
         verify = subprocess.run(
             [str(BIN / "mnist"), "verify"], cwd=project, env=env_for(project), stdout=subprocess.PIPE, stderr=out, text=True
         )
-    found = [line for line in verify.stdout.splitlines() if "(the damaged copy: " in line]
-    case.notes += [f"mnist verify: {line}" for line in found]
+    case.notes += [f"mnist verify: {line}" for line in verify.stdout.splitlines() if "(the damaged copy: " in line]
+    # what verify moved aside, each damaged copy under its own path in .dvc/tmp/verify-<UTC time>/
+    found = [p for p in (project / ".dvc" / "tmp").glob(f"{ASIDE_PREFIX}*/**/*") if p.is_file()]
     if len(found) != 4:  # the arrays: workspace file and cache object; the model file; the predictions object
-        case.mismatches.append(f"mnist verify found {len(found)} damaged copies, not 4")
+        case.mismatches.append(f"mnist verify moved {len(found)} damaged copies aside, not 4")
     case.recovered = run_to_end(project, log)
     compare(case, project, reference, models)
     case.seconds = time.monotonic() - begin
@@ -599,7 +601,7 @@ def _verify(case: Case, project: Path, when: str, quiet: bool = False) -> None:
     case.notes.append(f"mnist verify {when}: exit {verify.returncode}, {len(lines)} line(s)")
     case.notes += [f"  {line}" for line in lines if ": " in line and not line.startswith(("no damage", "a modified"))]
     shown = [line for line in lines if "(the damaged copy: " in line or (quiet and "modified since dvc.lock" in line)]
-    if verify.returncode != 0 or shown or list((project / ".dvc" / "tmp").glob("verify-*")):
+    if verify.returncode != 0 or shown or list((project / ".dvc" / "tmp").glob(f"{ASIDE_PREFIX}*")):
         case.mismatches.append(f"mnist verify {when}: exit {verify.returncode}; {'; '.join(shown) or verify.stderr[-300:]}")
 
 

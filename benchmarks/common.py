@@ -38,7 +38,7 @@ class Context:
     quick: bool
     tmp: Path  # scratch folder of this run, deleted at the end
     stack: ExitStack  # closes what the benchmarks started (the Prefect server)
-    repro_log: Path | None = None  # a log of a full `dvc repro` / `make run`, for orchestration (c)
+    run_id: str | None = None  # the pipeline run in Prefect's database for orchestration (c); None: the latest complete
     shared: dict[str, Any] = field(default_factory=dict)  # results one benchmark hands to another
     details: dict[str, Any] = field(default_factory=dict)  # raw figures per benchmark, for results.json
 

@@ -1,6 +1,6 @@
 """Fan-out: the model chains over 1 and 2 Prefect workers on loopback, and a prediction for N machines.
 
-    python -m benchmarks.fanout [--full-log run.log] [--out benchmarks/fanout.json]
+    python -m benchmarks.fanout [--full-run run-YYYYmmdd-HHMMSS] [--out benchmarks/fanout.json]
 
 Not one of `python -m benchmarks`' set: it takes about 15 minutes on 2 cores. On the loopback
 cluster of the fan-out test (tests/loopback.py: PostgreSQL, a Prefect server, workers in
@@ -15,8 +15,8 @@ their own clones, a local DVC remote), the quick configuration with all eight mo
    the mean overhead), placed longest first on N machines + after, where `before` is the
    coordinator's time until it starts the chains (fetch, preprocess, push) and `after` its
    time from the last chain's end (restore, report, push). Checked against (1) on the quick
-   chains; then, given --full-log (the output of a full `make run`), for the default
-   configuration on 1, 2, 4 and 8 machines.
+   chains; then, given --full-run (a full `make run`'s pipeline run, from the Prefect database
+   as benchmarks.breakdown reads it), for the default configuration on 1, 2, 4 and 8 machines.
 
 On one 2-core machine two workers share the cores, so they are not faster than one: the
 prediction assumes one worker per machine.
@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks.common import REPO, describe, machine
-from benchmarks.orchestration import flows_from_log
+from benchmarks.orchestration import flows_from_prefect_db
 
 sys.path.insert(0, str(REPO / "tests"))  # the loopback cluster and the quick configuration are the tests'
 
@@ -55,11 +55,11 @@ def distributed_run(cluster: Loopback, name: str, workers: int) -> dict:
     pool = name
     run([str(BIN / "mnist"), "deploy", "--work-pool", pool], project.coordinator, cluster.env())
     cluster.start_workers(project, pool, [f"{name}-w{i + 1}" for i in range(workers)])
+    before = {f["id"] for f in cluster.flow_runs()}
     start = time.perf_counter()
-    output = run([str(BIN / "mnist"), "flow", "--work-pool", pool], project.coordinator, cluster.env())
+    run([str(BIN / "mnist"), "flow", "--work-pool", pool], project.coordinator, cluster.env())
     wall = time.perf_counter() - start
-    run_tag = next(line.split("runs tagged ")[1].rstrip(")") for line in output.splitlines() if "runs tagged " in line)
-    flows = cluster.flow_runs(run_tag)
+    flows = cluster.flow_runs(new_run_tag(cluster, before))
     parent = next(
         f
         for f in flows
@@ -115,12 +115,21 @@ def predict(chain_stages: dict[str, float], overhead: float, before: float, afte
     return before + makespan([s + overhead for s in chain_stages.values()], machines) + after
 
 
-def full_run(log: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """From the output of a full `make run`: each model's Σ train, evaluate and export flow-run
+def new_run_tag(cluster: Loopback, before: set[str]) -> str:
+    """The pipeline-run tag of the flow runs the server holds that were not among `before` (their ids): one run's."""
+    (tag,) = {t for f in cluster.flow_runs() if f["id"] not in before for t in f["tags"] if t.startswith("pipeline-run:")}
+    return tag
+
+
+def full_run(run_id: str) -> tuple[dict[str, float], dict[str, float]]:
+    """From a full `make run` in the Prefect database: each model's Σ train, evaluate and export flow-run
     seconds, and the seconds of the coordinator's own stages."""
     chains: dict[str, float] = {}
     own: dict[str, float] = {}
-    for name, start, end, _ in flows_from_log(log):
+    flows, source = flows_from_prefect_db(run_id)
+    if not flows:
+        raise SystemExit(f"--full-run {run_id}: {source}")
+    for name, start, end, _ in flows:
         stage, _, model = name.partition("-")
         if stage in STAGES and model:
             chains[model] = chains.get(model, 0.0) + (end - start).total_seconds()
@@ -131,7 +140,10 @@ def full_run(log: Path) -> tuple[dict[str, float], dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fanout", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full-log", type=Path, help="output of a full `make run`, for the default configuration's prediction")
+    parser.add_argument(
+        "--full-run",
+        help="a full `make run`'s pipeline run (run-YYYYmmdd-HHMMSS) in Prefect's database, for the default configuration's prediction",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "fanout.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mnist-fanout-") as tmp, loopback(Path(tmp)) as cluster:
@@ -151,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     lines.append(f"overhead per chain used for predictions (mean, 1 worker): {overhead:.1f} s")
     result = {"machine": machine(), "runs": runs, "overhead_per_chain_s": overhead}
-    if args.full_log:
+    if args.full_run:
         # The coordinator's time around the chains, with the quick run's stages swapped for the full run's.
-        full, own = full_run(args.full_log)
+        full, own = full_run(args.full_run)
         quick_own = one["coordinator_stages_s"]
         before = one["before_s"] + sum(own.get(s, 0) - quick_own.get(s, 0) for s in BEFORE)
         after = one["after_s"] + sum(own.get(s, 0) - quick_own.get(s, 0) for s in AFTER)

@@ -10,9 +10,9 @@
     train@linear (data/prepared of the repo, 10 epochs), which adds a progress artifact per
     epoch. overhead = median wall(stage process) - median wall(plain process); the ways run
     interleaved (A, B, C, A, B, C ...) after one warm-up round.
-(c) a full `dvc repro` against the sum of its stages' own work, from a record of one:
-    --repro-log (the output of `make run` / `mnist run` / `dvc repro` with stages reporting to
-    Prefect), else the Prefect server's database (runs tagged pipeline-run:<id>).
+(c) a full `dvc repro` against the sum of its stages' own work, from its record in the Prefect
+    server's database (the flow runs tagged pipeline-run:<id>): the run --run-id names, else
+    the latest complete one.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import psutil
 
 from benchmarks.breakdown import database, expected_stage_count, read_run
 from benchmarks.common import PYTHON, REPO, Context, Measured, Row, child_env, median, mnist_mirror, run_measured
+from pipeline import progress
 from pipeline.stage import DASHBOARDS_API_URL, dashboards_api
 
 DVC = str(Path(PYTHON).parent / "dvc")
@@ -82,7 +83,7 @@ def noop_repro(ctx: Context) -> list[Row]:
         start = time.perf_counter()
         done = subprocess.run([DVC, "repro"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         walls.append(time.perf_counter() - start)
-        if done.returncode != 0 or "Running stage" in done.stdout:
+        if done.returncode != 0 or progress.RAN in progress.repro_outcomes(done.stdout + done.stderr).values():
             return [Row("orchestration", subject, None, "s", "skipped: dvc repro was not a no-op: " + done.stdout[-200:])]
     ctx.details.setdefault("orchestration", {})["noop_repro_s"] = walls
     return [Row("orchestration", subject, min(walls), "s", f"best of {len(walls)}; dvc status clean")]
@@ -250,40 +251,15 @@ def stage_overhead(ctx: Context) -> list[Row]:
 
 FlowRun = tuple[str, datetime, datetime, str]  # name, start, end, state
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) \| \w+\s*\| Flow run '([^']+)' - (Beginning flow run|Finished in state (\w+))")
 
-
-def flows_from_log(path: Path) -> list[FlowRun]:
-    """Flow runs (name, start, end, state) from Prefect's console lines in a `dvc repro` log."""
-    begins: dict[str, datetime] = {}
-    flows: list[FlowRun] = []
-    day = datetime(2000, 1, 1)
-    last = None
-    for line in path.read_text(errors="replace").splitlines():
-        m = LOG_LINE.match(ANSI.sub("", line).strip())
-        if not m:
-            continue
-        t = datetime.combine(day.date(), datetime.strptime(m.group(1), "%H:%M:%S.%f").time())
-        if last and t < last:  # past midnight
-            day += timedelta(days=1)
-            t += timedelta(days=1)
-        last = t
-        if m.group(3) == "Beginning flow run":
-            begins[m.group(2)] = t
-        elif m.group(2) in begins:
-            flows.append((m.group(2), begins.pop(m.group(2)), t, m.group(4).upper()))
-    return flows
-
-
-def flows_from_prefect_db() -> tuple[list[FlowRun], str]:
-    """The latest complete pipeline run in the Prefect database (benchmarks.breakdown reads it)."""
+def flows_from_prefect_db(run_id: str | None = None) -> tuple[list[FlowRun], str]:
+    """Pipeline run `run_id` (default: the latest complete one) in the Prefect database (benchmarks.breakdown reads it)."""
     db = database()
     if not db.exists():
         return [], f"no Prefect database at {db}"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
         try:
-            run_id, flows = read_run(con, None)
+            run_id, flows = read_run(con, run_id)
         except LookupError as exc:
             return [], str(exc)
     return [(f["name"], f["start"], f["end"], f["state"]) for f in flows], f"Prefect database {db}, pipeline-run:{run_id}"
@@ -297,25 +273,19 @@ def is_complete(flows: list[FlowRun]) -> bool:
 
 def full_repro(ctx: Context) -> list[Row]:
     subject = "full dvc repro"
-    if ctx.repro_log:
-        flows = flows_from_log(ctx.repro_log)
-        source = f"log {ctx.repro_log}"
-        if not is_complete(flows):
-            return [
-                Row(
-                    "orchestration",
-                    subject,
-                    None,
-                    "s",
-                    f"skipped: {source} holds {len(flows)} flow runs, not a complete run of {expected_stage_count()} stages",
-                )
-            ]
-    else:
-        flows, source = flows_from_prefect_db()
-        if not flows:
-            return [
-                Row("orchestration", subject, None, "s", f"skipped: {source}; pass --repro-log with the output of `make run`")
-            ]
+    flows, source = flows_from_prefect_db(ctx.run_id)
+    if not flows:
+        return [Row("orchestration", subject, None, "s", f"skipped: {source}; `make run` records one")]
+    if not is_complete(flows):
+        return [
+            Row(
+                "orchestration",
+                subject,
+                None,
+                "s",
+                f"skipped: {source} holds {len(flows)} flow runs, not a complete run of {expected_stage_count()} stages",
+            )
+        ]
     span = (max(f[2] for f in flows) - min(f[1] for f in flows)).total_seconds()
     work = sum((f[2] - f[1]).total_seconds() for f in flows)
     gaps = span - work

@@ -191,10 +191,16 @@ def timing(timer, batch_size: int) -> Timing:
 
 
 def set_determinism(on: bool) -> None:
-    """Switch TF op determinism on or off for what runs next (project: as params.yaml; plain: off)."""
-    from tensorflow.python.framework import config
+    """Switch TF op determinism on or off for what runs next (project: as params.yaml; plain: off).
+    TensorFlow's public API only switches it on: off is its private config module (tests/test_compat.py)."""
+    import tensorflow as tf
 
-    config.enable_op_determinism() if on else config.disable_op_determinism()
+    if on:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        from tensorflow.python.framework import config
+
+        config.disable_op_determinism()
 
 
 # --- the variants -----------------------------------------------------------------------------
