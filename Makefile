@@ -54,8 +54,12 @@ lint: setup       ## ruff check, ruff format --check and mypy (strict on pipelin
 	ruff format --check
 	mypy
 
+# Two pytest processes (pytest-xdist): the suite waits on servers and subprocesses half of its time.
+# TEST_PROCESSES=0 runs it in one process; tests/conftest.py groups the tests that share a fixture.
+TEST_PROCESSES ?= 2
+
 test: setup       ## the whole test suite; tests that need a missing Debian package skip, named at the end
-	python -m pytest $(ARGS)
+	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup $(ARGS)
 
 test-pythons: setup ## setup, the unit tests and a quick run on Python 3.11, 3.12 and 3.13, each in a clean clone of HEAD
 	bash tests/pythons.sh $(ARGS)

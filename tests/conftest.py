@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 import system
-from helpers import MIRROR, REPO
+import tiers
+from helpers import MIRROR, NO_SERVER_ENV, REPO
 
 BIN = Path(sys.executable).parent
 
@@ -36,7 +37,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wants_server(config: pytest.Config) -> bool:
+    """Whether the selected tests may include the services tier (`-m "not services"` rules it out)."""
+    return "not services" not in (config.getoption("markexpr") or "")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in tiers.TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+    if not wants_server(config):
+        os.environ[NO_SERVER_ENV] = "1"  # `make check`: a test that runs a flow fails, naming the tier it needs
+        return
     if os.environ.get("PREFECT_API_URL"):
         return  # a server given from outside (e.g. by a developer) is used as is
     from pipeline import servers
@@ -53,6 +64,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _services.close()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tiers.mark(items)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

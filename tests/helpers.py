@@ -294,6 +294,9 @@ def prefect_home() -> Path:
     return _PREFECT_HOME
 
 
+NO_SERVER_ENV = "MNIST_TESTS_NO_SERVER"  # set by conftest.py when the selected tests exclude the services tier
+
+
 @contextlib.contextmanager
 def prefect_settings() -> Iterator[str]:
     """Run flows in-process against a Prefect server; yield its API URL (for stage subprocesses too).
@@ -304,6 +307,10 @@ def prefect_settings() -> Iterator[str]:
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
+    if os.environ.get(NO_SERVER_ENV):
+        import pytest
+
+        pytest.fail("this test runs a flow, so it needs a Prefect server: mark it `services` (tests/tiers.py)")
     api = os.environ.get("TEST_PREFECT_API_URL") or os.environ.get("PREFECT_API_URL")
     updates = {PREFECT_SERVER_ANALYTICS_ENABLED: False}
     if api:

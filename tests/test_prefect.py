@@ -150,6 +150,7 @@ class _CorruptHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.pipeline
 def test_failing_stage_fails_its_flow_run_and_the_rest_is_not_run(tmp_path: Path) -> None:
     """A mirror that serves a corrupted file: fetch fails with the reason in its logs; nothing after it runs."""
     served = tmp_path / "mirror"
@@ -189,6 +190,7 @@ def test_failing_stage_fails_its_flow_run_and_the_rest_is_not_run(tmp_path: Path
     assert not (project / "data" / "raw" / "train-images-idx3-ubyte").exists()
 
 
+@pytest.mark.pipeline
 def test_a_killed_stage_shows_as_crashed_after_the_run(tmp_path: Path) -> None:
     """SIGKILL leaves a stage no chance to report; the run command's sweep marks its flow run Crashed."""
     project = copy_project(tmp_path / "project")
@@ -230,6 +232,7 @@ def test_heartbeats_are_off_unless_the_user_sets_them(monkeypatch: pytest.Monkey
     assert prefect_settings() == {}
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("server", ["closed port", "silent server"])
 def test_an_unreachable_prefect_server_stops_the_stage_before_any_work(tmp_path: Path, server: str) -> None:
     """PREFECT_API_URL set, nothing answering there: a clear message (after waiting SERVER_WAIT_S for a
@@ -435,6 +438,7 @@ def start_dashboards(tmp_path: Path, **extra_env: str) -> tuple[subprocess.Popen
     return command, prefect_port, tensorboard_port
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("auth", ["", "mnist:a-long-secret"], ids=["open", "basic auth"])
 def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Path, auth: str) -> None:
     """`mnist dashboards`: a Prefect server and TensorBoard, bound to 127.0.0.1; SIGTERM stops both.
@@ -475,6 +479,7 @@ def test_dashboards_command_starts_both_on_loopback_and_stops_both(tmp_path: Pat
     assert not any(answers(url, timeout_s=1.0) for url in urls)
 
 
+@pytest.mark.services
 def test_dashboards_sigterm_during_start_up_leaves_no_server(tmp_path: Path) -> None:
     """SIGTERM as soon as the Prefect server answers, TensorBoard perhaps not yet: exit 0, both ports closed, no child left."""
     import psutil
@@ -511,6 +516,7 @@ def descendants(pid: int) -> list:
         return []
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("moment", ["a server process exists", "both answer, then SIGTERM twice"])
 def test_dashboards_sigterm_at_another_moment_leaves_no_server(tmp_path: Path, moment: str) -> None:
     """SIGTERM before anything answers, and a second SIGTERM in the middle of shut-down: exit 0, no child left."""
@@ -544,6 +550,7 @@ def test_dashboards_sigterm_at_another_moment_leaves_no_server(tmp_path: Path, m
     assert not any(answers(url, timeout_s=1.0) for url in urls)
 
 
+@pytest.mark.services
 def test_dashboards_killed_outright_take_their_servers_with_them(tmp_path: Path) -> None:
     """SIGKILL gives the command no clean-up at all: the kernel stops its servers (parent-death signal)."""
     import psutil
@@ -564,6 +571,7 @@ def test_dashboards_killed_outright_take_their_servers_with_them(tmp_path: Path)
     assert not answers(url, timeout_s=1.0)
 
 
+@pytest.mark.pipeline
 def test_sigterm_to_the_run_command_alone_stops_dvc_and_its_stage(tmp_path: Path) -> None:
     """`kill PID` of `mnist run`: dvc and the running stage stop too, the stage's flow run is marked
     Crashed, the exit status is 143, and no partial output is left."""
@@ -637,6 +645,7 @@ def test_the_watchdog_restarts_a_dead_server_and_gives_up_on_one_that_keeps_dyin
     assert dog.stop().poll() == 3
 
 
+@pytest.mark.pipeline
 def test_mnist_run_is_one_flow_run_with_every_stage_nested(prefect_api: str, tmp_path: Path) -> None:
     """One `mnist run` is one flow run on the dashboard, `pipeline-run`, named after the run; each stage is a task
     run of it, and each stage that ran is a subflow of its task run, so the UI draws the run as one graph."""

@@ -1,0 +1,43 @@
+"""The suite's tiers and its groups for `make test`'s two processes (docs/testing.md).
+
+`make check` runs the tests of neither tier: no server, no pipeline run. `make test` runs every test
+on two processes (pytest-xdist, `--dist loadgroup`), in groups: the tests that read the session's
+small run go to one process, which makes that run once; every other test goes with the other tests
+of its module, so a module's fixtures (a PostgreSQL cluster, an sshd, a trained model) are made once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+TIERS = {
+    "pipeline": "runs `dvc repro` or `mnist run`, or reads the session's small run",
+    "services": "starts a server or a browser (Prefect, TensorBoard, PostgreSQL, sshd, chromium, a package index), "
+    "or uses the session's Prefect server",
+}
+# Modules whose every test is of a tier; the tests of other modules carry their marks themselves.
+MODULE_TIERS = {
+    "test_breakdown.py": "pipeline",
+    "test_bare_repro.py": "pipeline",
+    "test_browser.py": "services",
+    "test_browser_runs.py": "services",
+    "test_chaos.py": "pipeline",
+    "test_compare.py": "pipeline",
+    "test_dvc_remote.py": "pipeline",
+    "test_fanout.py": "services",
+    "test_faults.py": "pipeline",
+    "test_install.py": "services",
+    "test_servers.py": "services",
+}
+FIXTURE_TIERS = {"small_run": "pipeline", "prefect_api": "services"}
+SHARED = "small_run"  # the session fixture whose tests share one process
+
+
+def mark(items: list[pytest.Item]) -> None:
+    """Add each test's tier marks (from MODULE_TIERS and FIXTURE_TIERS) and its xdist group."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group(SHARED if SHARED in fixtures else item.path.name))
+        found = {MODULE_TIERS.get(item.path.name)} | {tier for name, tier in FIXTURE_TIERS.items() if name in fixtures}
+        for tier in sorted(found - {None} - {m.name for m in item.iter_markers()}):
+            item.add_marker(getattr(pytest.mark, str(tier)))
