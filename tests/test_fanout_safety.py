@@ -82,6 +82,7 @@ stages:
 """
 
 
+@pytest.mark.pipeline  # runs dvc repro (a tiny project)
 def test_the_stale_models_are_those_whose_chain_dvc_status_reports(tmp_path: Path) -> None:
     dvc = Path(sys.executable).parent / "dvc"
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
