@@ -217,12 +217,12 @@ def _project_server(url: str, timeout_s: float) -> bool | None:
     else answers there (said in a note); False if nothing does."""
     global _local_auth
     port = urlsplit(url).port or 80
-    record = localserver.ours(port)
     try:
-        answer = httpx.get(url + "/health", timeout=timeout_s)
+        answer = httpx.get(url + "/health", timeout=timeout_s)  # it carries no credential
         healthy = answer.status_code == 200 and answer.json() is True
     except (httpx.HTTPError, ValueError):
         return False
+    record = localserver.ours(port) if healthy else None  # once it answers: a server starting may not listen before
     if healthy and record is None:
         print(
             f"Prefect: {url} answers but is not a server this project started "
@@ -328,7 +328,8 @@ def reporting_api() -> str | None:
         started.append(f"a warm stage server for {root}")
     found = _project_server(url, 2.0)
     if found is False and (api := start_keeper(url)):
-        auth = f" (its UI asks for the auth string {_local_auth})" if _local_auth else ""
+        # not the auth string itself: a stage's output can end up in files (`dvc queue logs` keeps it)
+        auth = f" (its UI asks for the auth string in {localserver.folder() / f'{port}.json'})" if _local_auth else ""
         started.insert(0, f"the project's Prefect server on {url.removesuffix('/api')}{auth}")
     elif found:
         api = url

@@ -157,7 +157,8 @@ def test_a_bare_repro_starts_one_server_for_all_its_stages(bare: Bare, first_run
     started = [line for line in first_run.splitlines() if line.startswith("Started in the background")]
     assert len(started) == 1, first_run[-4000:]
     assert f"http://127.0.0.1:{bare.port}" in started[0] and "mnist dashboards --stop" in started[0]
-    assert "10 min without a stage" in started[0] and "auth string mnist:" in started[0]
+    assert "10 min without a stage" in started[0] and f"auth string in {bare.records() / f'{bare.port}.json'}" in started[0]
+    assert bare.server().auth not in first_run  # the auth string stays out of the run's output
     # one Prefect server, kept by one keeper, and one warm stage server for the project, all still running
     servers = bare.prefect_servers()
     assert len(servers) == 1, [_cmdline(p) for p in bare.processes()]
