@@ -262,8 +262,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_params()  # first: a bad params.yaml (a model name DVC would put into a shell command) stops here, not in DVC
     targets = [a for a in args.dvc_args if not a.startswith("-")]
     single = any(a in ("-s", "--single-item") for a in args.dvc_args)
+    from pipeline.dag import planned_stages
+
     try:
-        planned = progress_lines.planned_stages(root, targets, single)
+        planned = planned_stages(root, targets, single)
     except Exception:  # noqa: BLE001 - DVC says what is wrong with dvc.yaml itself, once it runs
         planned = []
     progress = progress_lines.Progress(planned, progress_lines.load_times())

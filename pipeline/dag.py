@@ -41,6 +41,26 @@ def stages_in_order(root: Path = Path(".")) -> tuple[list[str], dict[str, set[st
     return names, upstream
 
 
+def planned_stages(root: Path, targets: list[str], single_item: bool) -> list[str]:
+    """The stages `dvc repro TARGETS` considers, in an order DVC can run them: all of them without targets;
+    a target (`train@cnn`, or a foreach group such as `train`) and, unless `single_item`, what it depends on."""
+    order, upstream = stages_in_order(root)
+    if not targets:
+        return order
+    wanted: set[str] = set()
+    for target in targets:
+        matched = [s for s in order if s == target or s.split("@")[0] == target]
+        wanted.update(matched)
+    if not single_item:
+        todo = list(wanted)
+        while todo:
+            for dependency in upstream.get(todo.pop(), ()):
+                if dependency not in wanted:
+                    wanted.add(dependency)
+                    todo.append(dependency)
+    return [s for s in order if s in wanted]
+
+
 @task(cache_policy=NO_CACHE, retries=0)
 def repro_stage(stage: str, root: Path, run_id: str) -> State:
     """`dvc repro --single-item <stage>`: DVC runs it if stale and records it in dvc.lock."""

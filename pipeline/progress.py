@@ -54,28 +54,6 @@ def repro_outcomes(output: str) -> dict[str, str]:
     return outcomes
 
 
-def planned_stages(root: Path, targets: list[str], single_item: bool) -> list[str]:
-    """The stages `dvc repro TARGETS` considers, in an order DVC can run them: all of them without targets;
-    a target (`train@cnn`, or a foreach group such as `train`) and, unless `single_item`, what it depends on."""
-    from pipeline.dag import stages_in_order
-
-    order, upstream = stages_in_order(root)
-    if not targets:
-        return order
-    wanted: set[str] = set()
-    for target in targets:
-        matched = [s for s in order if s == target or s.split("@")[0] == target]
-        wanted.update(matched)
-    if not single_item:
-        todo = list(wanted)
-        while todo:
-            for dependency in upstream.get(todo.pop(), ()):
-                if dependency not in wanted:
-                    wanted.add(dependency)
-                    todo.append(dependency)
-    return [s for s in order if s in wanted]
-
-
 @dataclass
 class Progress:
     """Follows DVC's output; prints a line for each stage as it ends."""

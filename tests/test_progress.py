@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import REPO
-from pipeline import progress
+from pipeline import dag, progress
 
 
 def make(planned: list[str], previous: dict[str, float] | None = None):
@@ -55,13 +55,11 @@ def test_without_a_previous_run_no_estimate_is_made() -> None:
 
 
 def test_the_planned_stages_follow_the_targets_and_their_dependencies() -> None:
-    everything = progress.planned_stages(REPO, [], single_item=False)
+    everything = dag.planned_stages(REPO, [], single_item=False)
     assert everything[:2] == ["fetch", "preprocess"] and everything[-1] == "publish" and len(everything) == len(set(everything))
-    assert progress.planned_stages(REPO, ["train@cnn"], single_item=False) == ["fetch", "preprocess", "train@cnn"]
-    assert progress.planned_stages(REPO, ["train@cnn"], single_item=True) == ["train@cnn"]
-    assert set(progress.planned_stages(REPO, ["evaluate"], single_item=True)) == {
-        s for s in everything if s.startswith("evaluate@")
-    }
+    assert dag.planned_stages(REPO, ["train@cnn"], single_item=False) == ["fetch", "preprocess", "train@cnn"]
+    assert dag.planned_stages(REPO, ["train@cnn"], single_item=True) == ["train@cnn"]
+    assert set(dag.planned_stages(REPO, ["evaluate"], single_item=True)) == {s for s in everything if s.startswith("evaluate@")}
 
 
 def test_times_survive_a_run(tmp_path: Path) -> None:
