@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # resolves nothing, whatever newer releases the index holds (pip check then proves the set whole).
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --require-hashes --no-deps --no-build-isolation
 
-.PHONY: help setup setup-gpu lock run lint test test-pythons system-packages dashboards bench chaos
+.PHONY: help setup setup-gpu lock run lint check test test-pythons system-packages dashboards bench chaos
 
 help:             ## this list
 	@grep -E '^[a-z-]+: .*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):[^#]*## /\1\t/' | awk -F'\t' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ lint: setup       ## ruff check, ruff format --check and mypy (strict on pipelin
 # Two pytest processes (pytest-xdist): the suite waits on servers and subprocesses half of its time.
 # TEST_PROCESSES=0 runs it in one process; tests/conftest.py groups the tests that share a fixture.
 TEST_PROCESSES ?= 2
+
+check: lint       ## lint, then the tests that need no server and no pipeline run (tiers: docs/testing.md)
+	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup -m "not pipeline and not services" $(ARGS)
 
 test: setup       ## the whole test suite; tests that need a missing Debian package skip, named at the end
 	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup $(ARGS)

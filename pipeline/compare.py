@@ -66,7 +66,7 @@ def copy_runs(fs: DVCFileSystem, dest: Path) -> list[str]:
 
 def write_trials(fs: DVCFileSystem, experiment: str, dest: Path) -> list[str]:
     """One HParams trial per model that this experiment evaluated: its params.yaml block and its leaderboard row."""
-    from pipeline.models.registry import PARAM_TYPES
+    from pipeline.models.params import PARAM_TYPES
 
     with tempfile.TemporaryDirectory(prefix="mnist-compare-") as tmp:
         local = Path(tmp)

@@ -38,7 +38,7 @@ import yaml
 from pipeline import artifacts
 from pipeline.config import Params, load_params
 from pipeline.data import Split, write_idx
-from pipeline.models.registry import PARAM_TYPES
+from pipeline.models.params import PARAM_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"

@@ -400,6 +400,7 @@ def test_projector_files_are_consistent(which, logreg_summaries, cnn, logreg, sp
 # --- the flow, as the DVC stage runs it --------------------------------------------------
 
 
+@pytest.mark.services
 def test_evaluate_flow_writes_every_declared_output(splits, logreg_dir, tmp_path):
     evaluate_flow = load_stage("evaluate").evaluate_flow
     data = tmp_path / "prepared"

@@ -585,6 +585,7 @@ def test_newest_is_the_highest_integer_version(tmp_path):
     assert serving.newest(folder) == folder / "10"  # numerically, not as text
 
 
+@pytest.mark.services
 def test_publish_stage_publishes_blessed_models_once_per_change(tmp_path):
     publish_flow = load_stage("publish").publish_flow
     params = load_test_params()
@@ -614,6 +615,7 @@ def test_publish_stage_publishes_blessed_models_once_per_change(tmp_path):
 # --- the export flow: the gate, and an interrupted export --------------------------------------
 
 
+@pytest.mark.services
 def test_unblessed_model_is_recorded_and_not_exported(tmp_path):
     export_flow = load_stage("export").export_flow
     evaluation, out, tb = tmp_path / "evaluate", tmp_path / "export" / MODEL, tmp_path / "tb"
@@ -639,6 +641,7 @@ def test_unblessed_model_is_recorded_and_not_exported(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [artifacts.EXPORT_RECORD]  # no SavedModel, no leftover
 
 
+@pytest.mark.services
 def test_sigkilled_export_leaves_no_saved_model_and_the_next_run_recovers(project):
     export_flow = load_stage("export").export_flow
     root = project["root"]
@@ -721,6 +724,7 @@ def earlier_export(out: Path) -> Path:
     return saved
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("blessed", [True, False])
 def test_export_run_again_in_place_leaves_only_its_own_outputs(project, tmp_path, blessed):
     """Run by hand (dvc repro deletes the outputs first), the stage replaces an earlier export in its folder."""

@@ -259,6 +259,7 @@ def test_write_hparams_writes_one_session_per_model(rows, params, tmp_path):
 # --- the flow, as the DVC stage runs it --------------------------------------------------
 
 
+@pytest.mark.services
 def test_report_flow_writes_leaderboard_report_and_hparams(stage_outputs, params, tmp_path):
     report_flow = load_stage("report").report_flow
     data_report = tmp_path / "data_report.json"

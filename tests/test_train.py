@@ -362,6 +362,7 @@ def diverging_stage(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     return project, result
 
 
+@pytest.mark.services
 def test_train_stage_exits_1_with_the_divergence_message_and_writes_no_model(diverging_stage):
     project, result = diverging_stage
     assert result.returncode == 1, result.stderr[-4000:]
@@ -372,6 +373,7 @@ def test_train_stage_exits_1_with_the_divergence_message_and_writes_no_model(div
     assert not (project / "data" / "models" / "linear").exists()
 
 
+@pytest.mark.services
 def test_train_stage_prints_no_traceback_for_a_divergence(diverging_stage):
     _, result = diverging_stage
     assert result.returncode == 1
