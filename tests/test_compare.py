@@ -149,12 +149,15 @@ def test_dvc_exp_show_shows_dvclives_values_while_an_experiment_runs(sweep: Swee
 
 
 def test_each_queued_experiments_stages_report_to_the_server_tagged_with_its_name(sweep: Sweep) -> None:
-    """Both experiments ran at once (-j 2), each stage a flow run on the one server, grouped by the experiment."""
-    stages = {"fetch", "preprocess", "train-logreg", "evaluate-logreg", "export-logreg", "report", "publish"}
+    """Both experiments ran at once (-j 2), each stage a flow run on the one server, grouped by the experiment.
+    The stages both share (fetch, preprocess) may have been restored from the run-cache the other one had just
+    filled: a restored stage runs no flow."""
+    shared = {"fetch", "preprocess"}
+    stages = {*shared, "train-logreg", "evaluate-logreg", "export-logreg", "report", "publish"}
     spans = {}
     for name in RATES:
         runs = [run for run, _flow in flow_runs(f"experiment:{name}")]
-        assert {r.name for r in runs} == stages, (name, [r.name for r in runs])
+        assert stages - shared <= {r.name for r in runs} <= stages, (name, [r.name for r in runs])
         assert all(f"pipeline-run:exp-{name}" in r.tags and r.state_name == "Completed" for r in runs), name
         spans[name] = (min(r.start_time for r in runs), max(r.end_time for r in runs))
     (start_a, end_a), (start_b, end_b) = spans.values()
