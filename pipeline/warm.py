@@ -55,6 +55,9 @@ SOCKET_ENV = "PIPELINE_WARM_SOCKET"
 RUN_ID_ENV = "PIPELINE_RUN_ID"  # set by a run command (`mnist run`, `mnist flow`, the fan-out), which brings its own servers
 LAUNCHED_ENV = "PIPELINE_STAGE_LAUNCHED"  # "<unix time> warm|cold": when and how the launcher started the stage
 LAUNCHED_BY_ENV = "PIPELINE_LAUNCHED_BY"  # the PID of the process that started the launcher (DVC): one pipeline run
+# DVC runs a stage's command with `$SHELL -c` (else /bin/sh). bash and zsh replace themselves with the
+# command; dash (Debian's /bin/sh) and fish stay its parent, one shell per stage, so the launcher looks past them.
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh", "ash", "busybox"})
 MAX_MESSAGE = 1 << 20  # a request: the script, its arguments, the working directory and the environment
 EXCHANGE_TIMEOUT_S = 30.0  # for a request and its reply; the stage's own run has no limit
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -104,6 +107,19 @@ else:
 # --- the launcher: the stage command DVC runs ---------------------------------------------------
 
 
+def launched_by() -> int:
+    """The PID of the process that ran the stage command (DVC for a `dvc repro`), past the shell it ran it in.
+
+    Reads /proc (Linux; psutil's import would cost each stage 15 ms); elsewhere the parent's PID."""
+    pid = os.getppid()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()  # "PID (NAME) STATE PPID ..."
+    except OSError:
+        return pid
+    name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 1 :].split()
+    return int(fields[1]) if name in SHELLS else pid
+
+
 def launch(argv: list[str]) -> None:
     """Run `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) in a child of the warm server if one
     answers, else here, cold."""
@@ -111,7 +127,7 @@ def launch(argv: list[str]) -> None:
         sys.exit("usage: python -m pipeline.warm stages/<stage>.py [ARGS...]  (or: -m MODULE [ARGS...])")
     for name, value in ONE_THREAD.items():
         os.environ.setdefault(name, value)
-    os.environ[LAUNCHED_BY_ENV] = str(os.getppid())
+    os.environ[LAUNCHED_BY_ENV] = str(launched_by())
     if DIE_WITH_PARENT:  # the stage goes when DVC does, even killed outright (kept across os.execv)
         parent = os.getppid()
         DIE_WITH_PARENT()

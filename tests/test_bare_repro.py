@@ -52,6 +52,7 @@ class Bare:
         env = project_env(PREFECT_HOME=str(self.home), **{localserver.PORT_ENV: str(self.port)}, **extra)
         for name in CLEARED:
             env.pop(name, None)
+        env.pop("SHELL", None)  # DVC then runs each command with /bin/sh -c: dash, which stays the stage's parent
         env["PYTHONPATH"] = str(self.project)
         return env
 

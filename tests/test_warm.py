@@ -26,7 +26,7 @@ import os, signal, sys, time
 from pathlib import Path
 out = Path(os.environ["PROBE_OUT"])
 if __name__ == "__main__":  # the server imports it; only a run does this
-    print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("PROBE_VAR"), "pid", os.getpid(), "ppid", os.getppid(), flush=True)
+    print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("PROBE_VAR"), "pid", os.getpid(), "ppid", os.getppid(), "by", os.environ.get("PIPELINE_LAUNCHED_BY"), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     out.with_suffix(".pid").write_text(str(os.getpid()))
     what = sys.argv[1]
@@ -124,6 +124,25 @@ def test_a_warm_start_is_a_fork_of_the_server_with_the_launchers_arguments_strea
     ppid = int(out.split(" ppid ")[1].split()[0])
     assert pid != proc.pid and ppid != proc.pid, out  # not the launcher, nor its child
     assert "to stderr" in err and "cold" not in err
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "bash"])
+def test_the_launcher_names_the_process_that_ran_the_command_past_its_shell(root: Path, tmp_path: Path, shell: str) -> None:
+    """DVC runs a stage command with `$SHELL -c`, else /bin/sh: Debian's dash stays the command's parent
+    (one shell per stage), bash replaces itself. Either way every stage of one `dvc repro` names DVC."""
+    runner = (
+        "import subprocess, sys\n"
+        "cmd = f'{sys.executable} -m pipeline.warm stages/probe.py 0'\n"
+        "print('runner', __import__('os').getpid(), flush=True)\n"
+        "for _ in range(2):\n"
+        "    subprocess.run([sys.argv[1], '-c', cmd], check=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", runner, shell], cwd=root, env=env_for(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    runner_pid = out.stdout.split("runner ")[1].split()[0]
+    assert out.stdout.count(f" by {runner_pid}\n") == 2, out.stdout
 
 
 @pytest.mark.parametrize("how", ["warm", "cold"])
