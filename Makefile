@@ -59,10 +59,10 @@ lint: setup       ## ruff check, ruff format --check and mypy (strict on pipelin
 TEST_PROCESSES ?= 2
 
 check: lint       ## lint, then the tests that need no server and no pipeline run (tiers: docs/testing.md)
-	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup -m "not pipeline and not services" $(ARGS)
+	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder -m "not pipeline and not services" $(ARGS)
 
 test: setup       ## the whole test suite; tests that need a missing Debian package skip, named at the end
-	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup $(ARGS)
+	python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 test-pythons: setup ## setup, the unit tests and a quick run on Python 3.11, 3.12 and 3.13, each in a clean clone of HEAD
 	bash tests/pythons.sh $(ARGS)

@@ -69,6 +69,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     tiers.mark(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process runs the files in order, each module's fixtures once
+        tiers.longest_first(items)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -159,10 +161,15 @@ class SmallRun:
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> SmallRun:
-    """`dvc repro` of the whole pipeline on 1,500 images and one epoch, in a copy of the repo."""
+    """`dvc repro` of the whole pipeline on 1,500 images and one epoch, in a copy of the repo, its stages
+    started warm as `mnist run` starts them (the first ones cold, while the warm server imports)."""
+    from pipeline import warm
+
     project = copy_project(tmp_path_factory.mktemp("project"))
     edit_params(project, small_params)
     run_id = f"test-{int(time.time())}"
+    env = {**project_env(PIPELINE_RUN_ID=run_id), "PYTHONPATH": str(project)}
     start = time.perf_counter()
-    done = dvc(project, "repro", env=project_env(PIPELINE_RUN_ID=run_id))
+    with warm.server(project, env) as socket_env:
+        done = dvc(project, "repro", env={**env, **socket_env})
     return SmallRun(project, run_id, done.stdout + done.stderr, time.perf_counter() - start)
