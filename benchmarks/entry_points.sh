@@ -31,9 +31,10 @@ timed() {
   echo "$name $(echo "$(date +%s.%N) - $start" | bc)" >> "$out/times.txt"
 }
 queued() {
+  local status
   dvc exp run --queue --force --name bench && dvc queue start
-  while dvc queue status | grep -qE "Queued|Running"; do sleep 1; done
-  dvc queue status | grep -q Success
+  while status=$(dvc queue status) && grep -qE "Queued|Running" <<< "$status"; do sleep 1; done
+  grep -q Success <<< "$status"
 }
 echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
 timed mnist-run-force mnist run --force
