@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,21 @@ def test_the_tiers_select_by_what_a_test_uses(tmp_path: Path, expression: str, s
     done = mini_suite(tmp_path, "-m", expression)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{selected} passed" in done.stdout, done.stdout
+
+
+def test_a_hanging_test_fails_alone_and_the_suite_goes_on(tmp_path: Path) -> None:
+    """pyproject.toml's pytest-timeout limit: a test stuck past it fails with the stacks of its threads,
+    and the tests after it still run (so CI names the test instead of running out of time)."""
+    limit = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["timeout"]
+    assert 0 < limit <= 1800, limit
+    (tmp_path / "test_hang.py").write_text("import time\ndef test_stuck(): time.sleep(600)\ndef test_after(): pass\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "timeout=2"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+    assert "test_stuck - Failed: Timeout (>2.0s) from pytest-timeout" in done.stdout, done.stdout
