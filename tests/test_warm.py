@@ -337,6 +337,17 @@ def test_a_warm_train_stage_writes_the_same_bytes_as_a_cold_one(small_run: Small
     assert cold.read_bytes() == made and warm.read_bytes() == made
 
 
+# ask() as a script: argv[1] the socket, argv[2] the request; prints the reply.
+ASK = """
+import socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+    conn.settimeout(30)
+    conn.connect(sys.argv[1])
+    socket.send_fds(conn, [sys.argv[2].encode()], [0, 1, 2])
+    sys.stdout.buffer.write(conn.recv(1 << 16))
+"""
+
+
 def ask(path: str, message: bytes, streams: list[int] | None = None) -> bytes:
     """Send one raw request to the warm server at `path` (with `streams` as its file descriptors); its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
@@ -374,7 +385,13 @@ def test_a_server_with_a_second_thread_does_not_fork_and_the_stage_starts_cold(r
     assert f" pid {proc.pid} " in out
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as another account")
+# The system's Python, which `nobody` may run (this venv's may be in a private folder such as /root).
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not SYSTEM_PYTHON, reason="needs root, to connect as another account, and /usr/bin/python3"
+)
 def test_a_launcher_of_another_account_is_refused(tmp_path: Path) -> None:
     """The socket's folder is private; here it is open to all, so the server's own check (SO_PEERCRED) must refuse."""
     import tempfile
@@ -387,19 +404,16 @@ def test_a_launcher_of_another_account_is_refused(tmp_path: Path) -> None:
     env = env_for(tmp_path)
     with warm_server(root, env) as path:
         os.chmod(path, 0o777)
-        read, write = os.pipe()
-        child = os.fork()
-        if child == 0:  # as user `nobody`
-            try:
-                os.setgid(65534)
-                os.setuid(65534)
-                request = {"argv": ["stages/probe.py", "0"], "cwd": str(root), "env": dict(os.environ)}
-                os.write(write, ask(path, json.dumps(request).encode(), [0, 1, 2]))
-            finally:
-                os._exit(0)
-        os.close(write)
-        _, status = os.waitpid(child, 0)
-        reply = os.read(read, 1 << 16)
-        os.close(read)
+        request = {"argv": ["stages/probe.py", "0"], "cwd": str(root), "env": dict(os.environ)}
+        asked = subprocess.run(  # as user `nobody`: a new process (a fork of this one, which has threads, may hang)
+            [SYSTEM_PYTHON, "-c", ASK, path, json.dumps(request)],
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+        )
     shutil.rmtree(open_folder)
+    status, reply = asked.returncode, asked.stdout
     assert status == 0 and b"the launcher runs as uid 65534" in reply, reply
