@@ -59,6 +59,7 @@ CURVES_FILE = "curves.png"
 # data/export/<model>/: an export stage's output: the SavedModel of a blessed model, and the record
 SAVED_MODEL = "saved_model"
 EXPORT_RECORD = "export.json"
+CARD_FILE = "card.md"  # the model card of an exported model (pipeline/card.py)
 
 # <serving base>/<model>/<version>/: published SavedModels (TF Serving's layout; not a DVC output)
 
@@ -144,6 +145,16 @@ def load_prepared(folder: Path) -> dict[str, Split]:
         raise DataError(
             f"{path} is not a valid prepared file ({exc}); run the preprocess stage again (dvc repro preprocess)."
         ) from None
+
+
+def split_sizes(folder: Path) -> dict[str, int]:
+    """Images per split of the prepared file (its labels alone are read)."""
+    path = Path(folder) / PREPARED_FILE
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: len(npz[f"y_{name}"]) for name in SPLITS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} cannot be read ({exc}); run the preprocess stage again (dvc repro preprocess).") from None
 
 
 def write_data_report(path: Path, report: dict[str, Any]) -> None:
@@ -336,7 +347,13 @@ def read_per_class(folder: Path) -> dict[str, np.ndarray]:
 
 def read_predictions(folder: Path) -> np.ndarray:
     """The predicted classes from predictions.csv, in test-set order."""
-    return np.loadtxt(Path(folder) / PREDICTIONS_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 1]
+    return read_labels_and_predictions(folder)[1]
+
+
+def read_labels_and_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """predictions.csv's two columns, the true digit and the predicted one, in test-set order."""
+    table = np.loadtxt(Path(folder) / PREDICTIONS_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    return table[:, 0], table[:, 1]
 
 
 # --- data/export/<model>, <serving base>/<model> -------------------------------------------
@@ -349,6 +366,10 @@ def versions(folder: Path) -> list[int]:
 
 def write_export_record(out: Path, record: dict[str, Any]) -> None:
     write_json(Path(out) / EXPORT_RECORD, record)
+
+
+def write_card(out: Path, markdown: str) -> None:
+    atomic_write(Path(out) / CARD_FILE, markdown.encode())
 
 
 def read_export_record(out: Path) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def prepare(out: Path, logdir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     shutil.rmtree(out / artifacts.SAVED_MODEL, ignore_errors=True)
-    for name in (artifacts.EXPORT_RECORD, artifacts.TIMINGS_FILE):
+    for name in (artifacts.EXPORT_RECORD, artifacts.TIMINGS_FILE, artifacts.CARD_FILE):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(logdir, ignore_errors=True)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from tensorboard.plugins.hparams import summary_v2 as hp
 
-from pipeline import artifacts, summaries, tables
+from pipeline import artifacts, card, summaries, tables
 from pipeline.config import ModelParams
 
 COLUMNS = [
@@ -86,7 +86,7 @@ def report_markdown(rows: list[dict[str, Any]], data_report: dict[str, Any], see
         f"Test accuracy on the {data_report['splits']['test']['images']:,} MNIST test images, best first. A model passes its gate",
         "(params.yaml `gates`) when its test accuracy is at least the gate; only those are exported.",
         f"Training: {data_report['splits']['train']['images']:,} images, validation {data_report['splits']['val']['images']:,};",
-        f"random seed {seed}; TensorFlow {version('tensorflow')}; {platform.machine()}, {_cpu_name()}.",
+        f"random seed {seed}; TensorFlow {version('tensorflow')}; {platform.machine()}, {card.cpu_name()}.",
         "",
         tables.markdown([title for _, title in COLUMNS], [list(row.values()) for row in leaderboard_table(rows)]),
     ]
@@ -103,16 +103,6 @@ def report_markdown(rows: list[dict[str, Any]], data_report: dict[str, Any], see
             f"![{name} confusion matrix](evaluate/{name}/{artifacts.CONFUSION_FILE})",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def dropout(p: ModelParams) -> float:

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
-from pipeline.stage import as_task, run_stage
+from pipeline.stage import artifact_key, as_task, run_stage
 
 # isort: split
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
-from pipeline import artifacts, export
+from pipeline import artifacts, card, export
 from pipeline.config import Params
-from pipeline.models.registry import PARAM_TYPES
+from pipeline.models.registry import PARAM_TYPES, REGISTRY
 
 
 @flow(name="export")
@@ -26,7 +27,7 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
         model_dir: the train stage's output folder
         evaluation: the evaluate stage's output folder
         data: folder of the prepared arrays
-        out: folder for saved_model/, export.json and timings.json
+        out: folder for saved_model/, export.json, timings.json and card.md
         tensorboard: TensorBoard run folder
     """
     logger = get_run_logger()
@@ -49,6 +50,25 @@ def export_flow(params: Params, model: str, model_dir: Path, evaluation: Path, d
     record, timings = export.exported_record(model, folder, check), export.latency_timings(check)
     artifacts.write_export_record(out, record)
     artifacts.write_timings(out, timings)
+    actual, predicted = artifacts.read_labels_and_predictions(evaluation)
+    inputs = {
+        str(p): p
+        for p in (model_dir / artifacts.MODEL_FILE, evaluation / artifacts.METRICS_FILE, evaluation / artifacts.PREDICTIONS_FILE)
+    }
+    text = card.model_card(
+        model,
+        REGISTRY[model].description,
+        params.models[model].model_dump(mode="json"),
+        artifacts.split_sizes(data),
+        params.seed,
+        metrics,
+        actual,
+        predicted,
+        timings,
+        card.git_source(Path.cwd(), inputs),
+    )
+    artifacts.write_card(out, text)
+    create_markdown_artifact(text, key=artifact_key("card", model), description=f"model card of {model}")
     logger.info(
         "%s exported to %s (%.1f MB); fresh-process check: %d test predictions identical; latency %.2f ms (batch 1), %.2f ms (batch 256)",
         model,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import yaml
 
-from conftest import SMALL_LIMIT, SMALL_VAL, SmallRun, dvc, edit_params
+from conftest import BIN, SMALL_LIMIT, SMALL_VAL, SmallRun, dvc, edit_params, project_env
 from pipeline import artifacts
 
 
@@ -113,6 +114,59 @@ def test_publish_stage_puts_each_blessed_model_into_the_serving_folder(small_run
         assert (newest / "saved_model.pb").is_file()
         record = json.loads((small_run.project / "data" / "export" / model / "export.json").read_text())
         assert artifacts.tree_digest(newest) == record["sha256"], model
+
+
+def test_each_exported_model_has_a_card_naming_its_accuracy_interval_and_sources(small_run: SmallRun) -> None:
+    """card.md beside each SavedModel: the test accuracy of metrics.json with its interval, a row per digit, the
+    project's commit (the run's params.yaml is uncommitted) and its inputs' md5 as dvc.lock has them. No card
+    for a model under its gate."""
+    project = small_run.project
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+    for model in small_run.models():
+        card = project / "data" / "export" / model / artifacts.CARD_FILE
+        if not small_run.metrics(model)["blessed"]:
+            assert not card.exists(), model
+            continue
+        text = card.read_text()
+        accuracy = small_run.metrics(model)["accuracy"]
+        assert f"**Test accuracy.** {accuracy:.2%} (" in text and "95 % interval" in text, text
+        assert len(re.findall(r"^\| [0-9] +\| [0-9,]+ +\| [0-9.]+% +\|$", text, re.MULTILINE)) == 10, text  # a row per digit
+        assert f"git commit `{head}` (with uncommitted changes to tracked files)" in text, text
+        inputs = {dep["path"]: dep["md5"] for dep in lock[f"export@{model}"]["deps"]}
+        for path in (f"data/models/{model}/model.keras", f"data/evaluate/{model}/predictions.csv"):
+            assert re.search(rf"^\| {re.escape(path)} +\| {inputs[path]} +\|$", text, re.MULTILINE), (path, text)
+
+
+def test_a_registered_version_resolves_through_dvcs_registry_to_the_exported_folder(small_run: SmallRun, tmp_path) -> None:
+    """dvc.yaml's artifacts with GTO's tags: in a clone with the small run committed, `gto register` and `gto assign`
+    make cnn v1.0.0 the `prod` stage; dvc.api.artifacts_show and `dvc artifacts get . cnn --stage prod` resolve it to
+    the export folder, SavedModel and card the same bytes as the run's."""
+    from dvc.api import artifacts_show
+
+    clone, identity = (
+        tmp_path / "clone",
+        {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"},
+    )
+    env = {**project_env(), **identity, "PYTHONPATH": str(clone)}
+    subprocess.run(["git", "clone", "-q", str(small_run.project), str(clone)], check=True)
+    for name in ("dvc.lock", "params.yaml"):
+        shutil.copy2(small_run.project / name, clone / name)
+    subprocess.run(["git", "commit", "-qam", "the small run"], cwd=clone, env=env, check=True)
+    dvc(clone, "cache", "dir", "--local", str(small_run.project / ".dvc" / "cache"), env=env)
+    for command in (
+        ["register", "cnn", "HEAD", "--version", "v1.0.0"],
+        ["assign", "cnn", "--version", "v1.0.0", "--stage", "prod"],
+    ):
+        subprocess.run([str(BIN / "gto"), *command], cwd=clone, env=env, check=True, capture_output=True, timeout=120)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
+    assert artifacts_show("cnn", stage="prod", repo=str(clone)) == {"rev": head, "path": "data/export/cnn"}
+    dvc(clone, "artifacts", "get", ".", "cnn", "--stage", "prod", "-o", str(tmp_path / "got"), env=env)
+    export = small_run.project / "data" / "export" / "cnn"
+    assert artifacts.tree_digest(tmp_path / "got" / artifacts.SAVED_MODEL) == artifacts.tree_digest(
+        export / artifacts.SAVED_MODEL
+    )
+    assert (tmp_path / "got" / artifacts.CARD_FILE).read_bytes() == (export / artifacts.CARD_FILE).read_bytes()
 
 
 def test_saved_models_reproduce_evaluate_in_a_fresh_process(small_run: SmallRun) -> None:

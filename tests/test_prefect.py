@@ -114,6 +114,8 @@ def test_artifacts_leaderboard_metrics_progress_and_links(small_run: SmallRun) -
         for model in small_run.models():
             assert model in str(board.data)
         assert latest("metrics-cnn").type == "markdown"
+        card = latest("card-cnn")
+        assert card.type == "markdown" and card.data == (small_run.project / "data/export/cnn/card.md").read_text()
         progress = latest("train-progress-deep-mlp")
         assert progress.type == "progress" and float(progress.data) == 100.0
         link = latest("tensorboard-cnn")  # Prefect stores a link artifact as markdown: [text](url)

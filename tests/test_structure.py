@@ -254,3 +254,22 @@ def test_the_top_level_plot_overlays_every_model_of_params_yaml() -> None:
     (definition,) = plot.values()
     models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
     assert definition["y"] == {f"data/live/{m}/plots/metrics/eval/accuracy.tsv": "accuracy" for m in models}
+
+
+def test_every_model_of_params_yaml_is_a_registry_artifact_of_its_export() -> None:
+    """dvc.yaml's `artifacts:` names each model's SavedModel folder (the export stage's output), type model, with the
+    registry's description, its metrics and card: a model added to params.yaml without its entry there fails here."""
+    import yaml
+    from dvc.repo import Repo
+
+    from pipeline.models.params import REGISTRY
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    exports = {out for stage in Repo(str(REPO)).index.stages for out in map(str, stage.outs) if out.startswith("data/export/")}
+    found = Repo(str(REPO)).artifacts.read()["dvc.yaml"]
+    assert set(found) == set(params["models"]), sorted(found)
+    for model, artifact in found.items():
+        assert artifact.path == f"data/export/{model}" and artifact.path in exports, artifact
+        assert artifact.type == "model" and artifact.desc == REGISTRY[model].description, artifact
+        assert artifact.meta["metrics"] == f"data/evaluate/{model}/metrics.json", artifact
+        assert artifact.meta["card"] == f"{artifact.path}/card.md", artifact
