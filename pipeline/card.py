@@ -81,8 +81,13 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What a run itself rewrites in git's files, so not a sign of uncommitted changes: DVC's lock and the outputs kept in git.
+WRITTEN_BY_RUNS = ("dvc.lock", "data")
+
+
 def git_source(cwd: Path, inputs: dict[str, Path]) -> Source:
-    """The workspace's commit (or "none" outside git), whether tracked files differ from it, and the md5 of `inputs`."""
+    """The workspace's commit (or "none" outside git), whether tracked files other than WRITTEN_BY_RUNS differ
+    from it (code, params.yaml, dvc.yaml), and the md5 of `inputs`."""
 
     def git(*args: str) -> str | None:
         try:
@@ -92,7 +97,8 @@ def git_source(cwd: Path, inputs: dict[str, Path]) -> Source:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD") or "none"
-    dirty = commit != "none" and bool(git("status", "--porcelain", "--untracked-files=no"))
+    excluded = [f":(top,exclude){path}" for path in WRITTEN_BY_RUNS]
+    dirty = commit != "none" and bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded))
     return Source(commit, dirty, {name: file_md5(path) for name, path in inputs.items()})
 
 
@@ -125,7 +131,7 @@ def model_card(
     per_class = per_class_accuracy(actual, predicted)
     pairs = confused_pairs(actual, predicted)
     latencies = sorted((int(key.rsplit("_", 1)[1]), value) for key, value in latency.items())
-    state = " (with uncommitted changes to tracked files)" if source.dirty else ""
+    state = " (with uncommitted changes to its code, params or dvc.yaml)" if source.dirty else ""
     lines = [
         f"# Model card: {model}",
         "",

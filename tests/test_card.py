@@ -48,6 +48,13 @@ def test_the_source_is_the_commit_its_state_and_each_inputs_md5(tmp_path: Path) 
     clean = card.git_source(tmp_path, {})
     assert len(clean.commit) == 40 and not clean.dirty
     (tmp_path / "untracked").write_text("not the model's")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "report.md").write_text("a report")
+    (tmp_path / "dvc.lock").write_text("stages: {}")
+    git(tmp_path, "add", "data/report.md", "dvc.lock")
+    git(tmp_path, "commit", "-qm", "outputs kept in git")
+    (tmp_path / "data" / "report.md").write_text("the run's report")
+    (tmp_path / "dvc.lock").write_text("stages: {train: {}}")  # what a run rewrites does not count
     assert not card.git_source(tmp_path, {}).dirty
     model.write_bytes(b"other weights")
     assert card.git_source(tmp_path, {}).dirty
@@ -76,5 +83,5 @@ def test_a_card_shows_the_figures_it_is_given() -> None:
     assert "| 0       | 10            | 70.00%     |" in text
     assert "| 0      | 6           | 3       |" in text
     assert "0.25 ms for a batch of 1, 4.50 ms for a batch of 256" in text
-    assert f"git commit `{'a' * 40}` (with uncommitted changes to tracked files)" in text
+    assert f"git commit `{'a' * 40}` (with uncommitted changes to its code, params or dvc.yaml)" in text
     assert '"epochs": 2' in text and "Intended use" in text and "Limits" in text

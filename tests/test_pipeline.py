@@ -132,7 +132,7 @@ def test_each_exported_model_has_a_card_naming_its_accuracy_interval_and_sources
         accuracy = small_run.metrics(model)["accuracy"]
         assert f"**Test accuracy.** {accuracy:.2%} (" in text and "95 % interval" in text, text
         assert len(re.findall(r"^\| [0-9] +\| [0-9,]+ +\| [0-9.]+% +\|$", text, re.MULTILINE)) == 10, text  # a row per digit
-        assert f"git commit `{head}` (with uncommitted changes to tracked files)" in text, text
+        assert f"git commit `{head}` (with uncommitted changes to its code, params or dvc.yaml)" in text, text
         inputs = {dep["path"]: dep["md5"] for dep in lock[f"export@{model}"]["deps"]}
         for path in (f"data/models/{model}/model.keras", f"data/evaluate/{model}/predictions.csv"):
             assert re.search(rf"^\| {re.escape(path)} +\| {inputs[path]} +\|$", text, re.MULTILINE), (path, text)
