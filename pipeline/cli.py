@@ -35,7 +35,16 @@ from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
 from pipeline.localserver import SERVER_AUTH_ENV as AUTH_ENV
 from pipeline.mnist import IMAGE_SHAPE
-from pipeline.stage import PARENT_ENV, RUN_ID_ENV, check_prefect_api, client_settings, run_tag, stage_slot, this_process
+from pipeline.stage import (
+    PARENT_ENV,
+    RUN_ID_ENV,
+    check_prefect_api,
+    client_settings,
+    dashboards_api,
+    run_tag,
+    stage_slot,
+    this_process,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -314,6 +323,32 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the end-to-end flow as a Prefect deployment with a schedule, until Ctrl-C."""
     return _run_with_prefect([sys.executable, "-m", "pipeline.dag", "--serve", "--name", args.name, "--cron", args.cron])
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """Alerts through the Prefect server the stages report to: a failed pipeline run and a model under its
+    gate notify a webhook (pipeline/alerts.py); --off removes them."""
+    from pipeline import alerts
+
+    if not args.off and urlsplit(args.webhook or "").scheme not in ("http", "https"):
+        raise PipelineError(f"--webhook {args.webhook!r} is not an http(s) URL: give the address the alerts are posted to.")
+    api = check_prefect_api() or dashboards_api()
+    if api is None:
+        raise PipelineError(
+            "No Prefect server to hold the alerts: start the project's (`make dashboards`) or set PREFECT_API_URL "
+            "to the one the stages report to, then run this again."
+        )
+    with temporary_settings(updates=client_settings(api)):
+        if args.off:
+            removed = alerts.remove_automations()
+            print(f"Removed {', '.join(removed)} from {api}." if removed else f"No alerts were set on {api}.")
+            return 0
+        alerts.configure(args.webhook)
+    print(
+        f"Alerts go to {args.webhook}: a pipeline run that fails and a model under its gate, sent by the Prefect "
+        f"server at {api} (automations {alerts.RUN_FAILED} and {alerts.GATE_MISSED}). `mnist alerts --off` removes them."
+    )
+    return 0
 
 
 def until_stopped(signals: servers.Signals) -> None:
@@ -615,6 +650,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--port", type=int, default=6007, help="TensorBoard's port (default 6007, beside the dashboards' 6006)")
     comp.add_argument("--no-serve", action="store_true", help="lay the runs out and stop")
     comp.set_defaults(fn=cmd_compare)
+
+    al = sub.add_parser("alerts", help="notify a webhook when a pipeline run fails or a model misses its gate")
+    how = al.add_mutually_exclusive_group(required=True)
+    how.add_argument("--webhook", help="the URL the alerts are posted to, as JSON {subject, body}")
+    how.add_argument("--off", action="store_true", help="remove the alerts")
+    al.set_defaults(fn=cmd_alerts)
 
     ver = sub.add_parser("verify", help="check every DVC output and cache object byte by byte; repair what is damaged")
     ver.set_defaults(fn=cmd_verify)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 # pipeline.stage first: it stops on a bad PREFECT_* setting, naming it, before Prefect's flows load.
-from pipeline.stage import artifact_key, as_task, run_stage
+from pipeline.stage import artifact_key, as_task, pipeline_run_id, run_stage
 
 # isort: split
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline import artifacts, tables
+from pipeline import alerts, artifacts, tables
 from pipeline.config import Params
 from pipeline.evaluate import pictures, scores, tensorboard as views
 from pipeline.models.registry import PARAM_TYPES
@@ -44,6 +44,8 @@ def evaluate_flow(params: Params, model: str, model_dir: Path, live: Path, data:
     m = ev.metrics
     verdict = "passes" if m["blessed"] else "is UNDER"
     get_run_logger().info("%s: test accuracy %.4f %s its gate %.4f", model, m["accuracy"], verdict, m["gate"])
+    if not m["blessed"]:  # `mnist alerts` turns this event into a notification
+        alerts.gate_missed(model, m["accuracy"], m["gate"], pipeline_run_id())
     create_markdown_artifact(
         f"### {model}: test metrics\n\n{tables.markdown(['metric', 'value'], [*m.items(), *ev.timings.items()])}\n",
         key=artifact_key("metrics", model),
