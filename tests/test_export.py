@@ -706,7 +706,7 @@ def test_sigkilled_export_leaves_no_saved_model_and_the_next_run_recovers(projec
     assert not staging.exists()
     saved = out / artifacts.SAVED_MODEL
     assert (saved / "saved_model.pb").is_file() and (saved / "variables").is_dir()
-    assert names(out) == sorted([artifacts.EXPORT_RECORD, artifacts.SAVED_MODEL, artifacts.TIMINGS_FILE])
+    assert names(out) == sorted([artifacts.EXPORT_RECORD, artifacts.SAVED_MODEL, artifacts.TIMINGS_FILE, artifacts.CARD_FILE])
     record = artifacts.read_export_record(out)
     assert record["blessed"] is True and record["saved_model"] == artifacts.SAVED_MODEL
     assert record["bytes"] == disk_bytes(saved) and record["sha256"] == artifacts.tree_digest(saved)
@@ -752,7 +752,7 @@ def test_export_run_again_in_place_leaves_only_its_own_outputs(project, tmp_path
     record = artifacts.read_export_record(out)
     assert record["blessed"] is blessed
     if blessed:
-        assert names(out) == sorted([artifacts.EXPORT_RECORD, artifacts.SAVED_MODEL, artifacts.TIMINGS_FILE])
+        assert names(out) == sorted([artifacts.EXPORT_RECORD, artifacts.SAVED_MODEL, artifacts.TIMINGS_FILE, artifacts.CARD_FILE])
         assert record["sha256"] == artifacts.tree_digest(out / artifacts.SAVED_MODEL) != earlier
     else:
         assert names(out) == [artifacts.EXPORT_RECORD]  # no SavedModel or timings of the earlier export
