@@ -57,9 +57,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     # Without an auth string, so that the browser tests open its UI directly; tests/test_servers.py
     # covers the servers the commands start, which ask for one.
+    _services.callback(shutil.rmtree, home, ignore_errors=True)  # registered first, so it runs once the server has stopped
     api = _services.enter_context(servers.prefect_server("127.0.0.1", free_port(), log=home / "server.log", auth=False))
     os.environ["PREFECT_API_URL"] = api
-    _services.callback(shutil.rmtree, home, ignore_errors=True)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
