@@ -351,6 +351,42 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Make a model's version the one in a registry stage (or move the stage back a version); the serving
+    stage's version is published (pipeline/promote.py)."""
+    from pipeline import promote
+
+    root = Path.cwd()
+    if args.rollback:
+        if args.from_experiment:
+            raise PipelineError("--rollback moves the stage back to an earlier version: it takes no --from")
+        done = promote.rollback(root, args.model, args.stage)
+        print(f"{done.model}: {done.stage} is {done.version} again (commit {done.rev[:7]})")
+    else:
+        done = promote.promote(root, args.model, args.stage, args.from_experiment)
+        print(f"{done.model}: {done.version} (commit {done.rev[:7]}) is in {done.stage}")
+    if done.serving is not None:
+        print(f"serving: {load_params(root / 'params.yaml').serving.base}/{done.model}/{done.serving}")
+    print("pushed: " + (", ".join(done.pushed) if done.pushed else "nothing (no git origin, no DVC remote)"))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry's versions of each model: stages, test accuracy, commit, and the one that serves."""
+    from pipeline import promote
+
+    rows = promote.table(Path.cwd())
+    if not rows:
+        print("no model is registered yet: `mnist promote MODEL --stage prod` registers one")
+        return 0
+    print(f"{'model':<14}{'version':<10}{'stages':<14}{'accuracy':>9}  {'commit':<8}serving")
+    for row in rows:
+        accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
+        serving_now = f"yes (version {row.serving})" if row.serving is not None else ""
+        print(f"{row.model:<14}{row.version:<10}{','.join(row.stages) or '-':<14}{accuracy:>9}  {row.commit:<8}{serving_now}")
+    return 0
+
+
 def until_stopped(signals: servers.Signals) -> None:
     """Serve until SIGINT or SIGTERM arrives (the servers' context managers then stop them)."""
     while signals.received is None:
@@ -656,6 +692,16 @@ def main(argv: list[str] | None = None) -> int:
     how.add_argument("--webhook", help="the URL the alerts are posted to, as JSON {subject, body}")
     how.add_argument("--off", action="store_true", help="remove the alerts")
     al.set_defaults(fn=cmd_alerts)
+
+    pro = sub.add_parser("promote", help="put a model's version in a registry stage (DVC's registry, GTO tags); prod serves")
+    pro.add_argument("model", help="a model of params.yaml")
+    pro.add_argument("--stage", required=True, help="the registry stage, e.g. prod (params.yaml's serving.stage serves)")
+    pro.add_argument("--from", dest="from_experiment", metavar="EXP", help="a DVC experiment's model instead of the workspace's")
+    pro.add_argument("--rollback", action="store_true", help="move the stage back to the version it held before")
+    pro.set_defaults(fn=cmd_promote)
+
+    mod = sub.add_parser("models", help="the registry's versions of each model, their stages and which one serves")
+    mod.set_defaults(fn=cmd_models)
 
     ver = sub.add_parser("verify", help="check every DVC output and cache object byte by byte; repair what is damaged")
     ver.set_defaults(fn=cmd_verify)

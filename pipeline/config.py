@@ -111,6 +111,7 @@ class ExportParams(Section):
 class ServingParams(Section):
     base: str = Field(min_length=1)  # folder holding <model>/<version>/ (relative to the project)
     keep: PositiveInt  # versions kept per model; older ones are deleted
+    stage: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")  # the registry stage that serves (pipeline/promote.py)
 
 
 class ModelParams(Section):

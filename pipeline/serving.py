@@ -6,7 +6,8 @@ one there. It is copied under a temporary name, flushed to disk and made visible
 and old versions are renamed away before they are deleted: a server watching the folder never
 sees a missing or partial version, even after a power cut. Publishers of one folder take turns
 (an flock on the folder itself), so none deletes another's copy in progress or takes its
-version number.
+version number. `assignments` reads the model registry's stages (GTO's tags), which decide what
+`mnist promote` publishes (pipeline/promote.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import gto.api
 
 from pipeline import artifacts
 from pipeline.data import atomic_path, disk_bytes, remove_leftovers
@@ -65,3 +68,14 @@ def newest(folder: Path) -> Path | None:
     """The newest version folder in `folder`, if any."""
     held = artifacts.versions(folder)
     return folder / str(held[-1]) if held else None
+
+
+def assignments(root: Path, model: str) -> dict[str, list[str]]:
+    """The versions assigned to each stage of `model`, in the order of their tags (`NAME#STAGE#N`): the last
+    one of a stage is in it now."""
+    events = [e for e in gto.api.history(root, model) if e["event"] == "assignment"]
+    events.sort(key=lambda e: int(e["ref"].rsplit("#", 1)[1]))
+    stages: dict[str, list[str]] = {}
+    for event in events:
+        stages.setdefault(event["stage"], []).append(event["version"])
+    return stages

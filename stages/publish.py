@@ -18,7 +18,8 @@ from pipeline.config import Params
 
 @flow(name="publish")
 def publish_flow(params: Params, exports: Path) -> None:
-    """Publish every blessed model's SavedModel into params.yaml's serving folder, keeping its last versions.
+    """Publish every blessed model's SavedModel into params.yaml's serving folder, keeping its last versions;
+    but a model with a version in the registry's serving stage, which `mnist promote` publishes.
 
     The serving folder is no DVC output: this stage has none, so DVC never deletes a version, and
     it runs whenever an export changed (or with `dvc repro --force publish`).
@@ -28,11 +29,15 @@ def publish_flow(params: Params, exports: Path) -> None:
         exports: folder holding one export folder per model
     """
     logger = get_run_logger()
-    base, rows = Path(params.serving.base), []
+    base, rows, stage = Path(params.serving.base), [], params.serving.stage
     for model in params.gates:  # one gate per model: the model names, without loading the registry
         record = artifacts.read_export_record(exports / model)
         if not record["blessed"]:
             logger.info("%s: not blessed, nothing to publish", model)
+            continue
+        in_stage = serving.assignments(Path.cwd(), model).get(stage)
+        if in_stage:
+            logger.info("%s: %s of the registry serves (its stage %s); `mnist promote` publishes it", model, in_stage[-1], stage)
             continue
         done = as_task(serving.publish, f"publish {model}")(
             model, exports / model / artifacts.SAVED_MODEL, base / model, params.serving.keep

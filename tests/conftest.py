@@ -160,6 +160,15 @@ class SmallRun:
 
 
 @pytest.fixture(scope="session")
+def sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str):
+    """The session's two-experiment sweep of a logreg-only project (tests/sweep.py), its stages reporting to
+    the session's Prefect server."""
+    from sweep import make_sweep
+
+    return make_sweep(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.fixture(scope="session")
 def small_run(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> SmallRun:
     """`dvc repro` of the whole pipeline on 1,500 images and one epoch, in a copy of the repo, its stages
     started warm as `mnist run` starts them (the first ones cold, while the warm server imports)."""

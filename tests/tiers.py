@@ -2,8 +2,8 @@
 
 `make check` runs the tests of neither tier: no server, no pipeline run. `make test` runs every test
 on two processes (pytest-xdist, `--dist loadgroup`), in groups: the tests that read the session's
-small run go to one process, which makes that run once; every other test goes with the other tests
-of its module, so a module's fixtures (a PostgreSQL cluster, an sshd, a trained model) are made once.
+small run go to one process, which makes that run once, and so do those that read its sweep; every
+other test goes with the other tests of its module, so a module's fixtures (a PostgreSQL cluster, an sshd, a trained model) are made once.
 The longest groups start first (LONGEST; `make test` keeps that order with --no-loadscope-reorder), so
 that the short ones fill the end of both processes.
 """
@@ -31,17 +31,18 @@ MODULE_TIERS = {
     "test_install.py": "services",
     "test_servers.py": "services",
 }
-FIXTURE_TIERS = {"small_run": "pipeline", "prefect_api": "services"}
-SHARED = "small_run"  # the session fixture whose tests share one process
+FIXTURE_TIERS = {"small_run": "pipeline", "sweep": "pipeline", "prefect_api": "services"}
+SHARED = ("small_run", "sweep")  # the session fixtures whose tests share one process, each its own
 # The groups of more than a minute, longest first, from `make test ARGS=--durations=0` on 2 cores
-# (Intel Xeon, AMX): small run 700 s, fan-out 270 s, compare 130 s, chaos 120 s, prefect 110 s,
+# (Intel Xeon, AMX): small run 700 s, fan-out 270 s, sweep 130 s, chaos 120 s, prefect 110 s,
 # install 75 s, servers 70 s. The other groups follow in the order of the files.
-LONGEST = (SHARED, "test_fanout.py", "test_compare.py", "test_chaos.py", "test_prefect.py", "test_install.py", "test_servers.py")
+LONGEST = ("small_run", "test_fanout.py", "sweep", "test_chaos.py", "test_prefect.py", "test_install.py", "test_servers.py")
 
 
 def group(item: pytest.Item) -> str:
-    """The test's xdist group: SHARED for the small run's readers, else its module's file name."""
-    return SHARED if SHARED in getattr(item, "fixturenames", ()) else item.path.name
+    """The test's xdist group: the SHARED fixture it reads, else its module's file name."""
+    fixtures = getattr(item, "fixturenames", ())
+    return next((name for name in SHARED if name in fixtures), item.path.name)
 
 
 def longest_first(items: list[pytest.Item]) -> None:
