@@ -5,8 +5,9 @@ Prefect server the stages report to. The server's own services evaluate the auto
 notifications, so an alert goes out whoever ran the pipeline (`mnist run`, a bare `dvc repro`, a scheduled
 `mnist serve`, a fan-out worker). The webhook receives JSON: {"subject": ..., "body": ...}.
 
-- RUN_FAILED: a `pipeline-run` flow run (one per pipeline run: `mnist run`, a `dvc repro`, a DVC
-  experiment) that ends Failed or Crashed: a stage failed, or was killed under `mnist run`.
+- RUN_FAILED: a flow run of PIPELINE_FLOWS that ends Failed or Crashed: a `pipeline-run` (one per
+  pipeline run: `mnist run`, a `dvc repro`, a DVC experiment) whose stage failed, or was killed under
+  `mnist run`; or a `pipeline` run (`mnist flow`, a scheduled run of `mnist serve`) with a failed stage.
 - GATE_MISSED: the event GATE_EVENT, which the evaluate stage emits for a model under its gate.
 """
 
@@ -19,7 +20,8 @@ ALERTS_BLOCK = "mnist-alerts"
 RUN_FAILED = "mnist-alert-run-failed"
 GATE_MISSED = "mnist-alert-gate-missed"
 GATE_EVENT = "mnist.model.gate-missed"
-PIPELINE_FLOW = "pipeline-run"  # pipeline/stage.py's pipeline_run and pipeline/cli.py's run flow
+# pipeline/stage.py's pipeline_run and pipeline/cli.py's run flow; pipeline/dag.py's end-to-end flow
+PIPELINE_FLOWS = ["pipeline-run", "pipeline"]
 RUN_FAILED_BODY = (
     "Flow run {{ flow_run.name }} of flow {{ flow.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}"
 )
@@ -54,7 +56,7 @@ def automations(block_id: UUID) -> list[Any]:
     failed = reactive(
         {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
         match={"prefect.resource.id": "prefect.flow-run.*"},
-        match_related={"prefect.resource.role": "flow", "prefect.resource.name": PIPELINE_FLOW},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": PIPELINE_FLOWS},
     )
     return [
         Automation(

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,22 @@ if sys.argv[2] == "gate":
 else:
     stage.end_parent(parent, Failed(message="boom") if sys.argv[2] == "fail" else Completed(), "train@cnn")
 """
+# The end-to-end flow that `mnist flow` runs and `mnist serve` schedules (pipeline/dag.py), on a project whose one stage fails.
+SCHEDULED = """
+import sys
+from pipeline.dag import pipeline_flow
+state = pipeline_flow.with_options(flow_run_name=sys.argv[1])(root=sys.argv[2], return_state=True)
+assert state.is_failed(), state
+"""
+
+
+def broken_project(root: Path) -> Path:
+    """A git and DVC repository whose one stage exits 3."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text("stages:\n  broken:\n    cmd: exit 3\n")
+    return root
 
 
 @contextmanager
@@ -68,16 +85,20 @@ def test_a_url_that_is_not_http_is_refused_with_its_name() -> None:
 
 
 @pytest.mark.services
-def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_all(prefect_api: str) -> None:
+def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_all(prefect_api: str, tmp_path: Path) -> None:
+    """Failed: a pipeline run whose stage failed, and a run of the flow `mnist serve` schedules."""
     stamp = int(time.time() * 1000)
-    runs = {kind: f"alerts-{kind}-{stamp}" for kind in ("green", "fail", "gate")}
+    runs = {kind: f"alerts-{kind}-{stamp}" for kind in ("green", "fail", "gate", "scheduled")}
     with webhook() as (url, received):
         done = mnist_alerts("--webhook", url)
         assert done.returncode == 0 and f"Alerts go to {url}" in done.stdout, done.stdout + done.stderr
         try:
             for kind, run in runs.items():
+                script = (
+                    [SCHEDULED, run, str(broken_project(tmp_path / "broken"))] if kind == "scheduled" else [PARENT, run, kind]
+                )
                 subprocess.run(
-                    [sys.executable, "-c", PARENT, run, kind],
+                    [sys.executable, "-c", *script],
                     cwd=REPO,
                     env=project_env(),
                     check=True,
@@ -89,7 +110,7 @@ def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_a
                 return [alert for alert in list(received) if any(run in alert["body"] for run in runs.values())]
 
             deadline = time.monotonic() + 120
-            while len(ours()) < 2 and time.monotonic() < deadline:
+            while len(ours()) < 3 and time.monotonic() < deadline:
                 time.sleep(0.5)
             alerts = ours()
         finally:
@@ -103,4 +124,6 @@ def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_a
     assert f"Flow run {runs['fail']} of flow pipeline-run ended Failed: train@cnn failed: boom" in failed[0]["body"], alerts
     assert len(gate) == 1 and "Model cnn: test accuracy 0.42 is under its gate 0.993" in gate[0]["body"], alerts
     assert runs["gate"] in gate[0]["body"] and not [a for a in alerts if runs["green"] in a["body"]], alerts
-    assert len(alerts) == 2, alerts
+    scheduled = [a for a in alerts if runs["scheduled"] in a["body"]]
+    assert len(scheduled) == 1 and "of flow pipeline ended Failed: failed: " in scheduled[0]["body"], alerts
+    assert len(alerts) == 3, alerts
