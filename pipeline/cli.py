@@ -19,8 +19,11 @@ from uuid import UUID
 from prefect import State, flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterName,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
@@ -191,7 +194,26 @@ def mark_orphaned_runs() -> list[str]:
                 message = f"its stage process (PID {pid}) ended without reporting: killed, or its Prefect server was away"
                 client.set_flow_run_state(run.id, Crashed(message=message), force=True)
                 marked.append(run.name)
+                marked += _crash_pipeline_run(client, run.tags, f"{run.name}: {message}")
     return marked
+
+
+def _crash_pipeline_run(client: Any, tags: list[str], message: str) -> list[str]:
+    """Mark the pipeline run of a stage run with `tags` Crashed if it still shows as running (a bare `dvc repro`
+    whose stage was killed: no run command is left to end it); its name if it was marked."""
+    run_id = next((tag.removeprefix(run_tag("")) for tag in tags if tag.startswith(run_tag(""))), None)
+    if run_id is None:
+        return []
+    parents = client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline-run"])),
+        flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[run_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+        ),
+    )
+    for parent in parents:
+        client.set_flow_run_state(parent.id, Crashed(message=message), force=True)
+    return [parent.name for parent in parents]
 
 
 def _mark_orphaned_runs(api: str) -> None:

@@ -342,6 +342,7 @@ def _touch(path: Path) -> None:
 # --- the background servers of a bare `dvc repro` ------------------------------------------------
 
 KEEPER_EXIT_RUNNING = 3  # `keep`'s exit status when the project's server runs on the port already
+SWEEP_S = 10.0  # how often the keeper looks for killed stages while stages use its server
 
 
 def keep(port: int, idle_s: float) -> int:
@@ -358,7 +359,7 @@ def keep(port: int, idle_s: float) -> int:
             localserver.write_json(path, {"pid": me, "started": localserver.started_at(me), "port": port, "idle_s": idle_s})
             with prefect_server("127.0.0.1", port, signals=signals, restart=True, reuse=False) as api:
                 print(f"keeping {api}; it stops after {localserver.idle_words(idle_s)} without a stage", flush=True)
-                reason = wait_idle(localserver.users_path(port), idle_s, signals)
+                reason = wait_idle(localserver.users_path(port), idle_s, signals, every=lambda: mark_killed_stages(api))
                 print(f"stopping the server: {reason}", flush=True)
         except AlreadyRunning:
             return KEEPER_EXIT_RUNNING
@@ -374,15 +375,30 @@ def keep(port: int, idle_s: float) -> int:
     return 0
 
 
-def wait_idle(users: Path, idle_s: float, signals: Signals) -> str:
+def mark_killed_stages(api: str) -> None:
+    """Mark the stage runs whose process is gone, and their pipeline runs, Crashed on the server at `api`: a
+    bare `dvc repro` whose stage was killed has no run command left to do it (pipeline.cli.mark_orphaned_runs),
+    and a Crashed pipeline run sends the alert of `mnist alerts`."""
+    from pipeline.cli import _mark_orphaned_runs
+
+    _mark_orphaned_runs(api)
+
+
+def wait_idle(
+    users: Path, idle_s: float, signals: Signals, every: Callable[[], None] | None = None, every_s: float = SWEEP_S
+) -> str:
     """Return, saying why, once SIGTERM or SIGINT came or no command or stage has held `users` (each holds a
     shared flock on it while it uses the server) for `idle_s` seconds, counted from the later of the last
-    time one was seen holding it and the file's modification time (each touches it as it starts and ends)."""
+    time one was seen holding it and the file's modification time (each touches it as it starts and ends).
+    Meanwhile, call `every` each `every_s` seconds while a command or stage holds it."""
     fd = os.open(users, os.O_RDWR | os.O_CREAT, 0o600)
-    last_busy = time.time()
+    last_busy = last_call = time.time()
     step = max(0.2, min(2.0, idle_s / 5))
     try:
         while signals.received is None:
+            if every is not None and time.time() - last_call >= every_s and time.time() - last_busy < every_s + step:
+                every()
+                last_call = time.time()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

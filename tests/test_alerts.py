@@ -30,6 +30,24 @@ if sys.argv[2] == "gate":
 else:
     stage.end_parent(parent, Failed(message="boom") if sys.argv[2] == "fail" else Completed(), "train@cnn")
 """
+# A stage of a bare `dvc repro` killed outright: its flow run shows as running, its process is gone; the
+# background server's keeper looks for such runs (pipeline/servers.py's mark_killed_stages).
+KILLED = """
+import os, subprocess, sys
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Running
+from pipeline import servers, stage
+os.environ[stage.RUN_ID_ENV] = sys.argv[1]
+parent = stage.adopt_parent()
+gone = subprocess.Popen([sys.executable, "-c", "pass"])
+gone.wait()
+with get_client(sync_client=True) as client:
+    tags = ["stage:train@cnn", stage.run_tag(sys.argv[1])]
+    run = client.create_flow_run(flow(name="train")(lambda: None), name=f"train-cnn-{sys.argv[1]}", tags=tags, state=Running())
+    client.update_flow_run(run.id, infrastructure_pid=f"{stage.this_process().split(':')[0]}:{gone.pid}")
+servers.mark_killed_stages(os.environ["PREFECT_API_URL"])
+"""
 # The end-to-end flow that `mnist flow` runs and `mnist serve` schedules (pipeline/dag.py), on a project whose one stage fails.
 SCHEDULED = """
 import sys
@@ -86,17 +104,19 @@ def test_a_url_that_is_not_http_is_refused_with_its_name() -> None:
 
 @pytest.mark.services
 def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_all(prefect_api: str, tmp_path: Path) -> None:
-    """Failed: a pipeline run whose stage failed, and a run of the flow `mnist serve` schedules."""
+    """Failed: a pipeline run whose stage failed, a run of the flow `mnist serve` schedules, and a bare `dvc repro`
+    whose stage was killed."""
     stamp = int(time.time() * 1000)
-    runs = {kind: f"alerts-{kind}-{stamp}" for kind in ("green", "fail", "gate", "scheduled")}
+    runs = {kind: f"alerts-{kind}-{stamp}" for kind in ("green", "fail", "gate", "scheduled", "killed")}
     with webhook() as (url, received):
         done = mnist_alerts("--webhook", url)
         assert done.returncode == 0 and f"Alerts go to {url}" in done.stdout, done.stdout + done.stderr
         try:
             for kind, run in runs.items():
-                script = (
-                    [SCHEDULED, run, str(broken_project(tmp_path / "broken"))] if kind == "scheduled" else [PARENT, run, kind]
-                )
+                if kind == "scheduled":
+                    script = [SCHEDULED, run, str(broken_project(tmp_path / "broken"))]
+                else:
+                    script = [KILLED, run] if kind == "killed" else [PARENT, run, kind]
                 subprocess.run(
                     [sys.executable, "-c", *script],
                     cwd=REPO,
@@ -110,7 +130,7 @@ def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_a
                 return [alert for alert in list(received) if any(run in alert["body"] for run in runs.values())]
 
             deadline = time.monotonic() + 120
-            while len(ours()) < 3 and time.monotonic() < deadline:
+            while len(ours()) < 4 and time.monotonic() < deadline:
                 time.sleep(0.5)
             alerts = ours()
         finally:
@@ -118,7 +138,7 @@ def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_a
     assert off.returncode == 0 and "Removed mnist-alert-run-failed, mnist-alert-gate-missed" in off.stdout, (
         off.stdout + off.stderr
     )
-    failed = [a for a in alerts if runs["fail"] in a["body"]]
+    failed = [a for a in alerts if runs["fail"] in a["body"] and "train-cnn" not in a["body"]]
     gate = [a for a in alerts if a["subject"] == "MNIST pipeline: a model missed its gate"]
     assert len(failed) == 1 and failed[0]["subject"] == "MNIST pipeline: a run failed", alerts
     assert f"Flow run {runs['fail']} of flow pipeline-run ended Failed: train@cnn failed: boom" in failed[0]["body"], alerts
@@ -126,4 +146,6 @@ def test_a_failed_run_and_a_missed_gate_alert_once_each_and_a_green_run_not_at_a
     assert runs["gate"] in gate[0]["body"] and not [a for a in alerts if runs["green"] in a["body"]], alerts
     scheduled = [a for a in alerts if runs["scheduled"] in a["body"]]
     assert len(scheduled) == 1 and "of flow pipeline ended Failed: failed: " in scheduled[0]["body"], alerts
-    assert len(alerts) == 3, alerts
+    killed = [a for a in alerts if f"Flow run {runs['killed']} of flow pipeline-run ended Crashed: train-cnn-" in a["body"]]
+    assert len(killed) == 1 and "ended without reporting: killed" in killed[0]["body"], alerts
+    assert len(alerts) == 4, alerts

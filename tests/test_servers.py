@@ -207,3 +207,28 @@ def test_mnist_run_killed_outright_takes_dvc_and_its_stage_with_it(home: Path, t
     while left := [p for p in in_project() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
         assert time.monotonic() < deadline, [" ".join(p.info["cmdline"] or []) for p in left]
         time.sleep(0.2)
+
+
+def test_the_keeper_looks_for_killed_stages_while_stages_use_its_server(tmp_path: Path) -> None:
+    """wait_idle calls its `every` while a stage holds the users file, and returns once none has for idle_s."""
+    import fcntl
+    import threading
+
+    users, calls, released = tmp_path / "users", [], threading.Event()
+    users.touch()
+
+    def stage_holding_the_server() -> None:
+        fd = os.open(users, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        deadline = time.monotonic() + 60
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.close(fd)
+        released.set()
+
+    holder = threading.Thread(target=stage_holding_the_server)
+    holder.start()
+    with servers.Signals() as signals:
+        reason = servers.wait_idle(users, 1.0, signals, every=lambda: calls.append(time.monotonic()), every_s=0.3)
+    holder.join()
+    assert released.is_set() and len(calls) >= 2 and reason == "no stage or command used it for 1 s", (calls, reason)
