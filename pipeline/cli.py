@@ -19,11 +19,8 @@ from uuid import UUID
 from prefect import State, flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowFilter,
-    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
-    FlowRunFilterName,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
@@ -38,6 +35,7 @@ from pipeline.data import parse_idx
 from pipeline.errors import DataError, ExportError, PipelineError
 from pipeline.localserver import SERVER_AUTH_ENV as AUTH_ENV
 from pipeline.mnist import IMAGE_SHAPE
+from pipeline.orphans import mark_orphans
 from pipeline.stage import (
     PARENT_ENV,
     RUN_ID_ENV,
@@ -46,7 +44,6 @@ from pipeline.stage import (
     dashboards_api,
     run_tag,
     stage_slot,
-    this_process,
 )
 
 if TYPE_CHECKING:
@@ -111,7 +108,7 @@ def _run_with_prefect(cmd: list[str], warm_starts: bool = False, progress: progr
             with prefect_api(signals) as api, ExitStack() as stack:
                 signals.check()
                 print(f"Prefect dashboard: {api.removesuffix('/api')}  (runs tagged {run_tag(run_id)})", flush=True)
-                _mark_orphaned_runs(api)  # left Running by an earlier run killed outright
+                mark_orphans(api)  # left Running by an earlier run killed outright
                 broken = integrity.set_aside_unreadable_lock(Path.cwd())  # left by an earlier run killed outright
                 if broken:
                     print(broken, file=sys.stderr, flush=True)
@@ -166,66 +163,6 @@ def mark_killed_runs(run_id: str) -> list[str]:
         for run in runs:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
     return [run.name for run in runs]
-
-
-def mark_orphaned_runs() -> list[str]:
-    """Mark as Crashed the stage flow runs on this machine that show as running but whose process is gone.
-
-    Each stage records its process on its flow run (pipeline.stage.record_run). One that lost
-    its Prefect server for longer than its client retries could not report its end; once a server
-    is back, `mnist dashboards` calls this, so no run shows as running forever.
-    """
-    import psutil
-
-    host = this_process().split(":")[0]
-    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])))
-    marked = []
-    with get_client(sync_client=True) as client:
-        for run in client.read_flow_runs(flow_run_filter=running):
-            where, _, pid = (run.infrastructure_pid or "").rpartition(":")
-            if where != host or not pid.isdigit() or not any(t.startswith("stage:") for t in run.tags):
-                continue
-            try:
-                # a stage process: `python stages/<stage>.py`, or a fork of the warm server (pipeline/warm.py)
-                alive = any("stages/" in part or part == "pipeline.warm" for part in psutil.Process(int(pid)).cmdline())
-            except psutil.Error:
-                alive = False
-            if not alive:
-                message = f"its stage process (PID {pid}) ended without reporting: killed, or its Prefect server was away"
-                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-                marked.append(run.name)
-                marked += _crash_pipeline_run(client, run.tags, f"{run.name}: {message}")
-    return marked
-
-
-def _crash_pipeline_run(client: Any, tags: list[str], message: str) -> list[str]:
-    """Mark the pipeline run of a stage run with `tags` Crashed if it still shows as running (a bare `dvc repro`
-    whose stage was killed: no run command is left to end it); its name if it was marked."""
-    run_id = next((tag.removeprefix(run_tag("")) for tag in tags if tag.startswith(run_tag(""))), None)
-    if run_id is None:
-        return []
-    parents = client.read_flow_runs(
-        flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline-run"])),
-        flow_run_filter=FlowRunFilter(
-            name=FlowRunFilterName(any_=[run_id]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
-        ),
-    )
-    for parent in parents:
-        client.set_flow_run_state(parent.id, Crashed(message=message), force=True)
-    return [parent.name for parent in parents]
-
-
-def _mark_orphaned_runs(api: str) -> None:
-    """mark_orphaned_runs on the server at `api`, saying what it marked."""
-    try:
-        with temporary_settings(updates=client_settings(api)):
-            crashed = mark_orphaned_runs()
-    except Exception as exc:  # noqa: BLE001 - a dashboard detail must not stop the dashboards
-        print(f"Prefect: could not check for orphaned stage runs ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return
-    if crashed:
-        print(f"Prefect: marked {', '.join(crashed)} as crashed: their stage processes are gone.", file=sys.stderr, flush=True)
 
 
 def _mark_killed_runs(api: str, run_id: str) -> None:
@@ -405,7 +342,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     for row in rows:
         accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
         serving_now = f"yes (version {row.serving})" if row.serving is not None else ""
-        print(f"{row.model:<14}{row.version:<10}{','.join(row.stages) or '-':<14}{accuracy:>9}  {row.commit:<8}{serving_now}")
+        print(
+            f"{row.model:<14}{row.version:<10}{','.join(row.stages) or '-':<14}{accuracy:>9}  {row.commit:<8}{serving_now}".rstrip()
+        )
     return 0
 
 
@@ -444,13 +383,13 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
                     database_url=args.database_url,
                     signals=signals,
                     restart=True,
-                    on_restart=_mark_orphaned_runs,
+                    on_restart=mark_orphans,
                 ) as api,
                 servers.tensorboard_server(  # TensorBoard has no authentication: loopback only, whatever --host says
                     TENSORBOARD_LOGDIR, "127.0.0.1", args.tensorboard_port, live=TRAINING_NOW, signals=signals
                 ) as tb,
             ):
-                _mark_orphaned_runs(api)
+                mark_orphans(api)
                 if args.prefect_port == localserver.port():  # the stages look for the project's server there
                     clients = "A bare `dvc repro`, `dvc exp run` or queued experiment reports here with no setting."
                 else:

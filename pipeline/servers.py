@@ -377,11 +377,11 @@ def keep(port: int, idle_s: float) -> int:
 
 def mark_killed_stages(api: str) -> None:
     """Mark the stage runs whose process is gone, and their pipeline runs, Crashed on the server at `api`: a
-    bare `dvc repro` whose stage was killed has no run command left to do it (pipeline.cli.mark_orphaned_runs),
-    and a Crashed pipeline run sends the alert of `mnist alerts`."""
-    from pipeline.cli import _mark_orphaned_runs
+    bare `dvc repro` whose stage was killed has no run command left to do it (pipeline/orphans.py), and a
+    Crashed pipeline run sends the alert of `mnist alerts`."""
+    from pipeline.orphans import mark_orphans  # Prefect's client: imported once a stage uses the server
 
-    _mark_orphaned_runs(api)
+    mark_orphans(api)
 
 
 def wait_idle(

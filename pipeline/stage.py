@@ -422,7 +422,7 @@ def record_run(labels: list[str]) -> FlowStateHook[..., Any]:
     """An on_running hook that tags the flow run with `labels` and notes its stage process on it.
 
     The process (`host:pid`) lets a run whose process is gone be told from one still running
-    (pipeline.cli.mark_orphaned_runs), whoever looks. The tags go on the flow run here rather
+    (pipeline/orphans.py), whoever looks. The tags go on the flow run here rather
     than through `prefect.tags()`, which would tag every task run too: for each tag of a task
     run, Prefect's task engine asks the server for a concurrency slot, a request it does not
     retry, so a server restart during a stage failed the stage (tests/test_faults.py).
