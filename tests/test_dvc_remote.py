@@ -6,6 +6,8 @@
   (`dvc repro --pull`) without running a stage; a param changed and changed back restores again.
 - SSH: a throwaway /usr/sbin/sshd on a free port of 127.0.0.1 (its own config, host key and
   client key in a temporary folder), reached by dvc-ssh with the client key.
+- S3: moto's S3 server on 127.0.0.1 (tests/s3.py), reached by dvc-s3 through the remote's
+  endpointurl and region, with its keys in the environment.
 
 A clone gets by copy what a clone of the real project gets from git but the small run's copy
 does not commit: params.yaml, and where the test says so dvc.lock, the outputs DVC leaves to git
@@ -35,6 +37,7 @@ import numpy as np
 import pytest
 
 from conftest import SmallRun, edit_params, free_port, project_env
+from s3 import REGION, S3_ENV, keys_in, make_bucket, s3_server
 from system import needs
 
 SSHD = Path("/usr/sbin/sshd")
@@ -428,3 +431,43 @@ def test_ssh_remote_push_then_pull_into_a_fresh_clone(
     assert (clone / model).is_file(), f"{model} missing in the clone after dvc pull over SSH"
     assert (clone / model).read_bytes() == (small_run.project / model).read_bytes(), f"{model} differs after the round trip"
     assert not (Path(env["HOME"]) / ".ssh").exists(), "dvc-ssh wrote into ~/.ssh"
+
+
+# --- S3 -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (tests/s3.py) with the bucket `mnist-dvc` in s3.REGION."""
+    with s3_server(tmp_path_factory.mktemp("s3") / "moto.log") as endpoint:
+        make_bucket(endpoint, "mnist-dvc")
+        yield endpoint
+
+
+def add_s3_remote(project: Path, endpoint: str, env: dict[str, str], *, default: bool = False) -> None:
+    """Remote `s3` at s3://mnist-dvc/store on the server at `endpoint`, as for any S3-compatible server:
+    its endpoint URL and region in the config, its keys in the environment."""
+    add_remote(project, "s3", "s3://mnist-dvc/store", default=default, env=env)
+    run_dvc(project, "remote", "modify", "--local", "s3", "endpointurl", endpoint, env=env)
+    run_dvc(project, "remote", "modify", "--local", "s3", "region", REGION, env=env)
+
+
+def test_s3_remote_push_then_pull_into_a_fresh_clone(
+    small_run: SmallRun, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = {**project_env(), **S3_ENV}
+    add_s3_remote(small_run.project, s3_endpoint, env)
+    _, pushed = timed_dvc(small_run.project, "push", "--run-cache", "-r", "s3", env=env)
+    print(f"\ndvc push --run-cache to S3 (moto on 127.0.0.1): {pushed:.1f} s")
+    keys = keys_in(s3_endpoint, "mnist-dvc")
+    assert any(k.startswith("store/files/md5/") for k in keys) and any(k.startswith("store/runs/") for k in keys), keys[:20]
+
+    clone = fresh_clone(small_run.project, tmp_path_factory.mktemp("s3-clone") / "clone", lock=True)
+    add_s3_remote(clone, s3_endpoint, env, default=True)
+    _, pulled = timed_dvc(clone, "pull", env=env)
+    print(f"dvc pull from S3 into a fresh clone: {pulled:.1f} s")
+    assert_up_to_date(clone, env=env)
+    model = Path("data/models/cnn/model.keras")
+    assert (clone / model).read_bytes() == (small_run.project / model).read_bytes(), f"{model} differs after the round trip"
+    for config in (clone / ".dvc" / "config", clone / ".dvc" / "config.local"):
+        assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in (config.read_text() if config.exists() else ""), config
