@@ -149,19 +149,53 @@ def pushed_commit(root: Path) -> tuple[str, str]:
     return commit, refuse_credentials(origin, "git origin")
 
 
-def default_remote(root: Path) -> str:
-    """The URL of the workspace's default DVC remote; PipelineError naming the fix if there is none."""
+# The options of the default DVC remote that go to the workers with its URL (an S3-compatible server's
+# address and region, timeouts, ...). Any other option, credentials above all (password, keyfile,
+# access_key_id, secret_access_key, session_token, ...), stays with the coordinator: each worker has its own.
+REMOTE_OPTIONS = (
+    "endpointurl",
+    "region",
+    "profile",
+    "use_ssl",
+    "version_aware",
+    "listobjects",
+    "read_timeout",
+    "connect_timeout",
+    "port",
+    "user",
+    "acl",
+    "sse",
+)
+
+
+def default_remote(root: Path) -> dict[str, str]:
+    """The workspace's default DVC remote as the workers get it: its URL ("url") and its REMOTE_OPTIONS;
+    PipelineError naming the fix if there is none, or if its URL carries credentials."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         name = repo.config["core"].get("remote")
-        url = repo.config["remote"].get(name, {}).get("url") if name else None
-    if not url:
+        config = dict(repo.config["remote"].get(name, {})) if name else {}
+    if not config.get("url"):
         raise PipelineError(
             "No default DVC remote: the workers exchange data through it. Add one that every worker "
             "reaches, e.g. `dvc remote add -d shared ssh://host/path` (see docs/remotes.md)."
         )
-    return refuse_credentials(url, "DVC remote")
+    options = {
+        key: str(config[key]).lower() if isinstance(config[key], bool) else str(config[key])
+        for key in REMOTE_OPTIONS
+        if key in config
+    }
+    return {"url": refuse_credentials(str(config["url"]), "DVC remote"), **options}
+
+
+def add_remote(workspace: Path, remote: dict[str, str]) -> None:
+    """Make `remote` (default_remote's) the default remote `exchange` of `workspace`, in .dvc/config.local."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo, repo.config.edit("local") as config:
+        config["remote"]["exchange"] = dict(remote)
+        config["core"]["remote"] = "exchange"
 
 
 def stale_models(root: Path, models: list[str]) -> list[str]:
@@ -210,14 +244,14 @@ def chain_limit(model: str, commit: str) -> str:
 
 
 @flow(name=CHAIN_FLOW, flow_run_name="{model}")
-def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> dict[str, list[str]]:
+def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_id: str) -> dict[str, list[str]]:
     """Run or restore one model's train, evaluate and export stages in a fresh clone, and push them.
 
     Args:
         model: the registry model whose chain to run
         repo: the git URL to clone the project from
         commit: the commit to check out (the coordinator's)
-        remote: the URL of the DVC remote to pull inputs from and push outputs to
+        remote: the DVC remote to pull inputs from and push outputs to: its URL ("url") and options, no credentials
         run_id: the pipeline run id: every stage's flow run is tagged with it
     """
     logger = get_run_logger()
@@ -237,7 +271,7 @@ def chain_flow(model: str, repo: str, commit: str, remote: str, run_id: str) -> 
         command(["git", "clone", "--quiet", repo, str(workspace)], Path(tmp))
         command(["git", "checkout", "--quiet", "--detach", commit], workspace)
         env = dvc_env(workspace, run_id)
-        command(["dvc", "remote", "add", "--local", "--default", "exchange", remote], workspace, env)
+        add_remote(workspace, remote)
         output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, env)
         logger.info("dvc repro --pull:\n%s", output[-3000:])
         command(["dvc", "push", "--run-cache"], workspace, env)

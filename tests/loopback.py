@@ -1,7 +1,8 @@
 """A throwaway cluster on 127.0.0.1 for the fan-out (tests/test_fanout.py, benchmarks/fanout.py).
 
 PostgreSQL 15 (Debian's `postgresql`), a Prefect server on it with basic authentication, and
-per project: a bare git origin at one commit, a local-folder DVC remote, the coordinator's
+per project: a bare git origin at one commit, a DVC remote (a local folder, or a bucket on an S3
+server on 127.0.0.1: tests/s3.py), the coordinator's
 clone and `prefect worker start` processes, each in its own clone. Everything is stopped and
 removed on exit.
 """
@@ -25,6 +26,7 @@ from unittest import mock
 import httpx
 
 from conftest import copy_project, edit_params, free_port, project_env
+from s3 import REGION, S3_ENV, make_bucket, s3_server
 
 BIN = Path(sys.executable).parent
 AUTH = "mnist:loopback-secret"
@@ -117,7 +119,7 @@ class Project:
 
     root: Path
     origin: Path
-    remote: Path
+    remote: str  # a folder, or an s3:// URL on the cluster's S3 server
     commit: str
     coordinator: Path
 
@@ -131,16 +133,26 @@ class Loopback:
     database_url: str
     stack: ExitStack
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    s3_endpoint: str | None = None
 
     def env(self, workspace: Path | None = None, **extra: str) -> dict[str, str]:
-        """A client's environment: this server, with its auth string."""
-        env = project_env(PREFECT_API_URL=self.api, PREFECT_API_AUTH_STRING=AUTH, **extra)
+        """A client's environment: this server, with its auth string, and the S3 server's keys."""
+        env = project_env(PREFECT_API_URL=self.api, PREFECT_API_AUTH_STRING=AUTH, **S3_ENV, **extra)
         if workspace is not None:
             env["PYTHONPATH"] = str(workspace)
         return env
 
-    def project(self, name: str, edit: Callable[[dict], dict]) -> Project:
-        """The project with params edited by `edit`, committed without dvc.lock, on a bare origin; the coordinator's clone."""
+    def s3(self) -> str:
+        """The endpoint of the cluster's S3 server (moto, tests/s3.py), started the first time, with a bucket `mnist`."""
+        if self.s3_endpoint is None:
+            self.s3_endpoint = self.stack.enter_context(s3_server(self.root / "moto.log"))
+            make_bucket(self.s3_endpoint, "mnist")
+        return self.s3_endpoint
+
+    def project(self, name: str, edit: Callable[[dict], dict], s3: bool = False) -> Project:
+        """The project with params edited by `edit`, committed without dvc.lock, on a bare origin; the coordinator's
+        clone, whose default DVC remote is a folder, or with `s3` s3://mnist/<name> on the cluster's S3 server (its
+        endpoint URL and region in the coordinator's config.local, its keys in the environment)."""
         root = self.root / name
         source = copy_project(root / "source")
         edit_params(source, edit)
@@ -152,10 +164,16 @@ class Loopback:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True
         ).stdout.strip()
-        remote = root / "remote"
-        remote.mkdir()
         coordinator = clone(origin, root / "coordinator")
-        run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], coordinator, self.env(coordinator))
+        if s3:
+            remote = f"s3://mnist/{name}"
+            run(["dvc", "remote", "add", "--local", "-d", "shared", remote], coordinator, self.env(coordinator))
+            for key, value in (("endpointurl", self.s3()), ("region", REGION)):
+                run(["dvc", "remote", "modify", "--local", "shared", key, value], coordinator, self.env(coordinator))
+        else:
+            remote = str(root / "remote")
+            Path(remote).mkdir()
+            run(["dvc", "remote", "add", "--local", "-d", "shared", remote], coordinator, self.env(coordinator))
         return Project(root, origin, remote, commit, coordinator)
 
     def start_workers(self, project: Project, pool: str, names: list[str]) -> None:

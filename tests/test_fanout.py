@@ -1,7 +1,8 @@
 """Beyond one machine, on loopback: the model chains fanned out over two Prefect process workers.
 
 Everything is real and throwaway (tests/loopback.py): a PostgreSQL 15 cluster, a Prefect
-server on it with basic authentication, a bare git origin, a local-folder DVC remote, two
+server on it with basic authentication, a bare git origin, a DVC remote on an S3 server (moto; a
+local folder for the killed-worker project), two
 `prefect worker start` processes each in its own clone, and the coordinator's clone running
 `mnist deploy` and `mnist flow --work-pool`. The quick configuration, with two models.
 A sequential `dvc repro` of the same commit is the reference.
@@ -23,6 +24,7 @@ import pytest
 
 from conftest import project_env, small_params
 from loopback import BIN, Loopback, Project, auth_header, clone, loopback, psql_value, run, stop_tree
+from s3 import REGION, S3_ENV, keys_in
 from system import needs
 
 pytestmark = needs("postgresql")
@@ -59,7 +61,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
 
 @pytest.fixture(scope="module")
 def runs(cluster: Loopback) -> Runs:
-    project = cluster.project("quick", two_models)
+    project = cluster.project("quick", two_models, s3=True)
     print(run([str(BIN / "mnist"), "deploy", "--work-pool", POOL], project.coordinator, cluster.env()))
     cluster.start_workers(project, POOL, WORKERS)
     start = time.perf_counter()
@@ -99,6 +101,21 @@ def test_every_chain_ran_on_a_worker_and_was_restored_by_the_coordinator(runs: R
     stages = [f"{stage}@{m}" for m in MODELS for stage in ("train", "evaluate", "export")]
     not_restored = [s for s in stages if f"Stage '{s}' is cached - skipping run" not in runs.first]
     assert not not_restored, f"the coordinator did not restore {not_restored} from the run-cache:\n{runs.first[-4000:]}"
+
+
+def test_the_workers_reach_the_s3_remote_by_its_endpoint_and_no_key_is_a_parameter(runs: Runs) -> None:
+    """The chains' parameters carry the S3 remote's endpoint URL and region (a worker could not reach the
+    server without them), never its keys; what the workers pushed is in the bucket."""
+    chains = [f for f in runs.cluster.flow_runs() if f["deployment_id"]]
+    assert chains and all(
+        {k: f["parameters"]["remote"].get(k) for k in ("url", "endpointurl", "region")}
+        == {"url": runs.project.remote, "endpointurl": runs.cluster.s3(), "region": REGION}
+        for f in chains
+    ), [f["parameters"] for f in chains]
+    flows = str([f["parameters"] for f in runs.cluster.flow_runs()])
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in flows and S3_ENV["AWS_ACCESS_KEY_ID"] not in flows
+    keys = keys_in(runs.cluster.s3(), "mnist")
+    assert any(k.startswith("quick/files/md5/") for k in keys) and any(k.startswith("quick/runs/") for k in keys), keys[:20]
 
 
 def test_stage_runs_inside_the_chains_carry_the_pipeline_run_tag(runs: Runs) -> None:
@@ -211,7 +228,13 @@ def test_a_chain_run_that_never_sent_a_heartbeat_is_marked_crashed(cluster: Loop
     )
     api, headers = cluster.api, auth_header()
     deployment = httpx.get(f"{api}/deployments/name/model-chain/{pool}", headers=headers, timeout=30).json()
-    parameters = {"model": "logreg", "repo": str(origin), "commit": "0" * 40, "remote": str(tmp_path), "run_id": "silent"}
+    parameters = {
+        "model": "logreg",
+        "repo": str(origin),
+        "commit": "0" * 40,
+        "remote": {"url": str(tmp_path)},
+        "run_id": "silent",
+    }
     created = httpx.post(
         f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters}, headers=headers, timeout=30
     )

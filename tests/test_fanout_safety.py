@@ -37,6 +37,33 @@ def test_the_default_remote_with_a_password_never_becomes_a_parameter(tmp_path: 
     assert "s3cret" not in str(refused.value) and "dvc remote modify --local" in str(refused.value)
 
 
+def test_the_workers_get_the_remotes_address_and_region_and_none_of_its_credentials(tmp_path: Path) -> None:
+    """An S3-compatible remote: its endpoint URL and region reach a worker's workspace; its keys (in
+    config.local, as `dvc remote modify --local` puts them) do not."""
+    dvc = Path(sys.executable).parent / "dvc"
+    coordinator, worker = tmp_path / "coordinator", tmp_path / "worker"
+    for folder in (coordinator, worker):
+        folder.mkdir()
+        subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=folder, check=True)
+    for args in (
+        ["remote", "add", "-d", "shared", "s3://mnist/dvc"],
+        ["remote", "modify", "shared", "endpointurl", "http://127.0.0.1:9000"],
+        ["remote", "modify", "shared", "region", "eu-west-3"],
+        ["remote", "modify", "--local", "shared", "access_key_id", "AKIDSECRET"],
+        ["remote", "modify", "--local", "shared", "secret_access_key", "s3cret"],
+    ):
+        subprocess.run([dvc, *args], cwd=coordinator, check=True, capture_output=True)
+    remote = fanout.default_remote(coordinator)
+    assert {k: remote[k] for k in ("url", "endpointurl", "region")} == {
+        "url": "s3://mnist/dvc",
+        "endpointurl": "http://127.0.0.1:9000",
+        "region": "eu-west-3",
+    }
+    assert "s3cret" not in str(remote) and "AKIDSECRET" not in str(remote)
+    fanout.add_remote(worker, remote)
+    assert fanout.default_remote(worker) == remote
+
+
 def test_a_failed_commands_message_masks_the_credentials_in_its_urls(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as failed:
         fanout.command(["git", "ls-remote", "http://mnist:s3cret@127.0.0.1:1/repo.git"], tmp_path)
