@@ -18,6 +18,7 @@ from typing import Any
 
 import dvc.api
 import gto.api
+from gto.constants import name_re
 from gto.exceptions import ArtifactNotFound
 
 from pipeline import artifacts, serving
@@ -75,6 +76,15 @@ def experiment_rev(root: Path, name: str) -> str:
         known = ", ".join(sorted(found)) or "none (`dvc exp run` makes them)"
         raise PipelineError(f"no experiment {name!r} in this repository; its experiments: {known}")
     return matches[0]
+
+
+def check_stage(stage: str) -> None:
+    """PipelineError unless `stage` is a name GTO takes for a stage."""
+    if not name_re.fullmatch(stage):
+        raise PipelineError(
+            f"{stage!r} is no registry stage name: letters, digits, '-', '_' and '/', starting and ending with a "
+            "letter or digit (prod, staging, ...)"
+        )
 
 
 def check_gate(model: str, metrics: dict[str, Any], where: str) -> None:
@@ -156,13 +166,14 @@ def promote(root: Path, model: str, stage: str, experiment: str | None = None) -
     """Make the workspace's `model`, or experiment `experiment`'s, the version in `stage`: commit it, register
     a version, assign the stage, push to the remotes, and publish it when `stage` serves.
 
-    Refused (PipelineError, nothing changed): a model params.yaml lacks, tracked files changed but the
+    Refused (PipelineError, nothing changed): a model params.yaml lacks, a stage name GTO refuses, tracked files changed but the
     pipeline's own outputs (all of them, with `experiment`), an unknown experiment, a stale export, a model
     under its gate.
     """
     params = load_params(root / "params.yaml")
     if model not in params.gates:
         raise PipelineError(f"no model {model!r} in params.yaml; its models: {', '.join(params.gates)}")
+    check_stage(stage)
     changed = changed_files(root) if experiment else changed_files(root, *WRITTEN_BY_RUNS)
     if changed:
         raise PipelineError(
@@ -227,6 +238,7 @@ def semantic(version: str) -> tuple[int, ...]:
 def rollback(root: Path, model: str, stage: str) -> Promoted:
     """Move `stage` back to the newest version below the current one that was in it before; republish it."""
     params = load_params(root / "params.yaml")
+    check_stage(stage)
     history = serving.assignments(root, model).get(stage, [])
     if not history:
         raise PipelineError(f"{model} has no version in stage {stage!r}: nothing to roll back (`mnist models` lists them)")

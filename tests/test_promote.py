@@ -158,8 +158,10 @@ def refused(project: Path, *args: str) -> str:
     return done.stderr
 
 
-def test_promote_refuses_an_unknown_model_or_experiment(fresh: Path) -> None:
+def test_promote_refuses_an_unknown_model_or_experiment_or_a_bad_stage_name(fresh: Path) -> None:
     assert "no model 'resnet' in params.yaml; its models: logreg" in refused(fresh, "resnet", "--stage", "prod")
+    assert "'prod!' is no registry stage name" in refused(fresh, "logreg", "--from", "lr-low", "--stage", "prod!")
+    assert "'prod!' is no registry stage name" in refused(fresh, "--rollback", "logreg", "--stage", "prod!")
     message = refused(fresh, "logreg", "--from", "nope", "--stage", "prod")
     assert "no experiment 'nope' in this repository; its experiments: lr-high, lr-low" in message
 
