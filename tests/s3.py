@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -56,28 +57,23 @@ def s3_server(log: Path, start_timeout_s: float = 60.0) -> Iterator[str]:
 
 def make_bucket(endpoint: str, bucket: str) -> None:
     """Create `bucket` in REGION on the server at `endpoint`."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, **_keys())
-    client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    _client(endpoint).create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
 
 
 def keys_in(endpoint: str, bucket: str) -> list[str]:
     """Every object key in `bucket`."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, **_keys())
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    pages = _client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def bucket_region(endpoint: str, bucket: str) -> str:
-    """The region `bucket` was created in, as the server reports it."""
+def _client(endpoint: str) -> Any:  # boto3 ships no types; the project installs no stubs for it
+    """boto3's S3 client for the server at `endpoint`, with S3_ENV's keys."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, **_keys())
-    return str(client.get_bucket_location(Bucket=bucket)["LocationConstraint"])
-
-
-def _keys() -> dict[str, str]:
-    return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"]}
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
