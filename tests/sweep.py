@@ -14,6 +14,7 @@ from conftest import copy_project, dvc, edit_params, project_env
 from test_faults import only_logreg
 
 RATES = {"lr-low": 0.05, "lr-high": 0.2}  # the two experiments: logreg's learning rate
+POLL_TIMEOUT_S = 60  # one `dvc exp show` poll while the queue runs; past it, the poll counts as failed
 LIVE_METRICS = "data/live/logreg/metrics.json"  # DVCLive's latest values, rewritten after every epoch
 
 
@@ -64,7 +65,17 @@ def make_sweep(dest: Path) -> Sweep:
 
 def running_live_steps(project: Path) -> dict[str, int]:
     """DVCLive's step of each running experiment, as `dvc exp show` reads it from the experiment's workspace."""
-    shown = dvc(project, "exp", "show", "--json", check=False)
+    try:
+        shown = subprocess.run(
+            ["dvc", "exp", "show", "--json"],
+            cwd=project,
+            env={**project_env(), "PYTHONPATH": str(project)},
+            capture_output=True,
+            text=True,
+            timeout=POLL_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:  # seen once: `dvc exp show` hung as a worker deleted its workspace
+        return {}
     if shown.returncode != 0:  # a poll that failed (the queue's workers write the repo meanwhile): the next one counts
         return {}
     steps = {}
