@@ -128,6 +128,7 @@ class ModelParams(Section):
     init: Literal["normal", "glorot", "he"]
     l2: float = Field(ge=0, le=1)
     precision: Literal["auto", "float32", "bf16", "fp16"]  # training's arithmetic (pipeline/train/precision.py)
+    shift: int = Field(default=0, ge=0, le=4)  # training images moved by up to this many pixels per axis, anew each epoch
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> ModelParams:

@@ -40,15 +40,18 @@ from helpers import (
 )
 from pipeline import artifacts, tutorials
 from pipeline.artifacts import CHECKPOINT_STATE, LIVE_METRICS, LIVE_TENSORBOARD, META_FILE, MODEL_FILE
+from pipeline.data import Split
 from pipeline.errors import TrainingDiverged
 from pipeline.models import registry
 from pipeline.models.linear import LinearParams
 from pipeline.train import loop, precision
 from pipeline.train.callbacks import dead_fraction
+from pipeline.train.inputs import shifted, training_batches
 from pipeline.train.loop import DEAD_RELU_PROBE, keras_seeds_from, train_model
 from pipeline.train.optimizers import make_optimizer
 
 EPOCHS = SMALL_CNN["epochs"]
+SHIFTED_CNN = {**SMALL_CNN, "shift": 2}  # the determinism and resume runs move their images too
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +101,7 @@ class Run:
         self.job_file = self.folder / "job.json"
         self.job = {
             "model": "cnn",
-            "overrides": dict(SMALL_CNN),
+            "overrides": dict(SHIFTED_CNN),
             "data": str(data),
             "resume": str(resume or self.folder / "resume"),
             "tensorboard": str(tensorboard or self.folder / "tensorboard"),
@@ -180,9 +183,9 @@ def second_runs(tmp_path_factory, data_dir, first_runs) -> dict[str, Run]:
     base = tmp_path_factory.mktemp("again")
     runs = {}
     for tag, overrides in (
-        ("resumed", dict(SMALL_CNN)),
-        ("other_lr", {**SMALL_CNN, "learning_rate": 0.002}),
-        ("damaged", dict(SMALL_CNN)),
+        ("resumed", dict(SHIFTED_CNN)),
+        ("other_lr", {**SHIFTED_CNN, "learning_rate": 0.002}),
+        ("damaged", dict(SHIFTED_CNN)),
     ):
         resume, tensorboard, live = base / tag / "resume", base / tag / "tensorboard", base / tag / "live"
         shutil.copytree(killed.resume, resume)  # its checkpoint and the TensorBoard events of epoch 1
@@ -467,6 +470,39 @@ def test_a_gpu_expected_but_missing_is_a_warning_naming_the_fix(monkeypatch, cap
         assert loop.training_device(train.model_copy(update={"strategy": "mirrored"})) == "CPU"
     (record,) = caplog.records
     assert "a GPU was expected (train.strategy mirrored" in record.message and "make setup-gpu" in record.message
+
+
+# --- shifted training images ------------------------------------------------------------------
+
+
+def test_shifted_moves_each_image_by_its_own_offsets_filling_with_background():
+    images = np.zeros((3, 5, 5), np.uint8)
+    images[:, 2, 2] = 9
+    moved = shifted(tf.constant(images), tf.constant([[1, 1], [0, 2], [2, 0]]), 1).numpy()
+    # offset 1 is no move; 0 moves the image down (right), 2 moves it up (left)
+    assert [np.argwhere(m).tolist() for m in moved] == [[[2, 2]], [[3, 1]], [[1, 3]]]
+    edge = np.zeros((1, 5, 5), np.uint8)
+    edge[0, 0, :] = 7
+    assert shifted(tf.constant(edge), tf.constant([[2, 1]]), 1).numpy()[0, 4].tolist() == [0] * 5  # nothing wraps round
+
+
+def batches_of(split: Split, first_epoch: int, shift: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in training_batches(split, 16, 7, first_epoch, 3, shift)]
+
+
+def test_shifted_batches_are_keyed_by_seed_and_epoch_and_shift_0_is_the_plain_images():
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), rng.integers(0, 10, 40, dtype=np.uint8))
+    plain, moved = batches_of(split, 0, 0), batches_of(split, 0, 2)
+    assert len(plain) == len(moved) == 9  # 3 epochs of 3 batches (16, 16, 8)
+    for (x, y), (xm, ym) in zip(plain, moved):
+        assert np.array_equal(y, ym)  # the same order of images
+        order = [int(np.flatnonzero((split.x == image).all(axis=(1, 2)))[0]) for image in x.astype(np.uint8)]
+        assert np.array_equal(split.y[order], y)  # shift 0: the images themselves
+        assert not np.array_equal(x, xm)
+        assert xm.shape == x.shape and xm.dtype == np.float32
+    resumed = batches_of(split, 1, 2)  # epochs 1 and 2 alone, as a resumed run asks for them
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(moved[3:], resumed, strict=True))
 
 
 # --- dead ReLU units ------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def train_model(
     start = time.perf_counter()
     if first_epoch < p.epochs:
         model.fit(
-            training_batches(train_split, p.batch_size, seed, first_epoch, p.epochs),
+            training_batches(train_split, p.batch_size, seed, first_epoch, p.epochs, p.shift),
             validation_data=eval_batches(val, VALIDATION_BATCH),
             epochs=p.epochs,
             initial_epoch=first_epoch,
