@@ -2,24 +2,32 @@
 
 The coordinator (`mnist flow --work-pool POOL`) runs where the user is. It runs or restores
 fetch and preprocess, pushes them to the default DVC remote, and starts one `model-chain`
-flow run per stale model on the pool. Each chain runs on a worker, in a fresh clone of the
-coordinator's commit: it pulls its inputs, runs or restores its three stages, and pushes
-their outputs and run-cache entries. Nothing passes through Prefect results; the DVC remote
-is the exchange. The coordinator then restores every chain from the run-cache (a chain
-stage that runs on its side is a failure naming the chain), runs the report and publish
-stages, pushes, and leaves dvc.lock, of which it is the only writer, ready to commit.
+flow run per stale model on the pool. Each chain runs on a worker, in the worker's own
+workspace of the project, kept between chains (a fetch and checkout of the coordinator's
+commit; its DVC cache keeps the inputs of earlier chains), rebuilt when it was changed or its
+cache damaged: it pulls the inputs it lacks, runs or restores its three stages, each forked
+from a warm stage server, and pushes their outputs and run-cache entries. Nothing passes
+through Prefect results; the DVC remote is the exchange. The coordinator restores each chain
+from the run-cache as soon as it ends (a chain stage that runs on its side is a failure
+naming the chain), then runs the report and publish stages, pushes, and leaves dvc.lock, of
+which it is the only writer, ready to commit.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -32,10 +40,11 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from pipeline import progress
+from pipeline import progress, warm
 from pipeline.errors import PipelineError, redact_url
 from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
 
@@ -52,6 +61,7 @@ LEASE_S = 60  # the lease on a chain's concurrency slot, renewed while it runs
 # .gitignore files it keeps beside its outputs): a tree where only these differ from the commit is clean.
 WRITTEN_BY_DVC = ("dvc.lock", "data/")
 COMMAND_TIMEOUT_S = 6 * 3600  # one dvc command; a chain trains a model
+WORKSPACES_ENV = "MNIST_WORKSPACES"  # where a worker keeps its workspaces; default ~/.cache/mnist/workspaces
 
 
 def command(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout_s: float = COMMAND_TIMEOUT_S) -> str:
@@ -243,9 +253,97 @@ def chain_limit(model: str, commit: str) -> str:
     return f"mnist-chain-{model}-{commit[:12]}"
 
 
+def workspaces_home() -> Path:
+    """The folder of this worker's workspaces ($MNIST_WORKSPACES, else ~/.cache/mnist/workspaces)."""
+    return Path(os.environ.get(WORKSPACES_ENV) or Path.home() / ".cache" / "mnist" / "workspaces")
+
+
+def damaged_objects(workspace: Path, since: float = 0.0) -> list[str]:
+    """The objects of `workspace`'s DVC cache changed at `since` (a Unix time) or later whose bytes no longer
+    hash to their name (DVC names each by its MD5). DVC writes an object once: any later change to it moves
+    its ctime, which no one can set back, so the objects older than the last check need no new one."""
+    damaged = []
+    for path in sorted((workspace / ".dvc" / "cache" / "files" / "md5").glob("*/*")):
+        if not (path.is_file() and re.fullmatch(r"[0-9a-f]{30}(\.dir)?", path.name)):
+            continue  # not an object: a file DVC is still writing, say
+        if path.stat().st_ctime < since:
+            continue
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        if path.parent.name + path.name.removesuffix(".dir") != digest.hexdigest():
+            damaged.append(f"{path.parent.name}/{path.name}")
+    return damaged
+
+
+def workspace_problem(workspace: Path, repo: str, since: float = 0.0) -> str | None:
+    """Why `workspace` cannot serve another chain of `repo` as it is (None if it can): another origin, files
+    changed by anyone but DVC, or DVC cache objects damaged (damaged_objects, among those changed since `since`)."""
+    try:
+        origin = command(["git", "remote", "get-url", "origin"], workspace).strip()
+        status = command(["git", "status", "--porcelain"], workspace).splitlines()
+    except PipelineError as exc:
+        return f"git cannot read it ({str(exc).splitlines()[0]})"
+    if origin != repo:
+        return f"it was cloned from {redact_url(origin)}"
+    changed = [line[3:] for line in status if not line[3:].startswith(WRITTEN_BY_DVC)]
+    if changed:
+        return f"files were changed in it: {', '.join(changed[:5])}"
+    damaged = damaged_objects(workspace, since)
+    if damaged:
+        return f"its DVC cache is damaged: {', '.join(damaged[:5])}"
+    return None
+
+
+@contextmanager
+def chain_workspace(repo: str, commit: str, worker: str) -> Iterator[tuple[Path, str]]:
+    """A workspace of `repo` at `commit`, and how it was got: "reused", "new" or "rebuilt: <why>".
+
+    It is this worker's own workspace of `repo`, kept between chains: fetched and checked out rather than
+    cloned, its DVC cache kept, so a chain pulls only the inputs it lacks. One chain at a time holds it (a
+    file lock); one that finds it held gets a fresh clone in a temporary folder, deleted at the end. A
+    workspace that cannot be trusted (workspace_problem; the cache objects changed since the last chain that
+    ended well) is deleted and cloned again.
+    """
+    home = workspaces_home()
+    home.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{worker}\n{repo}".encode()).hexdigest()[:16]
+    workspace, checked = home / key, home / f"{key}.checked"  # checked: its mtime is when the last chain ended well
+    lock = os.open(home / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with tempfile.TemporaryDirectory(prefix="mnist-chain-") as tmp:
+                yield checked_out(Path(tmp) / "workspace", repo, commit, fresh=True), "new (the worker's own is in use)"
+            return
+        how = "new"
+        if (workspace / ".git").is_dir():
+            why = workspace_problem(workspace, repo, checked.stat().st_mtime if checked.exists() else 0.0)
+            how = f"rebuilt: {why}" if why else "reused"
+        if how != "reused":
+            checked.unlink(missing_ok=True)
+            shutil.rmtree(workspace, ignore_errors=True)  # this worker's own copy, made by an earlier chain
+        yield checked_out(workspace, repo, commit, fresh=how != "reused"), how
+        checked.touch()
+    finally:
+        os.close(lock)
+
+
+def checked_out(workspace: Path, repo: str, commit: str, fresh: bool) -> Path:
+    """`workspace` at `commit` of `repo`: cloned if `fresh`, else fetched; dvc.lock and the rest as committed."""
+    if fresh:
+        command(["git", "clone", "--quiet", "--no-checkout", repo, str(workspace)], workspace.parent)
+    else:
+        command(["git", "fetch", "--quiet", "origin"], workspace)
+    command(["git", "checkout", "--quiet", "--force", "--detach", commit], workspace)
+    return workspace
+
+
 @flow(name=CHAIN_FLOW, flow_run_name="{model}")
 def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_id: str) -> dict[str, list[str]]:
-    """Run or restore one model's train, evaluate and export stages in a fresh clone, and push them.
+    """Run or restore one model's train, evaluate and export stages in the worker's workspace, and push them.
 
     Args:
         model: the registry model whose chain to run
@@ -256,25 +354,25 @@ def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_i
     """
     logger = get_run_logger()
     worker = os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname()
-    with get_client(sync_client=True) as client:  # the dashboard shows who ran it
-        run = client.read_flow_run(flow_run.get_id())  # type: ignore[arg-type]  # inside a flow run: its id, which the client takes as a str
-        client.update_flow_run(run.id, name=f"{model}@{worker}", tags=sorted({*run.tags, f"worker:{worker}"}))
     logger.info("chain %s of commit %s on worker %s (host %s)", model, commit[:12], worker, socket.gethostname())
     name = chain_limit(model, commit)
     ensure_limit(name)
     # The slot is leased and renewed while the chain runs: a killed worker's slot frees itself after LEASE_S.
     with (
         concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S),
-        tempfile.TemporaryDirectory(prefix=f"mnist-{model}-") as tmp,
+        chain_workspace(repo, commit, worker) as (workspace, how),
     ):
-        workspace = Path(tmp) / "workspace"
-        command(["git", "clone", "--quiet", repo, str(workspace)], Path(tmp))
-        command(["git", "checkout", "--quiet", "--detach", commit], workspace)
+        logger.info("workspace %s: %s", workspace, how)
+        with get_client(sync_client=True) as client:  # the dashboard shows who ran it, and in what workspace
+            run = client.read_flow_run(flow_run.get_id())  # type: ignore[arg-type]  # inside a flow run: its id, which the client takes as a str
+            tags = {*run.tags, f"worker:{worker}", f"workspace:{how.split()[0].rstrip(':')}"}
+            client.update_flow_run(run.id, name=f"{model}@{worker}", tags=sorted(tags))
         env = dvc_env(workspace, run_id)
         add_remote(workspace, remote)
-        output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, env)
+        with warm.server(workspace, env) as warm_env:  # its imports overlap the pull; each stage forks from it
+            output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, {**env, **warm_env})
         logger.info("dvc repro --pull:\n%s", output[-3000:])
-        command(["dvc", "push", "--run-cache"], workspace, env)
+        command(["dvc", "push", "--run-cache", *chain_targets(model)], workspace, env)
     ran, restored = ran_stages(output), restored_stages(output)
     return {"ran": ran, "restored": [s for s in chain_targets(model) if s in restored]}
 
@@ -295,19 +393,11 @@ def run_chain(model: str, deployment: str, parameters: dict[str, Any], run_id: s
     return Completed(message=f"chain {model} done (flow run {child.name})")
 
 
-def restore_chains(root: Path, models: list[str], run_id: str) -> tuple[list[str], dict[str, list[str]]]:
-    """`dvc repro --pull` of each model's chain in `root`; the models restored, and those where a stage ran."""
-    restored, trained = [], {}
-    env = dvc_env(root, run_id)
-    for model in models:
-        output = command(["dvc", "repro", "--pull", *chain_targets(model)], root, env)
-        get_run_logger().info("restoring chain %s: dvc repro --pull\n%s", model, output.strip())
-        ran = [stage for stage in ran_stages(output) if stage in chain_targets(model)]
-        if ran:
-            trained[model] = ran
-        else:
-            restored.append(model)
-    return restored, trained
+def restore_chain(root: Path, model: str, run_id: str) -> list[str]:
+    """`dvc repro --pull` of `model`'s chain in `root`: the chain stages that ran instead of being restored."""
+    output = command(["dvc", "repro", "--pull", *chain_targets(model)], root, dvc_env(root, run_id))
+    get_run_logger().info("restoring chain %s: dvc repro --pull\n%s", model, output.strip())
+    return [stage for stage in ran_stages(output) if stage in chain_targets(model)]
 
 
 @flow(name="pipeline-fanout")
@@ -339,18 +429,18 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
         "commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none"
     )
     parameters = {"repo": origin, "commit": commit, "remote": remote, "run_id": run_id}
-    futures = {m: run_chain.submit(m, deployment, {"model": m, **parameters}, run_id) for m in stale}
+    futures = {run_chain.submit(m, deployment, {"model": m, **parameters}, run_id): m for m in stale}
     outcome = {m: "up to date" for m in models if m not in stale}
     failed: dict[str, str] = {}
-    for model, future in futures.items():
-        future.wait()
+    for future in as_completed(list(futures)):  # each chain restored as it ends, while the others run
+        model = futures[future]
+        future.wait()  # done already; this sets its final state
         if not future.state.is_completed():
             failed[model] = future.state.message or future.state.name  # type: ignore[assignment]  # Prefect names every state
-    done = [m for m in stale if m not in failed]
-    restored, trained = restore_chains(path, done, run_id)
-    outcome.update(dict.fromkeys(restored, "restored"))
-    for model, stages in trained.items():
-        failed[model] = f"ran on the coordinator instead of being restored from the run-cache: {', '.join(stages)}"
+        elif ran := restore_chain(path, model, run_id):
+            failed[model] = f"ran on the coordinator instead of being restored from the run-cache: {', '.join(ran)}"
+        else:
+            outcome[model] = "restored"
     for model, why in failed.items():
         outcome[model] = "failed"
         logger.error("chain %s failed: %s", model, why)

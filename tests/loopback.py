@@ -188,7 +188,11 @@ class Loopback:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=self.env(PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_HOME=str(self.root / "prefect-home")),
+                env=self.env(
+                    PREFECT_WORKER_QUERY_SECONDS="2",
+                    PREFECT_HOME=str(self.root / "prefect-home"),
+                    MNIST_WORKSPACES=str(workspaces(project, name)),
+                ),
             )
             self.stack.callback(stop_tree, self.workers[name])
         wait_for_workers(self.api, pool, names, WORKER_START_TIMEOUT)
@@ -201,6 +205,11 @@ class Loopback:
         reply = httpx.post(f"{self.api}/flow_runs/filter", json=body, headers=auth_header(), timeout=30)
         reply.raise_for_status()
         return reply.json()
+
+
+def workspaces(project: Project, worker: str) -> Path:
+    """The folder where `worker` keeps its workspaces of `project` (pipeline/fanout.py chain_workspace)."""
+    return project.root / f"{worker}-workspaces"
 
 
 def clone(origin: Path, dest: Path) -> Path:

@@ -10,6 +10,7 @@ A sequential `dvc repro` of the same commit is the reference.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -22,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import project_env, small_params
-from loopback import BIN, Loopback, Project, auth_header, clone, loopback, psql_value, run, stop_tree
+from conftest import edit_params, project_env, small_params
+from loopback import BIN, Loopback, Project, auth_header, clone, loopback, psql_value, run, stop_tree, workspaces
 from s3 import REGION, S3_ENV, keys_in
 from system import needs
 
@@ -157,6 +158,45 @@ def test_distributed_equals_sequential(runs: Runs) -> None:
     assert set(got) == set(want), sorted(set(got) ^ set(want))
     differ = sorted(path for path in got if got[path] != want[path] and path.endswith(SAME_BYTES))
     assert not differ, f"dvc.lock hashes differ between the distributed and the sequential run: {differ}"
+
+
+def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_warm(runs: Runs) -> None:
+    """A new commit that changes both models: each chain checks it out in its worker's workspace of the
+    first run, except where a file was edited there by hand: that workspace is rebuilt. The stages of
+    every chain fork from the chain's warm stage server. A second coordinator clone, so that the first
+    one's outputs stay those of the first run."""
+    cluster, project = runs.cluster, runs.project
+    kept = {w: [p for p in workspaces(project, w).iterdir() if p.is_dir()] for w in WORKERS}
+    assert all(len(found) == 1 for found in kept.values()), kept
+    (kept["worker-1"][0] / "README.md").write_text("edited on the worker\n")
+    source = clone(project.origin, project.root / "changed")
+    edit_params(source, lambda raw: {**raw, "seed": raw["seed"] + 1})  # every model trains again
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "seed"], cwd=source, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD"], cwd=source, check=True, capture_output=True)
+    coordinator = clone(project.origin, project.root / "coordinator-2")
+    shutil.copy(project.coordinator / ".dvc" / "config.local", coordinator / ".dvc" / "config.local")  # the S3 remote
+    before = {f["id"] for f in cluster.flow_runs()}
+    output = run([str(BIN / "mnist"), "flow", "--work-pool", POOL], coordinator, cluster.env())
+    assert "2 of 2 chains to run on the pool" in output, output[-4000:]
+    flows = [f for f in cluster.flow_runs() if f["id"] not in before]
+    chains = sorted((f for f in flows if f["deployment_id"]), key=lambda f: f["start_time"])
+    assert len(chains) == 2 and all(f["state_type"] == "COMPLETED" for f in chains), [
+        (f["name"], f["state_type"]) for f in chains
+    ]
+    first_on = {}
+    for chain in chains:
+        worker = chain["name"].split("@")[1]
+        expected = "rebuilt" if worker == "worker-1" and worker not in first_on else "reused"
+        first_on.setdefault(worker, chain["name"])
+        assert f"workspace:{expected}" in chain["tags"], (chain["name"], chain["tags"])
+    assert [p for p in workspaces(project, "worker-1").iterdir() if p.is_dir()] == kept["worker-1"]
+    assert (kept["worker-1"][0] / "README.md").read_text() != "edited on the worker\n"
+    stages = [
+        f for f in flows if f["name"].split("-")[0] in ("train", "evaluate", "export") and f["name"].split("-")[-1] in MODELS
+    ]
+    assert len(stages) == 6, [f["name"] for f in flows]
+    starts = {f["name"]: f["labels"].get("mnist.start") for f in stages}
+    assert all(starts[f"{stage}-{m}"] == "warm" for stage in ("evaluate", "export") for m in MODELS), starts
 
 
 SAME_BYTES = ("model.keras", "meta.json", "metrics.json", "predictions.csv", "per_class.csv", "data/raw", "data/prepared")

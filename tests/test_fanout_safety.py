@@ -3,6 +3,7 @@ and a command past its time limit ends with everything it started. No server nee
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -123,3 +124,98 @@ def test_the_stale_models_are_those_whose_chain_dvc_status_reports(tmp_path: Pat
     (tmp_path / "dvc.yaml").write_text("stages: [")
     with pytest.raises(PipelineError, match="`dvc status` failed"):
         fanout.stale_models(tmp_path, ["a"])
+
+
+# --- a worker's own workspace: reused, or rebuilt when it cannot be trusted ------------------------
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> tuple[str, list[str]]:
+    """A bare git origin with two commits (README.md and dvc.lock change between them), and their hashes."""
+    source = tmp_path / "source"
+    source.mkdir()
+    git(source, "init", "-q")
+    (source / ".dvc").mkdir()
+    (source / ".dvc" / ".gitignore").write_text("/cache\n/tmp\n/config.local\n")  # as `dvc init` writes it
+    commits = []
+    for text in ("one\n", "two\n"):
+        (source / "README.md").write_text(text)
+        (source / "dvc.lock").write_text(text)
+        git(source, "add", ".")
+        git(source, "commit", "-qm", text)
+        commits.append(git(source, "rev-parse", "HEAD").strip())
+    subprocess.run(["git", "clone", "-q", "--bare", str(source), str(tmp_path / "origin.git")], check=True)
+    return str(tmp_path / "origin.git"), commits
+
+
+def put_object(workspace: Path, data: bytes) -> Path:
+    """`data` as an object of `workspace`'s DVC cache, named by its MD5 as DVC names it."""
+    digest = hashlib.md5(data).hexdigest()
+    path = workspace / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def take(repo: str, commit: str) -> tuple[Path, str]:
+    with fanout.chain_workspace(repo, commit, "w1") as (workspace, how):
+        return workspace, how
+
+
+def test_a_worker_keeps_its_workspace_between_chains_and_checks_out_each_commit(
+    origin: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fanout.WORKSPACES_ENV, str(tmp_path / "workspaces"))
+    repo, (first, second) = origin
+    workspace, how = take(repo, first)
+    assert how == "new" and (workspace / "README.md").read_text() == "one\n"
+    kept = put_object(workspace, b"prepared data")  # what an earlier chain pulled
+    (workspace / "dvc.lock").write_text("written by dvc repro\n")  # DVC's own writes do not count as changes
+    (workspace / "data").mkdir()
+    (workspace / "data" / "out.txt").write_text("an output\n")
+    again, how = take(repo, second)
+    assert (again, how) == (workspace, "reused")
+    assert (workspace / "README.md").read_text() == "two\n" and (workspace / "dvc.lock").read_text() == "two\n"
+    assert kept.read_bytes() == b"prepared data"
+    with fanout.chain_workspace(repo, first, "w1") as (held, _):  # a second chain at once gets a clone of its own
+        with fanout.chain_workspace(repo, first, "w1") as (other, how):
+            assert other != held and how.startswith("new") and (other / "README.md").read_text() == "one\n"
+        assert not other.exists()
+    assert take(repo, first)[0] == workspace
+
+
+@pytest.mark.parametrize("fault", ["edited", "untracked", "damaged", "other origin"])
+def test_a_workspace_that_cannot_be_trusted_is_rebuilt(
+    fault: str, origin: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fanout.WORKSPACES_ENV, str(tmp_path / "workspaces"))
+    repo, (first, second) = origin
+    workspace, _ = take(repo, first)
+    good = put_object(workspace, b"an object")
+    stray = workspace / "stray.py"
+    if fault == "edited":
+        (workspace / "README.md").write_text("edited by hand\n")
+    elif fault == "untracked":
+        stray.write_text("import os\n")
+    elif fault == "damaged":
+        damaged = put_object(workspace, b"prepared data")
+        damaged.write_bytes(b"prepared dat\x00")
+    else:
+        git(workspace, "remote", "set-url", "origin", str(tmp_path / "elsewhere.git"))
+    expected = {
+        "edited": "files were changed in it: README.md",
+        "untracked": "files were changed in it: stray.py",
+        "damaged": "its DVC cache is damaged: ",
+        "other origin": "it was cloned from ",
+    }[fault]
+    assert expected in (fanout.workspace_problem(workspace, repo) or "")
+    again, how = take(repo, second)
+    assert again == workspace and how.startswith(f"rebuilt: {expected}"), how
+    assert (workspace / "README.md").read_text() == "two\n" and not stray.exists() and not good.exists()
+    assert fanout.workspace_problem(workspace, repo) is None
