@@ -132,17 +132,20 @@ def chain_targets(model: str) -> list[str]:
 # --- the coordinator's checks ----------------------------------------------------------------
 
 
+def changed_files(root: Path, untracked: bool) -> list[str]:
+    """The files of `root` that differ from its commit (and, with `untracked`, those git does not track or
+    ignore), leaving out what DVC writes (WRITTEN_BY_DVC); PipelineError if git cannot read `root`."""
+    status = command(["git", "status", "--porcelain", f"--untracked-files={'normal' if untracked else 'no'}"], root)
+    return [line[3:] for line in status.splitlines() if not line[3:].startswith(WRITTEN_BY_DVC)]
+
+
 def pushed_commit(root: Path) -> tuple[str, str]:
     """The commit checked out in `root` and the URL of its `origin`; PipelineError unless it is clean and pushed.
 
     Workers clone that commit from origin, so it must be there, and the workspace must be
     exactly that commit (what DVC writes aside: dvc.lock and files under data/).
     """
-    dirty = [
-        line[3:]
-        for line in command(["git", "status", "--porcelain", "--untracked-files=no"], root).splitlines()
-        if not line[3:].startswith(WRITTEN_BY_DVC)
-    ]
+    dirty = changed_files(root, untracked=False)
     if dirty:
         raise PipelineError(
             f"Uncommitted changes in {', '.join(dirty)}: the workers run the committed code and params. "
@@ -282,12 +285,11 @@ def workspace_problem(workspace: Path, repo: str, since: float = 0.0) -> str | N
     changed by anyone but DVC, or DVC cache objects damaged (damaged_objects, among those changed since `since`)."""
     try:
         origin = command(["git", "remote", "get-url", "origin"], workspace).strip()
-        status = command(["git", "status", "--porcelain"], workspace).splitlines()
+        changed = changed_files(workspace, untracked=True)
     except PipelineError as exc:
         return f"git cannot read it ({str(exc).splitlines()[0]})"
     if origin != repo:
         return f"it was cloned from {redact_url(origin)}"
-    changed = [line[3:] for line in status if not line[3:].startswith(WRITTEN_BY_DVC)]
     if changed:
         return f"files were changed in it: {', '.join(changed[:5])}"
     damaged = damaged_objects(workspace, since)
