@@ -1,6 +1,7 @@
 """Fan-out: the model chains over 1 and 2 Prefect workers on loopback, and a prediction for N machines.
 
     python -m benchmarks.fanout [--full-run run-YYYYmmdd-HHMMSS] [--out benchmarks/fanout.json]
+    python -m benchmarks.fanout --config default --out benchmarks/fanout-default.json
 
 Not one of `python -m benchmarks`' set: it takes about 15 minutes on 2 cores. On the loopback
 cluster of the fan-out test (tests/loopback.py: PostgreSQL, a Prefect server, workers in
@@ -18,6 +19,9 @@ their own clones, a local DVC remote), the quick configuration with all eight mo
    chains; then, given --full-run (a full `make run`'s pipeline run, from the Prefect database
    as benchmarks.breakdown reads it), for the default configuration on 1, 2, 4 and 8 machines.
 
+With `--config default` (about 20 minutes) the runs of (1) use params.yaml as it is, and a
+`mnist run` of the same params in a fresh clone, on the same server, is timed beside them.
+
 On one 2-core machine two workers share the cores, so they are not faster than one: the
 prediction assumes one worker per machine.
 """
@@ -29,6 +33,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -49,9 +54,20 @@ def seconds(flow: dict) -> float:
     return (datetime.fromisoformat(flow["end_time"]) - datetime.fromisoformat(flow["start_time"])).total_seconds()
 
 
-def distributed_run(cluster: Loopback, name: str, workers: int) -> dict:
-    """One distributed run of the quick configuration on `workers` workers: its wall and per-chain figures."""
-    project = cluster.project(name, small_params)
+CONFIGS: dict[str, Callable[[dict], dict]] = {"quick": small_params, "default": lambda raw: raw}
+
+
+def local_run(cluster: Loopback, config: str) -> float:
+    """Wall seconds of `mnist run` of `config` in a fresh clone (nothing to restore), its stages on the cluster's server."""
+    project = cluster.project("local", CONFIGS[config])
+    start = time.perf_counter()
+    run([str(BIN / "mnist"), "run"], project.coordinator, cluster.env(project.coordinator))
+    return time.perf_counter() - start
+
+
+def distributed_run(cluster: Loopback, name: str, workers: int, config: str = "quick") -> dict:
+    """One distributed run of `config` on `workers` workers: its wall and per-chain figures."""
+    project = cluster.project(name, CONFIGS[config])
     pool = name
     run([str(BIN / "mnist"), "deploy", "--work-pool", pool], project.coordinator, cluster.env())
     cluster.start_workers(project, pool, [f"{name}-w{i + 1}" for i in range(workers)])
@@ -144,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
         "--full-run",
         help="a full `make run`'s pipeline run (run-YYYYmmdd-HHMMSS) in Prefect's database, for the default configuration's prediction",
     )
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="quick", help="the params of the runs (default quick)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "fanout.json")
     args = parser.parse_args(argv)
+    local_s = None
     with tempfile.TemporaryDirectory(prefix="mnist-fanout-") as tmp, loopback(Path(tmp)) as cluster:
-        runs = [distributed_run(cluster, "one", 1), distributed_run(cluster, "two", 2)]
+        runs = [distributed_run(cluster, "one", 1, args.config), distributed_run(cluster, "two", 2, args.config)]
+        if args.config == "default":
+            local_s = local_run(cluster, args.config)
     one = runs[0]
     overhead = sum(c["overhead_s"] + c["pickup_s"] for c in one["chains"].values()) / len(one["chains"])
     quick = {m: c["stages_s"] for m, c in one["chains"].items()}
@@ -157,12 +177,18 @@ def main(argv: list[str] | None = None) -> None:
         pickup = [c["pickup_s"] for c in r["chains"].values()]
         r["predicted_flow_s"] = predict(quick, overhead, one["before_s"], one["after_s"], r["workers"])
         lines.append(
-            f"quick, {r['workers']} worker(s): wall {r['wall_s']:.0f} s (flow {r['flow_s']:.0f} s: before the chains "
+            f"{args.config}, {r['workers']} worker(s): wall {r['wall_s']:.0f} s (flow {r['flow_s']:.0f} s: before the chains "
             f"{r['before_s']:.0f} s, after {r['after_s']:.0f} s); overhead per chain {min(per_chain):.1f}-{max(per_chain):.1f} s "
             f"+ pickup {min(pickup):.1f}-{max(pickup):.1f} s; predicted flow {r['predicted_flow_s']:.0f} s"
         )
     lines.append(f"overhead per chain used for predictions (mean, 1 worker): {overhead:.1f} s")
-    result = {"machine": machine(), "runs": runs, "overhead_per_chain_s": overhead}
+    result = {"machine": machine(), "config": args.config, "runs": runs, "overhead_per_chain_s": overhead}
+    if local_s is not None:
+        result["local_s"] = local_s
+        lines.append(
+            f"{args.config}, local `mnist run` in a fresh clone: {local_s:.0f} s; with the pool: "
+            + ", ".join(f"{r['workers']} worker(s) {r['wall_s'] / local_s:.2f}x" for r in runs)
+        )
     if args.full_run:
         # The coordinator's time around the chains, with the quick run's stages swapped for the full run's.
         full, own = full_run(args.full_run)

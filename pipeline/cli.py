@@ -267,6 +267,27 @@ def cmd_flow(args: argparse.Namespace) -> int:
     return _run_with_prefect([sys.executable, "-m", "pipeline.dag"], warm_starts=True)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Queue the experiments that `-S` describes (as `dvc exp run --queue -S` does), then run every experiment
+    queued on this commit on the pool's workers and pull each back (pipeline/sweep.py)."""
+    if not check_prefect_api():
+        raise PipelineError(
+            "The experiments run on workers that report to one Prefect server: set PREFECT_API_URL to it "
+            "(and PREFECT_API_AUTH_STRING if it asks for one). See docs/fanout.md, 'Sweeps'."
+        )
+    if args.set_param:
+        queue = [
+            str(Path(sys.executable).parent / "dvc"),
+            "exp",
+            "run",
+            "--queue",
+            *(f"--set-param={value}" for value in args.set_param),
+        ]
+        if subprocess.run(queue, check=False).returncode != 0:
+            raise PipelineError(f"`{' '.join(queue)}` failed (above): nothing was sent to the pool.")
+    return _run_with_prefect([sys.executable, "-m", "pipeline.sweep", args.work_pool])
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Register the model-chain deployment on a work pool, its code cloned from the project's git origin."""
     from pipeline import fanout
@@ -274,8 +295,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if not check_prefect_api():
         raise PipelineError("Set PREFECT_API_URL to the Prefect server the workers poll (see the README, 'Beyond one machine').")
     repo = args.repo or fanout.command(["git", "remote", "get-url", "origin"], Path.cwd()).strip()
-    name = fanout.deploy(args.work_pool, repo, args.zombie_after)
-    print(f"Registered {name} (code from {repo}). Start workers with: prefect worker start --pool {args.work_pool} --limit 1")
+    names = fanout.deploy(args.work_pool, repo, args.zombie_after)
+    print(
+        f"Registered {' and '.join(names)} (code from {repo}). "
+        f"Start workers with: prefect worker start --pool {args.work_pool} --limit 1"
+    )
     return 0
 
 
@@ -589,7 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("--work-pool", help="run each stale model chain on this Prefect work pool (see `mnist deploy`)")
     fl.set_defaults(fn=cmd_flow)
 
-    dep = sub.add_parser("deploy", help="register the model-chain deployment on a Prefect work pool")
+    sw = sub.add_parser("sweep", help="run the queued DVC experiments on a Prefect work pool's workers")
+    sw.add_argument("--work-pool", required=True, help="the pool whose workers run them (see `mnist deploy`)")
+    sw.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="PARAM=VALUES",
+        help="queue experiments first, as `dvc exp run --queue -S` does (comma-separated values make a grid)",
+    )
+    sw.set_defaults(fn=cmd_sweep)
+
+    dep = sub.add_parser("deploy", help="register the model-chain and experiment deployments on a Prefect work pool")
     dep.add_argument("--work-pool", required=True, help="the pool (created as a process pool if missing)")
     dep.add_argument("--repo", help="git URL the workers clone (default: this clone's origin)")
     dep.add_argument(

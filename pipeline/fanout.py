@@ -224,11 +224,11 @@ def stale_models(root: Path, models: list[str]) -> list[str]:
         raise PipelineError(f"`dvc status` failed in {root}: {mask(str(exc))}") from None
 
 
-def check_deployment(pool: str) -> str:
-    """The name of the pool's chain deployment; PipelineError naming the command that registers it."""
+def check_deployment(pool: str, flow_name: str = CHAIN_FLOW) -> str:
+    """The name of the pool's deployment of `flow_name`; PipelineError naming the command that registers it."""
     from prefect.exceptions import ObjectNotFound
 
-    name = f"{CHAIN_FLOW}/{pool}"
+    name = f"{flow_name}/{pool}"
     with get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name(name)
@@ -382,17 +382,18 @@ def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_i
 # --- the coordinator ----------------------------------------------------------------------------
 
 
-@task(cache_policy=NO_CACHE, task_run_name="chain-{model}")
-def run_chain(model: str, deployment: str, parameters: dict[str, Any], run_id: str) -> State:
-    """Start `model`'s chain on the work pool as a subflow of this run and wait for it to end."""
+@task(cache_policy=NO_CACHE, task_run_name="{what}")
+def on_pool(what: str, deployment: str, parameters: dict[str, Any], tags: list[str]) -> State:
+    """Start a run of `deployment` on its work pool as a subflow of this run and wait for it to end;
+    `what` (e.g. "chain logreg") names it in the task run and the outcome."""
     child: FlowRun = run_deployment(  # type: ignore[assignment]  # called from sync code: a FlowRun, not a coroutine
-        deployment, parameters=parameters, timeout=None, tags=[run_tag(run_id), f"model:{model}"], as_subflow=True
+        deployment, parameters=parameters, timeout=None, tags=tags, as_subflow=True
     )
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "no state"
         message = child.state.message if child.state else ""
-        return Failed(message=f"chain {model} ended {state}: {message} (flow run {child.name})")
-    return Completed(message=f"chain {model} done (flow run {child.name})")
+        return Failed(message=f"{what} ended {state}: {message} (flow run {child.name})")
+    return Completed(message=f"{what} done (flow run {child.name})")
 
 
 def restore_chain(root: Path, model: str, run_id: str) -> list[str]:
@@ -431,7 +432,9 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
         "commit %s: %d of %d chains to run on the pool: %s", commit[:12], len(stale), len(models), ", ".join(stale) or "none"
     )
     parameters = {"repo": origin, "commit": commit, "remote": remote, "run_id": run_id}
-    futures = {run_chain.submit(m, deployment, {"model": m, **parameters}, run_id): m for m in stale}
+    futures = {
+        on_pool.submit(f"chain {m}", deployment, {"model": m, **parameters}, [run_tag(run_id), f"model:{m}"]): m for m in stale
+    }
     outcome = {m: "up to date" for m in models if m not in stale}
     failed: dict[str, str] = {}
     for future in as_completed(list(futures)):  # each chain restored as it ends, while the others run
@@ -459,9 +462,13 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
 # --- registering the chain deployment, and the command line -------------------------------------
 
 
-def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> str:
-    """Register `chain_flow` as the deployment model-chain/<pool>, its code cloned from `repo` by each
-    flow run; create `pool` as a process work pool if it does not exist. Returns the deployment's name."""
+# What `mnist deploy` registers on a pool: each flow's name and entry point (pipeline/sweep.py's for DVC experiments)
+DEPLOYED_FLOWS = {CHAIN_FLOW: "pipeline/fanout.py:chain_flow", "dvc-experiment": "pipeline/sweep.py:experiment_flow"}
+
+
+def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> list[str]:
+    """Register each of DEPLOYED_FLOWS as the deployment <flow>/<pool>, its code cloned from `repo` by each
+    flow run; create `pool` as a process work pool if it does not exist. Returns the deployments' names."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.runner.storage import GitRepository
 
@@ -471,23 +478,27 @@ def deploy(pool: str, repo: str, zombie_after_s: int = ZOMBIE_AFTER_S) -> str:
         except ObjectAlreadyExists:
             pass
     repo = refuse_credentials(repo, "git repository")  # it becomes the deployment's pull step, stored on the server
-    source = flow.from_source(source=GitRepository(url=repo), entrypoint="pipeline/fanout.py:chain_flow")
-    deployment_id = source.deploy(  # type: ignore[union-attr]  # called from sync code: a Flow, not a coroutine
-        name=pool,
-        work_pool_name=pool,
-        build=False,
-        push=False,
-        print_next_steps=False,
-        ignore_warnings=True,
-        job_variables={"env": {HEARTBEAT_ENV: str(HEARTBEAT_S)}},
-    )
-    ensure_zombie_automation(pool, deployment_id, zombie_after_s)
-    return f"{CHAIN_FLOW}/{pool}"
+    deployment_ids = []
+    for entrypoint in DEPLOYED_FLOWS.values():
+        source = flow.from_source(source=GitRepository(url=repo), entrypoint=entrypoint)
+        deployment_ids.append(
+            source.deploy(  # type: ignore[union-attr]  # called from sync code: a Flow, not a coroutine
+                name=pool,
+                work_pool_name=pool,
+                build=False,
+                push=False,
+                print_next_steps=False,
+                ignore_warnings=True,
+                job_variables={"env": {HEARTBEAT_ENV: str(HEARTBEAT_S)}},
+            )
+        )
+    ensure_zombie_automation(pool, deployment_ids, zombie_after_s)
+    return [f"{name}/{pool}" for name in DEPLOYED_FLOWS]
 
 
-def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> None:
-    """Prefect's answer to a worker that dies mid-run: chain runs send a heartbeat every HEARTBEAT_S,
-    and this automation marks a run of the deployment Crashed when none came for `after_s` (one
+def ensure_zombie_automation(pool: str, deployment_ids: list[object], after_s: int) -> None:
+    """Prefect's answer to a worker that dies mid-run: the pool's flow runs send a heartbeat every HEARTBEAT_S,
+    and this automation marks a run of its deployments Crashed when none came for `after_s` (one
     automation per pool, replaced by each `mnist deploy`). The server's own Pending and Running
     events start the clock too, so a worker killed before its run's first heartbeat reached the
     server is caught as well."""
@@ -505,7 +516,7 @@ def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> 
         pass
     Automation(
         name=name,
-        description=f"Marks a model-chain flow run of pool {pool} Crashed when its worker stops sending heartbeats.",
+        description=f"Marks a flow run of pool {pool} Crashed when its worker stops sending heartbeats.",
         trigger=EventTrigger(
             after={"prefect.flow-run.Pending", "prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
             expect={
@@ -516,7 +527,10 @@ def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> 
                 "prefect.flow-run.Cancelled",
                 "prefect.flow-run.Crashed",
             },
-            match_related={"prefect.resource.role": "deployment", "prefect.resource.id": f"prefect.deployment.{deployment_id}"},
+            match_related={
+                "prefect.resource.role": "deployment",
+                "prefect.resource.id": [f"prefect.deployment.{d}" for d in deployment_ids],
+            },
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -526,7 +540,7 @@ def ensure_zombie_automation(pool: str, deployment_id: object, after_s: int) -> 
             ChangeFlowRunState(
                 state=StateType.CRASHED,
                 force=True,
-                message=f"no heartbeat for {after_s} s: the worker running this chain stopped or was killed",
+                message=f"no heartbeat for {after_s} s: the worker running this flow run stopped or was killed",
             )
         ],
     ).create()

@@ -1,18 +1,29 @@
 """A throwaway cluster on 127.0.0.1 for the fan-out (tests/test_fanout.py, benchmarks/fanout.py).
 
-PostgreSQL 15 (Debian's `postgresql`), a Prefect server on it with basic authentication, and
-per project: a bare git origin at one commit, a DVC remote (a local folder, or a bucket on an S3
-server on 127.0.0.1: tests/s3.py), the coordinator's
-clone and `prefect worker start` processes, each in its own clone. Everything is stopped and
+PostgreSQL 15 (Debian's `postgresql`), a Prefect server on it with basic authentication, an S3
+server (moto, tests/s3.py) and a git daemon serving every project's bare origin, all on 127.0.0.1;
+per project: a bare git origin at one commit, a bucket folder on the S3 server as its DVC
+remote, the coordinator's clone, and `prefect worker start` processes. Everything is stopped and
 removed on exit.
+
+Each worker is a machine of its own that shares nothing with the others but the network:
+it runs in its own network and mount namespaces (`unshare --net --mount`, as root). Its
+network has its own 127.0.0.1, on which only the ports of the Prefect server, the S3 server
+and the git daemon answer, each carried to the real one by socat through a Unix socket in
+the worker's folder; its file system shows none of the cluster's folders (a tmpfs over them)
+but its own, which holds its clone, its workspaces and its home. So a worker that reached
+the coordinator's clone, the bare origin, another worker's workspace or PostgreSQL by path or
+port would fail: the server and the remote are reached by address only.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +32,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from unittest import mock
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -134,6 +147,7 @@ class Loopback:
     stack: ExitStack
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     s3_endpoint: str | None = None
+    git_port: int | None = None
 
     def env(self, workspace: Path | None = None, **extra: str) -> dict[str, str]:
         """A client's environment: this server, with its auth string, and the S3 server's keys."""
@@ -149,10 +163,43 @@ class Loopback:
             make_bucket(self.s3_endpoint, "mnist")
         return self.s3_endpoint
 
-    def project(self, name: str, edit: Callable[[dict], dict], s3: bool = False) -> Project:
-        """The project with params edited by `edit`, committed without dvc.lock, on a bare origin; the coordinator's
-        clone, whose default DVC remote is a folder, or with `s3` s3://mnist/<name> on the cluster's S3 server (its
-        endpoint URL and region in the coordinator's config.local, its keys in the environment)."""
+    def git_daemon(self) -> int:
+        """The port of the cluster's git daemon, started the first time: it serves the repositories under the
+        cluster's root, and accepts pushes (workers push DVC experiments)."""
+        if self.git_port is None:
+            port = free_port()
+            log = open(self.root / "git-daemon.log", "wb")
+            self.stack.callback(log.close)
+            daemon = subprocess.Popen(
+                [
+                    "git",
+                    "daemon",
+                    "--listen=127.0.0.1",
+                    f"--port={port}",
+                    f"--base-path={self.root}",
+                    "--export-all",
+                    "--enable=receive-pack",
+                    "--reuseaddr",
+                    "--informative-errors",
+                    str(self.root),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.stack.callback(stop_tree, daemon)
+            wait_for_port(port, 30)
+            self.git_port = port
+        return self.git_port
+
+    def git_url(self, bare: Path) -> str:
+        """The git:// URL of `bare`, a repository under the cluster's root, on the cluster's git daemon."""
+        return f"git://127.0.0.1:{self.git_daemon()}/{bare.relative_to(self.root)}"
+
+    def project(self, name: str, edit: Callable[[dict], dict]) -> Project:
+        """The project with params edited by `edit`, committed without dvc.lock, on a bare origin that the
+        coordinator's clone reaches through the git daemon; its default DVC remote is s3://mnist/<name> on the
+        cluster's S3 server (its endpoint URL and region in the coordinator's config.local, its keys in the environment)."""
         root = self.root / name
         source = copy_project(root / "source")
         edit_params(source, edit)
@@ -165,37 +212,72 @@ class Loopback:
             ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True
         ).stdout.strip()
         coordinator = clone(origin, root / "coordinator")
-        if s3:
-            remote = f"s3://mnist/{name}"
-            run(["dvc", "remote", "add", "--local", "-d", "shared", remote], coordinator, self.env(coordinator))
-            for key, value in (("endpointurl", self.s3()), ("region", REGION)):
-                run(["dvc", "remote", "modify", "--local", "shared", key, value], coordinator, self.env(coordinator))
-        else:
-            remote = str(root / "remote")
-            Path(remote).mkdir()
-            run(["dvc", "remote", "add", "--local", "-d", "shared", remote], coordinator, self.env(coordinator))
+        subprocess.run(["git", "remote", "set-url", "origin", self.git_url(origin)], cwd=coordinator, check=True)
+        remote = f"s3://mnist/{name}"
+        run(["dvc", "remote", "add", "--local", "-d", "shared", remote], coordinator, self.env(coordinator))
+        for key, value in (("endpointurl", self.s3()), ("region", REGION)):
+            run(["dvc", "remote", "modify", "--local", "shared", key, value], coordinator, self.env(coordinator))
         return Project(root, origin, remote, commit, coordinator)
 
     def start_workers(self, project: Project, pool: str, names: list[str]) -> None:
-        """`prefect worker start --pool POOL --limit 1` per name, each in its own clone; wait until all have reported."""
+        """`prefect worker start --pool POOL --limit 1` per name, each a machine of its own (`isolated`) with its own
+        clone; wait until all have reported."""
         for name in names:
-            folder = clone(project.origin, project.root / name)
+            own = host(project, name)
+            folder = clone(project.origin, own / "clone")
+            (own / "home").mkdir()
             log = open(project.root / f"{name}.log", "wb")
             self.stack.callback(log.close)
-            self.workers[name] = subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", name],
-                cwd=folder,
+            command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", name]
+            env = self.env(
+                PREFECT_WORKER_QUERY_SECONDS="2",
+                HOME=str(own / "home"),
+                PREFECT_HOME=str(own / "home" / ".prefect"),
+                MNIST_WORKSPACES=str(workspaces(project, name)),
+            )
+            self.workers[name] = self.isolated(own, folder, command, env, log)
+            self.stack.callback(stop_tree, self.workers[name])
+        wait_for_workers(self.api, pool, names, WORKER_START_TIMEOUT)
+
+    def isolated(self, own: Path, cwd: Path, command: list[str], env: dict[str, str], log: IO[bytes]) -> subprocess.Popen:
+        """`command` started in network and mount namespaces of its own, where only `own` of the cluster's folders
+        shows and only the servers' ports answer on 127.0.0.1 (the module's docstring)."""
+        ports = [urlsplit(self.api).port, urlsplit(self.s3()).port, self.git_daemon()]
+        (own / "net").mkdir(exist_ok=True)
+        for port in ports:  # the real server's end of each port, outside the namespaces
+            forward = subprocess.Popen(
+                ["socat", f"UNIX-LISTEN:{own}/net/{port}.sock,fork,unlink-early", f"TCP:127.0.0.1:{port}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=self.env(
-                    PREFECT_WORKER_QUERY_SECONDS="2",
-                    PREFECT_HOME=str(self.root / "prefect-home"),
-                    MNIST_WORKSPACES=str(workspaces(project, name)),
-                ),
             )
-            self.stack.callback(stop_tree, self.workers[name])
-        wait_for_workers(self.api, pool, names, WORKER_START_TIMEOUT)
+            self.stack.callback(stop_tree, forward)
+            wait_for_path(own / "net" / f"{port}.sock", 30)
+        stage = Path(tempfile.mkdtemp(prefix=f"mnist-{own.name}-"))  # outside the root: holds `own` while the root is covered
+        self.stack.callback(shutil.rmtree, stage, True)
+        listen = [f"socat TCP-LISTEN:{p},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{own}/net/{p}.sock &" for p in ports]
+        ready = [f"until (exec 3<>/dev/tcp/127.0.0.1/{p}) 2>/dev/null; do sleep 0.1; done" for p in ports]
+        script = "\n".join(
+            [
+                "set -e",
+                "ip link set lo up",
+                f"mount --bind {own} {stage}",
+                f"mount -t tmpfs -o size=1m tmpfs {self.root}",
+                f"mkdir -p {own}",
+                f"mount --move {stage} {own}",
+                *listen,
+                *ready,
+                f"cd {cwd}",
+                "exec " + " ".join(shlex.quote(part) for part in command),
+            ]
+        )
+        return subprocess.Popen(
+            ["unshare", "--net", "--mount", "--fork", "--kill-child", "bash", "-c", script],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
 
     def flow_runs(self, tag: str | None = None) -> list[dict]:
         """The server's flow runs (with `tag`, if given), as the API returns them."""
@@ -207,9 +289,42 @@ class Loopback:
         return reply.json()
 
 
+def host(project: Project, worker: str) -> Path:
+    """`worker`'s own folder, the only one of the cluster's that it sees: its clone, workspaces, home."""
+    return project.root.parent / "hosts" / f"{project.root.name}-{worker}"
+
+
 def workspaces(project: Project, worker: str) -> Path:
     """The folder where `worker` keeps its workspaces of `project` (pipeline/fanout.py chain_workspace)."""
-    return project.root / f"{worker}-workspaces"
+    return host(project, worker) / "workspaces"
+
+
+def in_namespaces(worker: subprocess.Popen, command: list[str]) -> subprocess.CompletedProcess:
+    """`command` run in the network and mount namespaces of a worker that Loopback.isolated started."""
+    import psutil
+
+    (inside,) = psutil.Process(worker.pid).children()  # unshare's child: the worker, in the namespaces
+    return subprocess.run(["nsenter", "-t", str(inside.pid), "-n", "-m", *command], capture_output=True, text=True)
+
+
+def wait_for_port(port: int, timeout_s: float) -> None:
+    """Until something accepts connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s") from None
+            time.sleep(0.1)
+
+
+def wait_for_path(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s:.0f} s"
+        time.sleep(0.05)
 
 
 def clone(origin: Path, dest: Path) -> Path:

@@ -10,6 +10,7 @@ A sequential `dvc repro` of the same commit is the reference.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -18,17 +19,35 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import edit_params, project_env, small_params
-from loopback import BIN, Loopback, Project, auth_header, clone, loopback, psql_value, run, stop_tree, workspaces
+from conftest import dvc, edit_params, project_env, small_params
+from loopback import (
+    BIN,
+    Loopback,
+    Project,
+    auth_header,
+    clone,
+    in_namespaces,
+    loopback,
+    psql_value,
+    run,
+    stop_tree,
+    workspaces,
+)
 from s3 import REGION, S3_ENV, keys_in
+from sweep import RATES, Sweep, logreg_at_a_constant_rate
 from system import needs
 
-pytestmark = needs("postgresql")
+pytestmark = [
+    needs("postgresql"),
+    needs("socat"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="each worker runs in namespaces of its own (unshare), as root"),
+]
 
 MODELS = ("logreg", "mlp")
 POOL = "loopback"
@@ -62,7 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
 
 @pytest.fixture(scope="module")
 def runs(cluster: Loopback) -> Runs:
-    project = cluster.project("quick", two_models, s3=True)
+    project = cluster.project("quick", two_models)
     print(run([str(BIN / "mnist"), "deploy", "--work-pool", POOL], project.coordinator, cluster.env()))
     cluster.start_workers(project, POOL, WORKERS)
     start = time.perf_counter()
@@ -174,6 +193,7 @@ def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_wa
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "seed"], cwd=source, check=True)
     subprocess.run(["git", "push", "-q", "origin", "HEAD"], cwd=source, check=True, capture_output=True)
     coordinator = clone(project.origin, project.root / "coordinator-2")
+    git(coordinator, "remote", "set-url", "origin", cluster.git_url(project.origin))  # the workers' way to it
     shutil.copy(project.coordinator / ".dvc" / "config.local", coordinator / ".dvc" / "config.local")  # the S3 remote
     before = {f["id"] for f in cluster.flow_runs()}
     output = run([str(BIN / "mnist"), "flow", "--work-pool", POOL], coordinator, cluster.env())
@@ -197,6 +217,22 @@ def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_wa
     assert len(stages) == 6, [f["name"] for f in flows]
     starts = {f["name"]: f["labels"].get("mnist.start") for f in stages}
     assert all(starts[f"{stage}-{m}"] == "warm" for stage in ("evaluate", "export") for m in MODELS), starts
+
+
+def test_each_worker_sees_only_its_own_folder_and_the_servers_ports(runs: Runs) -> None:
+    """Probes run in worker-1's own namespaces: the Prefect server answers, by address; PostgreSQL's port, the
+    coordinator's clone, the bare origin and worker-2's workspaces are not there."""
+    cluster, project = runs.cluster, runs.project
+    postgres_port = cluster.database_url.split("@127.0.0.1:")[1].split("/")[0]
+
+    def inside(check: str) -> int:
+        return in_namespaces(cluster.workers["worker-1"], ["bash", "-c", check]).returncode
+
+    assert inside(f"exec 3<>/dev/tcp/127.0.0.1/{urlsplit(cluster.api).port}") == 0
+    assert inside(f"test -d {workspaces(project, 'worker-1')}") == 0
+    assert inside(f"exec 3<>/dev/tcp/127.0.0.1/{postgres_port}") != 0
+    for hidden in (project.coordinator / "dvc.yaml", project.origin / "HEAD", workspaces(project, "worker-2")):
+        assert inside(f"test -e {hidden}") != 0, f"worker-1 sees {hidden}"
 
 
 SAME_BYTES = ("model.keras", "meta.json", "metrics.json", "predictions.csv", "per_class.csv", "data/raw", "data/prepared")
@@ -297,6 +333,76 @@ def test_a_chain_run_that_never_sent_a_heartbeat_is_marked_crashed(cluster: Loop
     assert state["type"] == "CRASHED" and "no heartbeat" in state["message"], state
 
 
+def experiments_shown(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json` in `project`: each experiment's name and data (params, metrics, outs with their md5)."""
+    import json
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project, project_env(PYTHONPATH=str(project))))
+    return {
+        rev["name"]: rev["data"] for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"] if rev["name"]
+    }
+
+
+def test_a_sweep_over_two_workers_lands_as_dvc_experiments_equal_to_local_ones(cluster: Loopback, sweep: Sweep) -> None:
+    """Two queued experiments, `mnist sweep` over two workers: each runs on its own worker, with fetch and
+    preprocess restored from the coordinator's run-cache, and comes back as a DVC experiment whose params, metrics
+    and output bytes are those of the same experiment run by DVC's local queue (the session's sweep)."""
+    from dvc.api import DVCFileSystem
+
+    from pipeline import compare
+
+    project = cluster.project("sweep", logreg_at_a_constant_rate)
+    coordinator, pool, workers = project.coordinator, "sweeps", ["sweeper-1", "sweeper-2"]
+    run([str(BIN / "mnist"), "deploy", "--work-pool", pool], coordinator, cluster.env())
+    cluster.start_workers(project, pool, workers)
+    for name, rate in RATES.items():
+        run(
+            ["dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.logreg.learning_rate={rate}"],
+            coordinator,
+            cluster.env(coordinator),
+        )
+    before = {f["id"] for f in cluster.flow_runs()}
+    start = time.perf_counter()
+    output = run([str(BIN / "mnist"), "sweep", "--work-pool", pool], coordinator, cluster.env())
+    print(f"\nsweep of {len(RATES)} experiments over {len(workers)} workers: {time.perf_counter() - start:.1f} s")
+
+    flows = [f for f in cluster.flow_runs() if f["id"] not in before]
+    runs = {f["name"].split("@")[0]: f for f in flows if f["deployment_id"]}
+    assert sorted(runs) == sorted(RATES) and all(f["state_type"] == "COMPLETED" for f in runs.values()), output[-3000:]
+    assert {f["name"].split("@")[1] for f in runs.values()} == set(workers), [f["name"] for f in runs.values()]
+    stages = sorted(
+        f["name"] for f in flows if not f["deployment_id"] and f["name"].split("-")[0] in ("fetch", "preprocess", "train")
+    )
+    assert stages == ["fetch", "preprocess", "train-logreg", "train-logreg"], stages  # fetch and preprocess: once, here
+    queue = run(["dvc", "queue", "status"], coordinator, cluster.env(coordinator))
+    assert not any(name in queue for name in RATES), queue
+
+    got, want = experiments_shown(coordinator), experiments_shown(sweep.project)
+    assert set(RATES) <= set(got), sorted(got)
+    for name, rate in RATES.items():
+        params = got[name]["params"]["params.yaml"]["data"]
+        assert params["models"]["logreg"]["learning_rate"] == rate
+        for metrics in ("data/evaluate/logreg/metrics.json", "data/live/logreg/metrics.json"):  # the test's, DVCLive's
+            assert got[name]["metrics"][metrics]["data"] == want[name]["metrics"][metrics]["data"], (name, metrics)
+        same = {path: out["hash"] for path, out in got[name]["outs"].items() if path.endswith(SAME_BYTES)}
+        assert same and same == {path: want[name]["outs"][path]["hash"] for path in same}, name
+        rev = got[name]["rev"]
+        pulled = DVCFileSystem(str(coordinator), rev=rev).read_bytes("data/evaluate/logreg/predictions.csv")
+        assert pulled == DVCFileSystem(str(sweep.project), rev=want[name]["rev"]).read_bytes(
+            "data/evaluate/logreg/predictions.csv"
+        )
+    assert set(RATES) <= set(compare.experiments(coordinator, []))  # `mnist compare` finds them
+    run(["dvc", "exp", "apply", "lr-high"], coordinator, cluster.env(coordinator))
+    model = "data/models/logreg/model.keras"
+    assert md5(coordinator / model) == got["lr-high"]["outs"][model]["hash"]
+
+
+def md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
 # --- the coordinator's checks, without a cluster --------------------------------------------------
 
 
@@ -381,3 +487,64 @@ def test_a_pool_without_the_chain_deployment_is_named_with_the_fix(prefect_api: 
 
     with pytest.raises(PipelineError, match=r"No deployment model-chain/no-such-pool .*mnist deploy --work-pool no-such-pool"):
         fanout.check_deployment("no-such-pool")
+
+
+@pytest.fixture
+def queue_clone(pushed_clone: Path) -> Path:
+    """pushed_clone made a DVC project (one stage reading params.yaml, a local default remote) and pushed,
+    with two experiments queued on its commit: a.lr=0.2 and a.lr=0.3."""
+    (pushed_clone / "params.yaml").write_text("a:\n  lr: 0.1\n")
+    (pushed_clone / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: cat params.yaml > out.txt\n    params: [a.lr]\n    outs: [out.txt]\n"
+    )
+    (pushed_clone / "notes.bin").write_bytes(b"\x00")
+    git(pushed_clone, "rm", "-q", "dvc.lock")  # pushed_clone's is no DVC lock file
+    dvc(pushed_clone, "init", "-q")
+    dvc(pushed_clone, "remote", "add", "-d", "local", str(pushed_clone.parent / "remote"))
+    git(pushed_clone, "add", "-A")
+    git(pushed_clone, "commit", "-qm", "dvc")
+    git(pushed_clone, "push", "-q", "origin", "HEAD")
+    dvc(pushed_clone, "exp", "run", "--queue", "-S", "a.lr=0.2,0.3")
+    return pushed_clone
+
+
+def test_queued_experiments_travel_as_the_files_they_change(queue_clone: Path) -> None:
+    from pipeline import sweep
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=queue_clone, capture_output=True, text=True).stdout.strip()
+    entries = sweep.queued(queue_clone, commit)
+    files = sorted(e.files["params.yaml"] or "" for e in entries)
+    assert [e.files.keys() for e in entries] == [{"params.yaml"}] * 2 and files == ["a:\n  lr: 0.2\n", "a:\n  lr: 0.3\n"]
+    assert len({e.name for e in entries}) == 2 and all(len(e.rev) == 40 for e in entries)
+
+
+def test_a_queued_binary_change_and_an_empty_queue_are_named(queue_clone: Path) -> None:
+    from pipeline import sweep
+    from pipeline.errors import PipelineError
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=queue_clone, capture_output=True, text=True).stdout.strip()
+    (queue_clone / "notes.bin").write_bytes(b"\xff\xfe\x00")
+    dvc(queue_clone, "exp", "run", "--queue", "-n", "binary", "-S", "a.lr=0.4")
+    with pytest.raises(PipelineError, match=r"Experiment binary changes notes.bin, which is not text"):
+        sweep.queued(queue_clone, commit)
+    dvc(queue_clone, "queue", "remove", "--queued")
+    with pytest.raises(PipelineError, match=r"No experiment is queued on this commit: .*dvc exp run --queue"):
+        sweep.queued(queue_clone, commit)
+
+
+def test_mnist_sweep_queues_its_experiments_and_keeps_them_when_the_pool_has_no_deployment(
+    queue_clone: Path, prefect_api: str
+) -> None:
+    dvc(queue_clone, "queue", "remove", "--queued")
+    done = subprocess.run(
+        [str(BIN / "mnist"), "sweep", "--work-pool", "no-such-pool", "-S", "a.lr=0.5,0.6"],
+        cwd=queue_clone,
+        env=project_env(PREFECT_API_URL=prefect_api),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "No deployment dvc-experiment/no-such-pool" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    queue = dvc(queue_clone, "queue", "status").stdout
+    assert queue.count("Queued") == 2, queue
