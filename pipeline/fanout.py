@@ -371,8 +371,8 @@ def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_i
             client.update_flow_run(run.id, name=f"{model}@{worker}", tags=sorted(tags))
         env = dvc_env(workspace, run_id)
         add_remote(workspace, remote)
-        with warm.server(workspace, env) as warm_env:  # its imports overlap the pull; each stage forks from it
-            output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, {**env, **warm_env})
+        warm_env = warm.kept_server(workspace, env)  # each stage forks from it; it serves this workspace's next chains
+        output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, {**env, **warm_env})
         logger.info("dvc repro --pull:\n%s", output[-3000:])
         command(["dvc", "push", "--run-cache", *chain_targets(model)], workspace, env)
     ran, restored = ran_stages(output), restored_stages(output)

@@ -52,12 +52,13 @@ MAX_FILES_BYTES = 1 << 20  # the changed files travel as a flow-run parameter, s
 
 @dataclass
 class Queued:
-    """One experiment in DVC's queue: its name, the entry's commit, and the files it changes against its baseline
-    (the text of each, None for a file it deletes)."""
+    """One experiment in DVC's queue: its name, the entry's commit, the files it changes against its baseline
+    (the text of each, None for a file it deletes), and who queued it (git's user.name and user.email)."""
 
     name: str
     rev: str
     files: dict[str, str | None]
+    author: dict[str, str]
 
 
 def queued(root: Path, commit: str) -> list[Queued]:
@@ -94,7 +95,8 @@ def queued(root: Path, commit: str) -> list[Queued]:
             raise PipelineError(
                 f"Experiment {name} changes more than {MAX_FILES_BYTES} bytes of files: commit them and queue it again."
             )
-        entries.append(Queued(name, rev, files))
+        who = command(["git", "log", "-1", "--format=%an%x00%ae", rev], root).strip().split("\0")
+        entries.append(Queued(name, rev, files, {"name": who[0], "email": who[-1]}))
     return entries
 
 
@@ -121,13 +123,20 @@ def put_back(workspace: Path, files: dict[str, str | None]) -> None:
 
 @flow(name=EXPERIMENT_FLOW, flow_run_name="{name}")
 def experiment_flow(
-    name: str, files: dict[str, str | None], repo: str, commit: str, remote: dict[str, str], run_id: str
+    name: str,
+    files: dict[str, str | None],
+    author: dict[str, str],
+    repo: str,
+    commit: str,
+    remote: dict[str, str],
+    run_id: str,
 ) -> dict[str, list[str]]:
     """Run one queued DVC experiment in this worker's workspace and push it to the project's git origin and DVC remote.
 
     Args:
         name: the experiment's name, as queued
         files: the files it changes against `commit` (path: text, None for a deleted file)
+        author: who queued it ("name", "email"): the experiment's commit is theirs
         repo: the git URL of the project's origin: the workspace's, and where the experiment is pushed
         commit: the experiment's baseline commit (the coordinator's HEAD)
         remote: the DVC remote to pull inputs from and push outputs to: its URL ("url") and options, no credentials
@@ -144,10 +153,12 @@ def experiment_flow(
             client.update_flow_run(run.id, name=f"{name}@{worker}", tags=sorted(tags))
         env = dvc_env(workspace, run_id)
         add_remote(workspace, remote)
+        for key in ("name", "email"):  # DVC commits the experiment; a worker may have no git identity of its own
+            command(["git", "config", f"user.{key}", author[key]], workspace)
         write_files(workspace, files)
         try:
-            with warm.server(workspace, env) as warm_env:
-                output = command(["dvc", "exp", "run", "--pull", "-n", name], workspace, {**env, **warm_env})
+            warm_env = warm.kept_server(workspace, env)
+            output = command(["dvc", "exp", "run", "--pull", "-n", name], workspace, {**env, **warm_env})
             logger.info("dvc exp run --pull:\n%s", output[-3000:])
             command(["dvc", "exp", "push", "--run-cache", "origin", name], workspace, env)
         finally:
@@ -189,7 +200,7 @@ def sweep_flow(pool: str, root: str = ".") -> dict[str, str] | State:
         on_pool.submit(
             f"experiment {e.name}",
             deployment,
-            {"name": e.name, "files": e.files, **parameters},
+            {"name": e.name, "files": e.files, "author": e.author, **parameters},
             [run_tag(run_id), f"experiment:{e.name}"],
         ): e.name
         for e in entries.values()

@@ -233,6 +233,24 @@ def server(root: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
             stop(process)
 
 
+def kept_server(root: Path, env: Mapping[str, str], timeout_s: float = 60.0) -> dict[str, str]:
+    """The variable that points stages at the background server of `root` for `env` (start_background), started
+    now if none runs, and waited for: unlike `server`'s, it outlives the command, so the next run in `root`
+    finds it ready, until localserver.idle_s() passes without a stage. Empty (the stages start cold) when that
+    is 0, or when the server is not ready within `timeout_s`."""
+    idle_s = localserver.idle_s()
+    if idle_s <= 0:
+        return {}
+    if background_socket(root, env) is None:
+        start_background(root, env, idle_s)
+    deadline = time.monotonic() + timeout_s
+    while (path := background_socket(root, env)) is None:
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.1)
+    return {SOCKET_ENV: path}
+
+
 def import_fingerprint(env: Mapping[str, str]) -> str:
     """A digest of the variables in `env` that the server reads when it imports (READ_AT_IMPORT): a launcher
     whose digest differs from a background server's does not ask it (it would refuse), and starts cold."""

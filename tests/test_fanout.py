@@ -181,9 +181,10 @@ def test_distributed_equals_sequential(runs: Runs) -> None:
 
 def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_warm(runs: Runs) -> None:
     """A new commit that changes both models: each chain checks it out in its worker's workspace of the
-    first run, except where a file was edited there by hand: that workspace is rebuilt. The stages of
-    every chain fork from the chain's warm stage server. A second coordinator clone, so that the first
-    one's outputs stay those of the first run."""
+    first run, except where a file was edited there by hand: that workspace is rebuilt. Every stage of
+    every chain, the first one's too, forks from the workspace's warm stage server (kept from the first
+    run, or started and waited for). A second coordinator clone, so that the first one's outputs stay
+    those of the first run."""
     cluster, project = runs.cluster, runs.project
     kept = {w: [p for p in workspaces(project, w).iterdir() if p.is_dir()] for w in WORKERS}
     assert all(len(found) == 1 for found in kept.values()), kept
@@ -216,7 +217,7 @@ def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_wa
     ]
     assert len(stages) == 6, [f["name"] for f in flows]
     starts = {f["name"]: f["labels"].get("mnist.start") for f in stages}
-    assert all(starts[f"{stage}-{m}"] == "warm" for stage in ("evaluate", "export") for m in MODELS), starts
+    assert all(starts[f"{stage}-{m}"] == "warm" for stage in ("train", "evaluate", "export") for m in MODELS), starts
 
 
 def test_each_worker_sees_only_its_own_folder_and_the_servers_ports(runs: Runs) -> None:
@@ -392,6 +393,8 @@ def test_a_sweep_over_two_workers_lands_as_dvc_experiments_equal_to_local_ones(c
             "data/evaluate/logreg/predictions.csv"
         )
     assert set(RATES) <= set(compare.experiments(coordinator, []))  # `mnist compare` finds them
+    queued_by = run(["git", "config", "user.email"], coordinator, cluster.env(coordinator)).strip()
+    assert run(["git", "log", "-1", "--format=%ae", got["lr-low"]["rev"]], coordinator, cluster.env()).strip() == queued_by
     run(["dvc", "exp", "apply", "lr-high"], coordinator, cluster.env(coordinator))
     model = "data/models/logreg/model.keras"
     assert md5(coordinator / model) == got["lr-high"]["outs"][model]["hash"]
