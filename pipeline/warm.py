@@ -241,6 +241,7 @@ def kept_server(root: Path, env: Mapping[str, str], timeout_s: float = 60.0) -> 
     idle_s = localserver.idle_s()
     if idle_s <= 0:
         return {}
+    env = {**ONE_THREAD, **env}  # as the launchers and the server see it (launch, background)
     if background_socket(root, env) is None:
         start_background(root, env, idle_s)
     deadline = time.monotonic() + timeout_s

@@ -289,6 +289,22 @@ class Loopback:
         return reply.json()
 
 
+def stop_leftovers(root: Path) -> None:
+    """Stop the processes working in a folder under `root` that outlived the workers: the warm stage servers
+    that chains keep in their workspaces for the next chains (they would otherwise wait out their idle time)."""
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd") or ""
+        if cwd == str(root) or cwd.startswith(f"{root}/"):
+            left.append(proc)
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=20)
+    for proc in alive:
+        proc.kill()
+
+
 def host(project: Project, worker: str) -> Path:
     """`worker`'s own folder, the only one of the cluster's that it sees: its clone, workspaces, home."""
     return project.root.parent / "hosts" / f"{project.root.name}-{worker}"
@@ -352,6 +368,7 @@ def loopback(root: Path) -> Iterator[Loopback]:
     from pipeline import servers
 
     with ExitStack() as stack:
+        stack.callback(stop_leftovers, root)  # last, once the workers are stopped
         database_url = stack.enter_context(postgres())
         with mock.patch.dict(os.environ, {servers.AUTH_ENV: AUTH, "PREFECT_HOME": str(root / "prefect-home")}):
             api = stack.enter_context(

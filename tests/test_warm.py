@@ -274,6 +274,29 @@ def test_a_background_server_serves_its_folder_until_it_is_idle(root: Path, tmp_
             server.kill()
 
 
+def test_a_kept_server_is_ready_when_returned_and_serves_the_next_run_of_its_folder(root: Path, tmp_path: Path) -> None:
+    """As a fan-out chain starts it (warm.kept_server): the variable it returns points at a server that answers
+    (a launcher forks from it), and the next call, as the next chain's, finds the same server."""
+    records = tmp_path / "prefect-home" / "mnist-servers"
+    env = env_for(tmp_path, PREFECT_HOME=str(records.parent), MNIST_SERVERS_IDLE_S="60")
+    keep = "import os, sys; from pathlib import Path; from pipeline import warm\n"
+    keep += "print(warm.kept_server(Path(sys.argv[1]), dict(os.environ)).get(warm.SOCKET_ENV, 'none'))"
+    socket_path = ""
+    try:
+        for _ in range(2):
+            kept = subprocess.run([sys.executable, "-c", keep, str(root)], env=env, capture_output=True, text=True, timeout=120)
+            assert kept.returncode == 0 and kept.stdout.strip() != "none", kept.stderr
+            assert socket_path in ("", kept.stdout.strip())
+            socket_path = kept.stdout.strip()
+            proc = launch(root, {**env, SOCKET_ENV: socket_path}, "0")
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and f" pid {proc.pid} " not in out and "cold" not in err, (out, err)  # a fork
+    finally:
+        record = json.loads(next(records.glob("warm-*.json")).read_text()) if records.is_dir() else None
+        if record:
+            psutil.Process(record["pid"]).kill()
+
+
 def ended(proc: psutil.Process) -> bool:
     """Gone, or a zombie: a detached server's parent is init, which may reap it late."""
     try:
