@@ -242,6 +242,7 @@ def kept_server(root: Path, env: Mapping[str, str], timeout_s: float = 60.0) -> 
     if idle_s <= 0:
         return {}
     env = {**ONE_THREAD, **env}  # as the launchers and the server see it (launch, background)
+    stop_if_stale(root)
     if background_socket(root, env) is None:
         start_background(root, env, idle_s)
     deadline = time.monotonic() + timeout_s
@@ -250,6 +251,28 @@ def kept_server(root: Path, env: Mapping[str, str], timeout_s: float = 60.0) -> 
             return {}
         time.sleep(0.1)
     return {SOCKET_ENV: path}
+
+
+def stop_if_stale(root: Path, timeout_s: float = 30.0) -> None:
+    """Stop the background server of `root` if a source file of its stages changed since it started (a checkout
+    of other code, the folder cloned again): it would refuse every stage until its next check. Returns once it
+    has ended (or after `timeout_s`)."""
+    record_path = localserver.warm_path(root)
+    record = localserver.read_json(record_path)
+    if not record:
+        return
+    pid, started = int(record["pid"]), float(record.get("started") or 0)
+    try:
+        ready = record_path.stat().st_mtime  # written once its imports were done; the file system's clock, as the sources'
+    except FileNotFoundError:  # it ended meanwhile
+        return
+    sources = [*root.glob("stages/*.py"), *root.glob("pipeline/**/*.py")]
+    if all(path.stat().st_mtime <= ready for path in sources) or not localserver.is_process(pid, started, "pipeline.warm"):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while localserver.is_process(pid, started, "pipeline.warm") and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def import_fingerprint(env: Mapping[str, str]) -> str:

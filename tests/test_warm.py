@@ -276,7 +276,8 @@ def test_a_background_server_serves_its_folder_until_it_is_idle(root: Path, tmp_
 
 def test_a_kept_server_is_ready_when_returned_and_serves_the_next_run_of_its_folder(root: Path, tmp_path: Path) -> None:
     """As a fan-out chain starts it (warm.kept_server): the variable it returns points at a server that answers
-    (a launcher forks from it), and the next call, as the next chain's, finds the same server."""
+    (a launcher forks from it), and the next call, as the next chain's, finds the same server; once a stage's
+    source changed on disk, the next call stops that server and starts a new one."""
     records = tmp_path / "prefect-home" / "mnist-servers"
     env = env_for(tmp_path, PREFECT_HOME=str(records.parent), MNIST_SERVERS_IDLE_S="60")
     keep = "import os, sys; from pathlib import Path; from pipeline import warm\n"
@@ -291,6 +292,13 @@ def test_a_kept_server_is_ready_when_returned_and_serves_the_next_run_of_its_fol
             proc = launch(root, {**env, SOCKET_ENV: socket_path}, "0")
             out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0 and f" pid {proc.pid} " not in out and "cold" not in err, (out, err)  # a fork
+        (root / "stages" / "probe.py").touch()  # as a checkout of other code: that server would refuse every stage
+        kept = subprocess.run([sys.executable, "-c", keep, str(root)], env=env, capture_output=True, text=True, timeout=120)
+        assert kept.returncode == 0 and kept.stdout.strip() not in ("none", socket_path), kept.stdout
+        socket_path = kept.stdout.strip()
+        proc = launch(root, {**env, SOCKET_ENV: socket_path}, "0")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and f" pid {proc.pid} " not in out and "cold" not in err, (out, err)  # a new one
     finally:
         record = json.loads(next(records.glob("warm-*.json")).read_text()) if records.is_dir() else None
         if record:
