@@ -109,8 +109,12 @@ def refuse_credentials(url: str, what: str) -> str:
 
 def dvc_env(workspace: Path, run_id: str) -> dict[str, str]:
     """The environment of `dvc` in `workspace`: its stages import that workspace's own `pipeline`
-    (and send no heartbeats: the chain run's own tell whether its worker is alive)."""
-    env = {**os.environ, "PYTHONPATH": str(workspace), RUN_ID_ENV: run_id}
+    (and send no heartbeats: the chain run's own tell whether its worker is alive). Without the
+    PREFECT__ variables a worker sets for the chain's flow run (its id, ...): each stage is a flow run
+    of its own, and they differ from chain to chain, where the workspace's warm server, kept between
+    chains, would refuse every stage that carried other values than its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
+    env.update({"PYTHONPATH": str(workspace), RUN_ID_ENV: run_id})
     env.pop(HEARTBEAT_ENV, None)
     return env
 

@@ -551,3 +551,15 @@ def test_mnist_sweep_queues_its_experiments_and_keeps_them_when_the_pool_has_no_
     assert "Traceback" not in done.stdout + done.stderr
     queue = dvc(queue_clone, "queue", "status").stdout
     assert queue.count("Queued") == 2, queue
+
+
+def test_the_stages_of_a_chain_do_not_inherit_its_flow_run_context(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stage is a flow run of its own; and the workspace's warm server, kept from an earlier chain, refuses a
+    stage whose PREFECT_ variables differ from its own, as the chain's flow-run id does from chain to chain."""
+    from pipeline import fanout
+
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(uuid.uuid4()))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    env = fanout.dvc_env(tmp_path, "run-1")
+    assert "PREFECT__FLOW_RUN_ID" not in env and env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
+    assert env["PYTHONPATH"] == str(tmp_path)
