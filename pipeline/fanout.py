@@ -550,19 +550,24 @@ def ensure_zombie_automation(pool: str, deployment_ids: list[object], after_s: i
     ).create()
 
 
+def run_once(pool_flow: Any, pool: str, run_prefix: str) -> None:
+    """`pool_flow(pool, root=".")` once (the fan-out's or the sweep's coordinator flow), tagged with the run
+    ($PIPELINE_RUN_ID, else <run_prefix>-<time>); exits 0 if it completed, else 1 after its message."""
+    logging.getLogger("prefect.flow_runs").addFilter(HidePipelineTracebacks())
+    run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime(f"{run_prefix}-%Y%m%d-%H%M%S"))
+    state = pool_flow.with_options(on_running=[record_run([run_tag(run_id)])])(pool, root=".", return_state=True)
+    if not state.is_completed():
+        print(f"error: {state.message}", flush=True)
+    raise SystemExit(0 if state.is_completed() else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.fanout POOL`: the fan-out flow once, tagged with the pipeline run."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pool", help="the Prefect work pool whose workers run the chains")
-    args = parser.parse_args(argv)
-    logging.getLogger("prefect.flow_runs").addFilter(HidePipelineTracebacks())
-    run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("fanout-%Y%m%d-%H%M%S"))
-    state = fanout_flow.with_options(on_running=[record_run([run_tag(run_id)])])(args.pool, root=".", return_state=True)
-    if not state.is_completed():
-        print(f"error: {state.message}", flush=True)
-    raise SystemExit(0 if state.is_completed() else 1)
+    run_once(fanout_flow, parser.parse_args(argv).pool, "fanout")
 
 
 if __name__ == "__main__":

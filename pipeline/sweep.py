@@ -15,7 +15,6 @@ run on this machine. The options given to `dvc exp run --queue` besides the para
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import subprocess
@@ -42,8 +41,9 @@ from pipeline.fanout import (
     pushed_commit,
     ran_stages,
     restored_stages,
+    run_once,
 )
-from pipeline.stage import RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
+from pipeline.stage import RUN_ID_ENV, run_tag
 
 EXPERIMENT_FLOW = "dvc-experiment"  # deployed on each pool by `mnist deploy` (fanout.DEPLOYED_FLOWS)
 QUEUE_FILES = ".dvc/tmp/"  # what DVC's queue adds to an entry besides the user's changes (its repro arguments)
@@ -229,13 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pool", help="the Prefect work pool whose workers run the experiments")
-    args = parser.parse_args(argv)
-    logging.getLogger("prefect.flow_runs").addFilter(HidePipelineTracebacks())
-    run_id = os.environ.setdefault(RUN_ID_ENV, time.strftime("sweep-%Y%m%d-%H%M%S"))
-    state = sweep_flow.with_options(on_running=[record_run([run_tag(run_id)])])(args.pool, root=".", return_state=True)
-    if not state.is_completed():
-        print(f"error: {state.message}", flush=True)
-    raise SystemExit(0 if state.is_completed() else 1)
+    run_once(sweep_flow, parser.parse_args(argv).pool, "sweep")
 
 
 if __name__ == "__main__":

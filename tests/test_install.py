@@ -139,7 +139,7 @@ def test_make_setup_names_a_missing_python(tmp_path: Path, python: str, message:
 def test_missing_system_packages_end_the_run_in_one_line() -> None:
     import system
 
-    assert set(system.packages()) == {"chromium", "openssh-server", "postgresql"}
+    assert set(system.packages()) == {"chromium", "openssh-server", "postgresql", "socat"}
     reasons = ["needs Debian's chromium (sudo make system-packages)"] * 3 + [
         "needs Debian's openssh-server (sudo make system-packages)",
         "some other reason",
