@@ -347,6 +347,15 @@ def checked_out(workspace: Path, repo: str, commit: str, fresh: bool) -> Path:
     return workspace
 
 
+def label_run(what: str, worker: str, how: str) -> None:
+    """Name this flow run `what@worker` and tag it with the worker and how its workspace was made
+    (`how` as chain_workspace says it), so the dashboard shows who ran it, and in what workspace."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.get_id())  # type: ignore[arg-type]  # inside a flow run: its id, which the client takes as a str
+        tags = {*run.tags, f"worker:{worker}", f"workspace:{how.split()[0].rstrip(':')}"}
+        client.update_flow_run(run.id, name=f"{what}@{worker}", tags=sorted(tags))
+
+
 @flow(name=CHAIN_FLOW, flow_run_name="{model}")
 def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_id: str) -> dict[str, list[str]]:
     """Run or restore one model's train, evaluate and export stages in the worker's workspace, and push them.
@@ -369,10 +378,7 @@ def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_i
         chain_workspace(repo, commit, worker) as (workspace, how),
     ):
         logger.info("workspace %s: %s", workspace, how)
-        with get_client(sync_client=True) as client:  # the dashboard shows who ran it, and in what workspace
-            run = client.read_flow_run(flow_run.get_id())  # type: ignore[arg-type]  # inside a flow run: its id, which the client takes as a str
-            tags = {*run.tags, f"worker:{worker}", f"workspace:{how.split()[0].rstrip(':')}"}
-            client.update_flow_run(run.id, name=f"{model}@{worker}", tags=sorted(tags))
+        label_run(model, worker, how)
         env = dvc_env(workspace, run_id)
         add_remote(workspace, remote)
         warm_env = warm.kept_server(workspace, env)  # each stage forks from it; it serves this workspace's next chains

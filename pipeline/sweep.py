@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import State, flow, get_run_logger
-from prefect.client.orchestration import get_client
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
@@ -37,6 +36,7 @@ from pipeline.fanout import (
     command,
     default_remote,
     dvc_env,
+    label_run,
     on_pool,
     pushed_commit,
     ran_stages,
@@ -101,7 +101,15 @@ def queued(root: Path, commit: str) -> list[Queued]:
 
 
 def write_files(workspace: Path, files: dict[str, str | None]) -> None:
-    """Write `files` (path: text, None to delete) over `workspace`."""
+    """Write `files` (path: text, None to delete) over `workspace`; PipelineError, before any is written,
+    for a path outside the workspace's files (absolute, through `..`, or in `.git`)."""
+    for path in files:
+        parts = Path(path).parts
+        if Path(path).is_absolute() or not parts or ".." in parts or parts[0] == ".git":
+            raise PipelineError(
+                f"Experiment file {path!r} is not a path inside the project: "
+                "queue only changes to the project's own files (git diff names them)."
+            )
     for path, text in files.items():
         target = workspace / path
         if text is None:
@@ -109,6 +117,12 @@ def write_files(workspace: Path, files: dict[str, str | None]) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
+
+
+def identity(author: dict[str, str]) -> dict[str, str]:
+    """Git's environment that makes `author` ("name", "email") the author and committer of what DVC commits;
+    nothing is written to the workspace's git config, and a worker needs no identity of its own."""
+    return {f"GIT_{role}_{key.upper()}": author[key] for role in ("AUTHOR", "COMMITTER") for key in ("name", "email")}
 
 
 def put_back(workspace: Path, files: dict[str, str | None]) -> None:
@@ -147,18 +161,13 @@ def experiment_flow(
     logger.info("experiment %s on commit %s, worker %s: %s", name, commit[:12], worker, ", ".join(files) or "no change")
     with chain_workspace(repo, commit, worker) as (workspace, how):
         logger.info("workspace %s: %s", workspace, how)
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(flow_run.get_id())  # type: ignore[arg-type]  # inside a flow run: its id, which the client takes as a str
-            tags = {*run.tags, f"worker:{worker}", f"workspace:{how.split()[0].rstrip(':')}"}
-            client.update_flow_run(run.id, name=f"{name}@{worker}", tags=sorted(tags))
+        label_run(name, worker, how)
         env = dvc_env(workspace, run_id)
         add_remote(workspace, remote)
-        for key in ("name", "email"):  # DVC commits the experiment; a worker may have no git identity of its own
-            command(["git", "config", f"user.{key}", author[key]], workspace)
         write_files(workspace, files)
         try:
             warm_env = warm.kept_server(workspace, env)
-            output = command(["dvc", "exp", "run", "--pull", "-n", name], workspace, {**env, **warm_env})
+            output = command(["dvc", "exp", "run", "--pull", "-n", name], workspace, {**env, **warm_env, **identity(author)})
             logger.info("dvc exp run --pull:\n%s", output[-3000:])
             command(["dvc", "exp", "push", "--run-cache", "origin", name], workspace, env)
         finally:

@@ -535,6 +535,42 @@ def test_a_queued_binary_change_and_an_empty_queue_are_named(queue_clone: Path) 
         sweep.queued(queue_clone, commit)
 
 
+def test_an_experiment_is_committed_as_its_queuer_by_a_worker_without_a_git_identity(queue_clone: Path, tmp_path: Path) -> None:
+    """The queuer's identity reaches DVC's commit through the environment; nothing is written to git's config."""
+    from pipeline import sweep
+
+    home = tmp_path / "home"  # no ~/.gitconfig: git, dulwich and libgit2 find no identity of their own
+    home.mkdir()
+    nobody = {"HOME": str(home), "XDG_CONFIG_HOME": str(home), "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    ada = sweep.identity({"name": "Ada Queuer", "email": "ada@example.org"})
+    dvc(queue_clone, "exp", "run", "-n", "by-ada", "-S", "a.lr=0.7", env=project_env(**nobody, **ada))
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname) %(authorname) %(authoremail) %(committername)", "refs/exps"],
+        cwd=queue_clone,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    ours = [line.split(" ", 1)[1] for line in refs if line.split(" ", 1)[0].endswith("/by-ada")]
+    assert ours == ["Ada Queuer <ada@example.org> Ada Queuer"], refs
+    config = subprocess.run(["git", "config", "--local", "--list"], cwd=queue_clone, capture_output=True, text=True)
+    assert "user." not in config.stdout, config.stdout
+
+
+def test_experiment_files_outside_the_project_are_refused_before_any_is_written(tmp_path: Path) -> None:
+    from pipeline import sweep
+    from pipeline.errors import PipelineError
+
+    workspace = tmp_path / "workspace"
+    (workspace / ".git").mkdir(parents=True)
+    for bad in ("../escaped.txt", str(tmp_path / "absolute.txt"), ".git/config", "data/../../escaped.txt"):
+        with pytest.raises(PipelineError, match=r"is not a path inside the project"):
+            sweep.write_files(workspace, {"params.yaml": "a: 1\n", bad: "x\n"})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [".git", "workspace"]
+    sweep.write_files(workspace, {"params.yaml": "a: 1\n", "conf/extra.yaml": "b: 2\n"})
+    assert (workspace / "conf" / "extra.yaml").read_text() == "b: 2\n"
+
+
 def test_mnist_sweep_queues_its_experiments_and_keeps_them_when_the_pool_has_no_deployment(
     queue_clone: Path, prefect_api: str
 ) -> None:
