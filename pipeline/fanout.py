@@ -57,6 +57,7 @@ HEARTBEAT_S = 30  # a chain run's heartbeat (Prefect's minimum)
 ZOMBIE_AFTER_S = 120  # a chain run without a heartbeat this long is marked Crashed
 ZOMBIE_AUTOMATION = "mnist-chain-zombies"
 LEASE_S = 60  # the lease on a chain's concurrency slot, renewed while it runs
+POLL_S = 1.0  # how often the coordinator reads the state of each flow run it started on the pool (Prefect: 5 s)
 # What DVC rewrites in the coordinator (dvc.lock, and under data/ the outputs kept in git and the
 # .gitignore files it keeps beside its outputs): a tree where only these differ from the commit is clean.
 WRITTEN_BY_DVC = ("dvc.lock", "data/")
@@ -397,7 +398,7 @@ def on_pool(what: str, deployment: str, parameters: dict[str, Any], tags: list[s
     """Start a run of `deployment` on its work pool as a subflow of this run and wait for it to end;
     `what` (e.g. "chain logreg") names it in the task run and the outcome."""
     child: FlowRun = run_deployment(  # type: ignore[assignment]  # called from sync code: a FlowRun, not a coroutine
-        deployment, parameters=parameters, timeout=None, tags=tags, as_subflow=True
+        deployment, parameters=parameters, timeout=None, poll_interval=POLL_S, tags=tags, as_subflow=True
     )
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "no state"
@@ -434,6 +435,7 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
     command(["dvc", "repro", "--pull", "preprocess"], path, env)
     command(["dvc", "push", "--run-cache"], path, env)
     logger.info("fetch and preprocess ready and pushed in %.1f s", time.perf_counter() - start)
+    warm.kept_server(path, env, timeout_s=0)  # started, not waited for: ready when the report and publish fork from it
 
     load_params(path / "params.yaml")  # a bad params.yaml stops here, named
     models = list(yaml.safe_load((path / "params.yaml").read_text())["models"])
@@ -461,7 +463,11 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
         logger.error("chain %s failed: %s", model, why)
 
     # --single-item: every chain is restored by now, and nothing upstream may run here.
-    report = command(["dvc", "repro", "--single-item", "report", "publish"], path, env) if not failed else ""
+    if not failed:
+        warm_env = warm.kept_server(path, env)
+        report = command(["dvc", "repro", "--single-item", "report", "publish"], path, {**env, **warm_env})
+    else:
+        report = ""
     command(["dvc", "push", "--run-cache"], path, env)
     logger.info("report: %s; dvc.lock is ready to commit", "done" if report else "not run (a chain failed)")
     if failed:

@@ -183,8 +183,8 @@ def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_wa
     """A new commit that changes both models: each chain checks it out in its worker's workspace of the
     first run, except where a file was edited there by hand: that workspace is rebuilt. Every stage of
     every chain, the first one's too, forks from the workspace's warm stage server (kept from the first
-    run, or started and waited for). A second coordinator clone, so that the first one's outputs stay
-    those of the first run."""
+    run, or started and waited for), and so do the report and publish on the coordinator. A second
+    coordinator clone, so that the first one's outputs stay those of the first run."""
     cluster, project = runs.cluster, runs.project
     kept = {w: [p for p in workspaces(project, w).iterdir() if p.is_dir()] for w in WORKERS}
     assert all(len(found) == 1 for found in kept.values()), kept
@@ -218,6 +218,8 @@ def test_workers_keep_their_workspaces_rebuild_a_changed_one_and_start_stages_wa
     assert len(stages) == 6, [f["name"] for f in flows]
     starts = {f["name"]: f["labels"].get("mnist.start") for f in stages}
     assert all(starts[f"{stage}-{m}"] == "warm" for stage in ("train", "evaluate", "export") for m in MODELS), starts
+    coordinator_starts = {f["name"]: f["labels"].get("mnist.start") for f in flows if f["name"] in ("report", "publish")}
+    assert coordinator_starts == {"report": "warm", "publish": "warm"}, coordinator_starts  # the coordinator's own server
 
 
 def test_each_worker_sees_only_its_own_folder_and_the_servers_ports(runs: Runs) -> None:
