@@ -61,6 +61,9 @@ SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh", "ash", "
 MAX_MESSAGE = 1 << 20  # a request: the script, its arguments, the working directory and the environment
 EXCHANGE_TIMEOUT_S = 30.0  # for a request and its reply; the stage's own run has no limit
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A stage still running this long after a forwarded signal is killed: an exception raised by a signal handler
+# can leave a lock held (in Prefect's log handler, say), and the stage then waits on it for ever.
+STOP_GRACE_S = 20
 # Variables that libraries read when they are imported (Prefect's settings, TensorFlow's, Python's):
 # a stage whose values differ from the server's starts cold.
 READ_AT_IMPORT = ("PREFECT_", "TF_", "CUDA_", "KERAS_", "OMP_", "OPENBLAS_", "PYTHON")
@@ -182,8 +185,19 @@ def _run_warm(path: str, argv: list[str], quiet: bool = False) -> int | None:
         print(f"warm start refused: {reply.get('refused', 'no answer')}; starting {argv[0]} cold", file=sys.stderr)
         return None
     child = reply["pid"]
+
+    def forward(signum: int, frame: object) -> None:
+        _send(child, signum)
+        if left := signal.alarm(STOP_GRACE_S):  # armed already by an earlier signal: that one's deadline holds
+            signal.alarm(left)
+
+    def kill(signum: int, frame: object) -> None:
+        print(f"{argv[0]}: still running {STOP_GRACE_S} s after it was asked to stop; killed", file=sys.stderr)
+        _send(child, signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, kill)
     for sig in FORWARDED:
-        signal.signal(sig, lambda signum, frame: _send(child, signum))
+        signal.signal(sig, forward)
     end = conn.recv(MAX_MESSAGE)  # the supervisor's last word: the child's exit status
     if not end:
         print(f"the warm stage process {child} ended without reporting its status", file=sys.stderr)

@@ -39,6 +39,13 @@ if __name__ == "__main__":  # the server imports it; only a run does this
     if what == "sleep":
         out.with_suffix(".ready").write_text("")
         time.sleep(120)
+    if what == "hang-on-sigterm":  # as a stage whose handler waits on a lock the signal left held
+        import threading
+        held = threading.Lock()
+        held.acquire()
+        signal.signal(signal.SIGTERM, lambda *_: held.acquire())
+        out.with_suffix(".ready").write_text("")
+        time.sleep(120)
     if what == "raise":
         raise RuntimeError("boom")
     if what == "interrupt":
@@ -209,6 +216,21 @@ def test_sigterm_to_the_launcher_reaches_the_stage(root: Path, tmp_path: Path) -
         proc.communicate(timeout=60)
     assert (tmp_path / "probe.term").read_text() == "got it"
     assert proc.returncode == 7
+
+
+def test_a_stage_that_hangs_after_sigterm_is_killed_after_the_grace_period(root: Path, tmp_path: Path) -> None:
+    from pipeline.warm import STOP_GRACE_S
+
+    env = env_for(tmp_path)
+    with warm_server(root, env) as path:
+        proc = launch(root, {**env, SOCKET_ENV: path}, "hang-on-sigterm")
+        wait_for(lambda: (tmp_path / "probe.ready").exists(), "the stage")
+        stage = psutil.Process(int((tmp_path / "probe.pid").read_text()))
+        proc.terminate()
+        _, err = proc.communicate(timeout=STOP_GRACE_S + 60)
+        stage.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err
+    assert f"still running {STOP_GRACE_S} s after it was asked to stop; killed" in err
 
 
 def test_a_killed_launcher_takes_its_stage_with_it(root: Path, tmp_path: Path) -> None:
