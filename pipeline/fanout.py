@@ -44,7 +44,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from pipeline import progress, warm
+from pipeline import localserver, progress, warm
 from pipeline.errors import PipelineError, redact_url
 from pipeline.stage import HEARTBEAT_ENV, RUN_ID_ENV, HidePipelineTracebacks, record_run, run_tag
 
@@ -348,6 +348,18 @@ def checked_out(workspace: Path, repo: str, commit: str, fresh: bool) -> Path:
     return workspace
 
 
+def kept_warm_server(root: Path, env: dict[str, str], timeout_s: float = 60.0) -> dict[str, str]:
+    """warm.kept_server for `root`, said in this flow run's log: it outlives the run until it is idle."""
+    warm_env = warm.kept_server(root, env, timeout_s)
+    if localserver.idle_s() > 0:
+        get_run_logger().info(
+            "warm stage server kept in %s: it stops after %.0f s without a stage, or with `mnist dashboards --stop`",
+            root,
+            localserver.idle_s(),
+        )
+    return warm_env
+
+
 def label_run(what: str, worker: str, how: str) -> None:
     """Name this flow run `what@worker` and tag it with the worker and how its workspace was made
     (`how` as chain_workspace says it), so the dashboard shows who ran it, and in what workspace."""
@@ -382,7 +394,7 @@ def chain_flow(model: str, repo: str, commit: str, remote: dict[str, str], run_i
         label_run(model, worker, how)
         env = dvc_env(workspace, run_id)
         add_remote(workspace, remote)
-        warm_env = warm.kept_server(workspace, env)  # each stage forks from it; it serves this workspace's next chains
+        warm_env = kept_warm_server(workspace, env)  # each stage forks from it; it serves this workspace's next chains
         output = command(["dvc", "repro", "--pull", *chain_targets(model)], workspace, {**env, **warm_env})
         logger.info("dvc repro --pull:\n%s", output[-3000:])
         command(["dvc", "push", "--run-cache", *chain_targets(model)], workspace, env)
@@ -435,7 +447,7 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
     command(["dvc", "repro", "--pull", "preprocess"], path, env)
     command(["dvc", "push", "--run-cache"], path, env)
     logger.info("fetch and preprocess ready and pushed in %.1f s", time.perf_counter() - start)
-    warm.kept_server(path, env, timeout_s=0)  # started, not waited for: ready when the report and publish fork from it
+    kept_warm_server(path, env, timeout_s=0)  # started, not waited for: ready when the report and publish fork from it
 
     load_params(path / "params.yaml")  # a bad params.yaml stops here, named
     models = list(yaml.safe_load((path / "params.yaml").read_text())["models"])
@@ -463,11 +475,9 @@ def fanout_flow(pool: str, root: str = ".") -> dict[str, str] | State:
         logger.error("chain %s failed: %s", model, why)
 
     # --single-item: every chain is restored by now, and nothing upstream may run here.
+    report = ""
     if not failed:
-        warm_env = warm.kept_server(path, env)
-        report = command(["dvc", "repro", "--single-item", "report", "publish"], path, {**env, **warm_env})
-    else:
-        report = ""
+        report = command(["dvc", "repro", "--single-item", "report", "publish"], path, {**env, **warm.kept_server(path, env)})
     command(["dvc", "push", "--run-cache"], path, env)
     logger.info("report: %s; dvc.lock is ready to commit", "done" if report else "not run (a chain failed)")
     if failed:

@@ -27,7 +27,6 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from pipeline import warm
 from pipeline.errors import PipelineError
 from pipeline.fanout import (
     add_remote,
@@ -36,6 +35,7 @@ from pipeline.fanout import (
     command,
     default_remote,
     dvc_env,
+    kept_warm_server,
     label_run,
     on_pool,
     pushed_commit,
@@ -104,8 +104,8 @@ def write_files(workspace: Path, files: dict[str, str | None]) -> None:
     """Write `files` (path: text, None to delete) over `workspace`; PipelineError, before any is written,
     for a path outside the workspace's files (absolute, through `..`, or in `.git`)."""
     for path in files:
-        parts = Path(path).parts
-        if Path(path).is_absolute() or not parts or ".." in parts or parts[0] == ".git":
+        relative = Path(path)
+        if relative.is_absolute() or not relative.parts or ".." in relative.parts or relative.parts[0] == ".git":
             raise PipelineError(
                 f"Experiment file {path!r} is not a path inside the project: "
                 "queue only changes to the project's own files (git diff names them)."
@@ -166,7 +166,7 @@ def experiment_flow(
         add_remote(workspace, remote)
         write_files(workspace, files)
         try:
-            warm_env = warm.kept_server(workspace, env)
+            warm_env = kept_warm_server(workspace, env)
             output = command(["dvc", "exp", "run", "--pull", "-n", name], workspace, {**env, **warm_env, **identity(author)})
             logger.info("dvc exp run --pull:\n%s", output[-3000:])
             command(["dvc", "exp", "push", "--run-cache", "origin", name], workspace, env)
