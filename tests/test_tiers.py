@@ -12,8 +12,11 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+import tiers
 
 TESTS = Path(__file__).parent
 
@@ -64,6 +67,19 @@ def test_two_processes_make_the_small_run_once(tmp_path: Path) -> None:
     assert "12 passed" in done.stdout, done.stdout
     built = (tmp_path / "built").read_text().split()
     assert len(built) == 1, f"the small run was made by {built}: the tests that read it were spread over processes"
+
+
+def test_each_test_of_a_spread_module_is_a_group_and_other_modules_stay_together() -> None:
+    def group(path: str, name: str, *fixtures: str) -> str:
+        item = SimpleNamespace(path=TESTS / path, nodeid=f"tests/{path}::{name}", fixturenames=fixtures)  # what group reads
+        return tiers.group(item)
+
+    assert group("test_warm.py", "test_a") == "tests/test_warm.py::test_a" != group("test_warm.py", "test_b")
+    assert group("test_warm.py", "test_c", "small_run") == "small_run"
+    assert group("test_train.py", "test_a") == group("test_train.py", "test_b") == "test_train.py"
+    for name in tiers.SPREAD:  # a module fixture would be made once per test: such a module must leave SPREAD
+        text = (TESTS / name).read_text()
+        assert 'scope="module"' not in text and 'scope="session"' not in text, name
 
 
 @pytest.mark.parametrize(

@@ -37,12 +37,16 @@ SHARED = ("small_run", "sweep")  # the session fixtures whose tests share one pr
 # (Intel Xeon, AMX): small run 700 s, fan-out 270 s, sweep 130 s, chaos 120 s, prefect 110 s,
 # install 75 s, servers 70 s. The other groups follow in the order of the files.
 LONGEST = ("small_run", "test_fanout.py", "sweep", "test_chaos.py", "test_prefect.py", "test_install.py", "test_servers.py")
+# Modules whose tests share no module fixture: each of their tests is a group of its own, so that they fill
+# both processes (test_warm.py alone is over a minute of `make check`).
+SPREAD = ("test_warm.py", "test_summaries.py", "test_tensorboard.py", "test_fanout_safety.py", "test_imports.py", "test_fetch.py")
 
 
 def group(item: pytest.Item) -> str:
-    """The test's xdist group: the SHARED fixture it reads, else its module's file name."""
+    """The test's xdist group: the SHARED fixture it reads, else its module's file name (its own id in a SPREAD module)."""
     fixtures = getattr(item, "fixturenames", ())
-    return next((name for name in SHARED if name in fixtures), item.path.name)
+    shared = next((name for name in SHARED if name in fixtures), None)
+    return shared or (item.nodeid if item.path.name in SPREAD else item.path.name)
 
 
 def longest_first(items: list[pytest.Item]) -> None:
