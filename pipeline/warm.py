@@ -354,6 +354,7 @@ def background(root: Path, idle_s: float) -> None:
         fcntl.flock(_LOCK_FD, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return
+    remove_leftover(localserver.read_json(record_path))
     folder = tempfile.mkdtemp(prefix="mnist-warm-")  # 0700
     path = str(Path(folder) / "socket")
     for name, value in ONE_THREAD.items():  # as the launchers set it before they look for a server
@@ -374,6 +375,20 @@ def background(root: Path, idle_s: float) -> None:
                 record_path.unlink(missing_ok=True)
             Path(path).unlink(missing_ok=True)
             os.rmdir(folder)
+
+
+def remove_leftover(record: dict[str, Any] | None) -> None:
+    """Remove the socket and folder named by the record of a background server that no longer runs (one killed
+    before it could clean up; the caller holds the folder's lock, so none runs): the folder only if it is a
+    `mnist-warm-` folder and nothing else is left in it."""
+    socket_path = Path(str((record or {}).get("socket") or ""))
+    if not socket_path.parent.name.startswith("mnist-warm-"):
+        return
+    socket_path.unlink(missing_ok=True)
+    try:
+        socket_path.parent.rmdir()
+    except OSError:  # gone already, or something else is in it: not this project's to delete
+        pass
 
 
 def stop(process: subprocess.Popen[Any], timeout: float = 15) -> None:

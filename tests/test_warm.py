@@ -296,6 +296,47 @@ def test_a_background_server_serves_its_folder_until_it_is_idle(root: Path, tmp_
             server.kill()
 
 
+def test_a_background_server_removes_the_socket_folder_of_a_killed_one(root: Path, tmp_path: Path) -> None:
+    """A background server killed by SIGKILL leaves its socket folder in the temporary folder; the next one
+    started for the same project folder removes it, and a file put beside the socket stays."""
+    records = tmp_path / "prefect-home" / "mnist-servers"
+    env = env_for(tmp_path, PREFECT_HOME=str(records.parent))
+    env.pop("PIPELINE_RUN_ID", None)
+    start = "import os, sys; from pathlib import Path; from pipeline import warm\n"
+    start += "print(warm.start_background(Path(sys.argv[1]), dict(os.environ), 60.0))"
+    servers: list[psutil.Process] = []
+    try:
+        sockets = []
+        for _ in range(3):
+            started = subprocess.run(
+                [sys.executable, "-c", start, str(root)], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert started.stdout.split() == ["True"], started.stderr
+            wait_for(lambda: new_record(records, sockets), "the new server's record")
+            record = new_record(records, sockets)
+            servers.append(psutil.Process(record["pid"]))
+            sockets.append(record["socket"])
+            servers[-1].kill()
+            wait_for(lambda: ended(servers[-1]), "the killed server's end")
+            assert Path(sockets[-1]).parent.is_dir()  # SIGKILL: it could not clean up
+            if len(sockets) == 2:
+                (Path(sockets[-1]).parent / "kept.txt").write_text("not the server's")
+        assert not Path(sockets[0]).parent.exists()
+        assert sorted(p.name for p in Path(sockets[1]).parent.iterdir()) == ["kept.txt"]
+    finally:
+        for server in servers:
+            if not ended(server):
+                server.kill()
+        for path in sockets:
+            shutil.rmtree(Path(path).parent, ignore_errors=True)
+
+
+def new_record(records: Path, known: list[str]) -> dict | None:
+    """The record of a background server in `records` whose socket is not one of `known`."""
+    found = [json.loads(path.read_text()) for path in records.glob("warm-*.json")]
+    return next((record for record in found if record["socket"] not in known), None)
+
+
 def test_a_kept_server_is_ready_when_returned_and_serves_the_next_run_of_its_folder(root: Path, tmp_path: Path) -> None:
     """As a fan-out chain starts it (warm.kept_server): the variable it returns points at a server that answers
     (a launcher forks from it), and the next call, as the next chain's, finds the same server; once a stage's
@@ -323,8 +364,10 @@ def test_a_kept_server_is_ready_when_returned_and_serves_the_next_run_of_its_fol
         assert proc.returncode == 0 and f" pid {proc.pid} " not in out and "cold" not in err, (out, err)  # a new one
     finally:
         record = json.loads(next(records.glob("warm-*.json")).read_text()) if records.is_dir() else None
-        if record:
-            psutil.Process(record["pid"]).kill()
+        if record:  # SIGTERM: it removes its socket and folder as it ends
+            server = psutil.Process(record["pid"])
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def ended(proc: psutil.Process) -> bool:
@@ -349,10 +392,13 @@ def test_the_server_ends_with_the_process_that_started_it(root: Path, tmp_path: 
     )
     wait_for(lambda: any(c.cmdline()[3:4] == ["--serve"] for c in psutil.Process(starter.pid).children()), "the server")
     server = next(c for c in psutil.Process(starter.pid).children() if "--serve" in c.cmdline())
+    folder = Path(server.cmdline()[-1]).parent  # the starter's temporary folder, which its SIGKILL leaves behind
     starter.kill()
     starter.wait(timeout=30)
     server.wait(timeout=60)
     assert not server.is_running()
+    assert list(folder.iterdir()) == []  # the server removed its socket
+    folder.rmdir()
 
 
 def test_a_warm_train_stage_writes_the_same_bytes_as_a_cold_one(small_run: SmallRun, tmp_path: Path) -> None:
